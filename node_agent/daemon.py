@@ -1,0 +1,112 @@
+"""The node agent process: gRPC server lifecycle, model loading, shutdown.
+
+Start: listen first (health NOT_SERVING, so probes see a starting node), load
+the configured models, then SERVING. SIGTERM/SIGINT: NOT_SERVING, stop taking
+RPCs, give in-flight streams ``shutdown_grace_s`` to finish (then cancel
+them), unload, exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+
+import grpc
+from grpc_health.v1 import health, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from edgefleet.errors import EdgefleetError
+from edgefleet.v1 import node_pb2_grpc
+from node_agent.capacity import GpuProbe, HostProbe, ThroughputMeter
+from node_agent.config import NodeConfig
+from node_agent.models import ModelManager
+from node_agent.runtime.llama_cpp import LlamaCppRuntime
+from node_agent.service import SERVICE_NAME, NodeServicer
+from node_agent.store import ModelStore
+
+log = logging.getLogger("edgefleet.node")
+
+# Generation streams are long-lived; keep idle connections healthy.
+SERVER_OPTIONS = [
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+]
+
+
+async def serve(config: NodeConfig, store: ModelStore | None = None) -> int:
+    host = HostProbe()
+    gpus = GpuProbe()
+    throughput = ThroughputMeter()
+    runtime = LlamaCppRuntime(
+        threads=config.threads, gpu_layers=config.gpu_layers, throughput=throughput, rss=host.rss
+    )
+    models = ModelManager(
+        runtime,
+        store or ModelStore(),
+        default_slots=config.slots,
+        queue_limit=config.queue,
+        default_context=config.context_length,
+    )
+    server = grpc.aio.server(options=SERVER_OPTIONS)
+    port = server.add_insecure_port(config.listen)
+    if port == 0:
+        log.error("cannot listen on %s", config.listen)
+        return 2
+    node_id = config.resolved_node_id(port)
+    health_servicer = health.aio.HealthServicer()
+    servicer = NodeServicer(
+        node_id=node_id,
+        models=models,
+        host=host,
+        gpus=gpus,
+        throughput=throughput,
+        health_servicer=health_servicer,
+    )
+    node_pb2_grpc.add_NodeServiceServicer_to_server(servicer, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+
+    await servicer.set_serving(False)
+    await server.start()
+    address = config.listen.rsplit(":", 1)[0] + f":{port}"
+    log.info("node %s listening on %s", node_id, address)
+    try:
+        for name in config.models:
+            try:
+                await models.load(name)
+            except EdgefleetError as error:
+                log.error("cannot load model %s: %s", name, error.message)
+                return 1
+            if stop.is_set():
+                break
+        await servicer.set_serving(True)
+        loaded = ",".join(m.name for m in models.hosted())
+        # One line on stdout that scripts and tests can wait for.
+        print(f"edgefleet node ready id={node_id} address={address} models={loaded}", flush=True)
+        await stop.wait()
+        log.info("shutting down: in-flight streams get %.1fs to finish", config.shutdown_grace_s)
+        await servicer.set_draining(True)
+    finally:
+        await server.stop(config.shutdown_grace_s)
+        await models.unload_all()
+        gpus.close()
+    log.info("node %s stopped", node_id)
+    return 0
+
+
+def run(config: NodeConfig) -> int:
+    return asyncio.run(serve(config))
+
+
+if __name__ == "__main__":  # pragma: no cover - use `edgefleet node`
+    sys.exit(run(NodeConfig()))

@@ -1,0 +1,121 @@
+"""The interface every inference runtime implements.
+
+A runtime loads a model file into a ``ModelInstance`` with a number of
+parallel slots; the node's admission control hands each generation a slot
+index, and the instance streams ``TextDelta`` events and one final ``Finish``.
+A new engine (vLLM, a simulator for benchmarks) is one new module.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+
+class FinishReason(enum.Enum):
+    STOP = "stop"
+    LENGTH = "length"
+    STOP_SEQUENCE = "stop_sequence"
+    CONTEXT_FULL = "context_full"
+    TOOL_CALLS = "tool_calls"
+    CANCELLED = "cancelled"
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Sampling settings; defaults follow llama.cpp's server."""
+
+    max_tokens: int | None = None  # None: until the context is full
+    temperature: float = 0.8
+    top_p: float = 0.95
+    top_k: int = 40
+    min_p: float = 0.05
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    repeat_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+
+
+@dataclass(frozen=True)
+class Message:
+    role: str
+    content: str
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    messages: tuple[Message, ...]
+    sampling: Sampling = field(default_factory=Sampling)
+    # Assistant text already produced (e.g. by a node that failed); the
+    # generation continues it and never repeats it.
+    assistant_prefix: str = ""
+    # A GBNF grammar constraining the output, or None.
+    grammar: str | None = None
+
+
+@dataclass(frozen=True)
+class PreparedPrompt:
+    """A request turned into prompt tokens, checked against the context."""
+
+    request: GenerationRequest
+    tokens: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    text: str
+    tokens: int
+
+
+@dataclass(frozen=True)
+class Finish:
+    reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+    cached_prompt_tokens: int
+    prompt_ms: float
+    generation_ms: float
+    time_to_first_token_ms: float
+
+
+GenerationEvent = TextDelta | Finish
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    path: Path
+    runtime: str
+    context_length: int
+    slots: int
+    file_size_bytes: int
+    memory_bytes: int
+    quantization: str
+    gpu_layers: int = 0
+
+
+class ModelInstance(Protocol):
+    info: ModelInfo
+
+    def prepare(self, request: GenerationRequest) -> PreparedPrompt:
+        """Tokenize; raise InvalidArgument when the prompt does not fit."""
+        ...
+
+    def stream(self, slot: int, prompt: PreparedPrompt) -> AsyncIterator[GenerationEvent]:
+        """Generate in ``slot``; closing the iterator cancels the generation."""
+        ...
+
+    async def unload(self) -> None: ...
+
+
+class Runtime(Protocol):
+    name: str
+
+    async def load(
+        self, path: Path, *, slots: int, context_length: int, quantization: str
+    ) -> ModelInstance: ...
+
+    def close(self) -> None: ...

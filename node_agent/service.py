@@ -1,0 +1,230 @@
+"""NodeService over gRPC: generation, model management, capacity, drain."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+import uuid
+
+from grpc_health.v1 import health, health_pb2
+
+from edgefleet.errors import EdgefleetError, Unavailable, abort_with
+from edgefleet.v1 import common_pb2, node_pb2, node_pb2_grpc
+from node_agent.capacity import GpuProbe, HostProbe, ThroughputMeter
+from node_agent.catalog import CATALOG
+from node_agent.models import HostedModel, ModelManager
+from node_agent.requests import generation_request_from_proto
+from node_agent.runtime.base import Finish, FinishReason
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = node_pb2.DESCRIPTOR.services_by_name["NodeService"].full_name
+
+FINISH_REASONS = {
+    FinishReason.STOP: common_pb2.FINISH_REASON_STOP,
+    FinishReason.LENGTH: common_pb2.FINISH_REASON_LENGTH,
+    FinishReason.STOP_SEQUENCE: common_pb2.FINISH_REASON_STOP_SEQUENCE,
+    FinishReason.CONTEXT_FULL: common_pb2.FINISH_REASON_CONTEXT_FULL,
+    FinishReason.TOOL_CALLS: common_pb2.FINISH_REASON_TOOL_CALLS,
+    FinishReason.CANCELLED: common_pb2.FINISH_REASON_CANCELLED,
+}
+
+
+class NodeServicer(node_pb2_grpc.NodeServiceServicer):
+    def __init__(
+        self,
+        *,
+        node_id: str,
+        models: ModelManager,
+        host: HostProbe,
+        gpus: GpuProbe,
+        throughput: ThroughputMeter,
+        health_servicer: health.aio.HealthServicer,
+    ) -> None:
+        self.node_id = node_id
+        self._models = models
+        self._host = host
+        self._gpus = gpus
+        self._throughput = throughput
+        self._health = health_servicer
+        self._draining = False
+        self._active = 0
+
+    # --- state -------------------------------------------------------------
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    @property
+    def active_generations(self) -> int:
+        return self._active
+
+    async def set_serving(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for service in ("", SERVICE_NAME):
+            await self._health.set(service, status)
+
+    async def set_draining(self, draining: bool) -> None:
+        self._draining = draining
+        await self.set_serving(not draining and bool(self._models.hosted()))
+
+    # --- generation ----------------------------------------------------------
+    async def Generate(self, request: node_pb2.GenerateRequest, context):
+        request_id = request.request_id or uuid.uuid4().hex
+        try:
+            if self._draining:
+                raise Unavailable("node is draining and takes no new generations")
+            model = self._models.get(request.model)
+            prepared = model.instance.prepare(generation_request_from_proto(request))
+            queued_at = time.perf_counter()
+            async with model.pool.acquire() as slot:
+                queue_ms = (time.perf_counter() - queued_at) * 1000
+                self._active += 1
+                try:
+                    async for chunk in self._stream(model, slot, prepared, queue_ms):
+                        yield chunk
+                finally:
+                    self._active -= 1
+        except EdgefleetError as error:
+            log.info("generate %s refused: %s %s", request_id, error.code.name, error.message)
+            await abort_with(context, error)
+
+    async def _stream(self, model: HostedModel, slot: int, prepared, queue_ms: float):
+        seq = 0
+        # First message: the request holds a slot and generation starts.
+        yield node_pb2.GenerateChunk(seq=seq, node_id=self.node_id)
+        pending_tokens = 0
+        async with contextlib.aclosing(model.instance.stream(slot, prepared)) as events:
+            async for event in events:
+                seq += 1
+                if isinstance(event, Finish):
+                    yield node_pb2.GenerateChunk(
+                        seq=seq,
+                        token_count=pending_tokens,
+                        finish_reason=FINISH_REASONS[event.reason],
+                        usage=common_pb2.Usage(
+                            prompt_tokens=event.prompt_tokens,
+                            completion_tokens=event.completion_tokens,
+                            cached_prompt_tokens=event.cached_prompt_tokens,
+                        ),
+                        timings=common_pb2.Timings(
+                            queue_ms=queue_ms,
+                            prompt_ms=event.prompt_ms,
+                            generation_ms=event.generation_ms,
+                            time_to_first_token_ms=queue_ms + event.time_to_first_token_ms,
+                        ),
+                        node_id=self.node_id,
+                    )
+                    return
+                pending_tokens += event.tokens
+                if not event.text:  # held back (stop-string prefix, split character)
+                    seq -= 1
+                    continue
+                yield node_pb2.GenerateChunk(
+                    seq=seq, text=event.text, token_count=pending_tokens, node_id=self.node_id
+                )
+                pending_tokens = 0
+
+    # --- models --------------------------------------------------------------
+    async def LoadModel(self, request: node_pb2.LoadModelRequest, context):
+        try:
+            model = await self._models.load(
+                request.model, slots=request.slots, context_length=request.context_length
+            )
+            if not self._draining:
+                await self.set_serving(True)
+            return self._loaded_model(model)
+        except EdgefleetError as error:
+            await abort_with(context, error)
+
+    async def UnloadModel(self, request: node_pb2.UnloadModelRequest, context):
+        try:
+            await self._models.unload(request.model)
+            if not self._models.hosted():
+                await self.set_serving(False)
+            return node_pb2.UnloadModelResponse()
+        except EdgefleetError as error:
+            await abort_with(context, error)
+
+    async def ListModels(self, request: node_pb2.ListModelsRequest, context):
+        hosted = self._models.hosted()
+        loaded_names = {model.name for model in hosted}
+        store = self._models.store
+        return node_pb2.ListModelsResponse(
+            loaded=[self._loaded_model(model) for model in hosted],
+            catalog=[
+                node_pb2.CatalogModel(
+                    alias=entry.alias,
+                    description=entry.description,
+                    quantization=entry.quantization,
+                    size_bytes=entry.size_bytes,
+                    cached=store.is_cached(entry),
+                    loaded=entry.alias in loaded_names,
+                )
+                for entry in CATALOG.values()
+            ],
+        )
+
+    # --- capacity and drain ----------------------------------------------------
+    async def GetCapacity(self, request: node_pb2.GetCapacityRequest, context):
+        return self.capacity()
+
+    async def Drain(self, request: node_pb2.DrainRequest, context):
+        await self.set_draining(request.drain)
+        log.info("drain=%s (active generations: %d)", request.drain, self._active)
+        return node_pb2.DrainResponse(draining=self._draining, active_generations=self._active)
+
+    def capacity(self) -> common_pb2.Capacity:
+        host = self._host.read()
+        hosted = self._models.hosted()
+        models = [self._loaded_model(model) for model in hosted]
+        return common_pb2.Capacity(
+            cpu_count=host.cpu_count,
+            cpu_percent=host.cpu_percent,
+            load_average_1m=host.load_average_1m,
+            memory_total_bytes=host.memory_total_bytes,
+            memory_available_bytes=host.memory_available_bytes,
+            process_rss_bytes=host.process_rss_bytes,
+            models=models,
+            slots_total=sum(m.slots_total for m in models),
+            slots_free=sum(m.slots_free for m in models),
+            queue_depth=sum(m.queue_depth for m in models),
+            queue_limit=sum(m.queue_limit for m in models),
+            tokens_per_second=self._throughput.rate(),
+            gpus=[
+                common_pb2.GpuInfo(
+                    index=gpu.index,
+                    name=gpu.name,
+                    memory_total_bytes=gpu.memory_total_bytes,
+                    memory_used_bytes=gpu.memory_used_bytes,
+                    utilization_percent=gpu.utilization_percent,
+                )
+                for gpu in self._gpus.read()
+            ],
+            draining=self._draining,
+            active_generations=self._active,
+        )
+
+    @staticmethod
+    def _loaded_model(model: HostedModel) -> common_pb2.LoadedModel:
+        info = model.instance.info
+        return common_pb2.LoadedModel(
+            alias=model.name,
+            path=str(info.path),
+            quantization=info.quantization,
+            runtime=info.runtime,
+            file_size_bytes=info.file_size_bytes,
+            memory_bytes=info.memory_bytes,
+            context_length=info.context_length,
+            slots_total=model.pool.total,
+            slots_free=model.pool.free,
+            queue_depth=model.pool.queue_depth,
+            queue_limit=model.pool.queue_limit,
+            sha256=model.sha256,
+            gpu_layers=info.gpu_layers,
+        )

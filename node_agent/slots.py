@@ -1,0 +1,103 @@
+"""Admission control: a fixed number of parallel slots and a bounded queue.
+
+A request either gets a slot at once, waits in a FIFO queue of bounded
+length, or is refused at once with RESOURCE_EXHAUSTED: a full node never
+makes a caller hang.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from edgefleet.errors import ResourceExhausted, Unavailable
+
+
+class SlotPool:
+    def __init__(self, slots: int, queue_limit: int) -> None:
+        if slots < 1:
+            raise ValueError("a model needs at least one slot")
+        if queue_limit < 0:
+            raise ValueError("queue limit must be >= 0")
+        self.total = slots
+        self.queue_limit = queue_limit
+        self._free: list[int] = list(range(slots - 1, -1, -1))
+        self._waiters: collections.deque[asyncio.Future[int]] = collections.deque()
+        self._closed = False
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @property
+    def free(self) -> int:
+        return len(self._free)
+
+    @property
+    def busy(self) -> int:
+        return self.total - len(self._free)
+
+    @property
+    def queue_depth(self) -> int:
+        return sum(1 for waiter in self._waiters if not waiter.done())
+
+    @asynccontextmanager
+    async def acquire(self, retry_after_s: float = 1.0) -> AsyncIterator[int]:
+        """Hold one slot (its index) for the duration of the block."""
+        slot = await self._take(retry_after_s)
+        try:
+            yield slot
+        finally:
+            self._give_back(slot)
+
+    async def _take(self, retry_after_s: float) -> int:
+        if self._closed:
+            raise Unavailable("the model is being unloaded")
+        if self._free and not self.queue_depth:
+            self._idle.clear()
+            return self._free.pop()
+        if self.queue_depth >= self.queue_limit:
+            raise ResourceExhausted(
+                f"all {self.total} slots are busy and the queue is full "
+                f"({self.queue_limit} waiting); retry in {retry_after_s:.1f}s",
+                retry_after_s=retry_after_s,
+            )
+        waiter: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            return await waiter
+        except asyncio.CancelledError:
+            # The caller went away while queued. If a slot was handed over in
+            # the same instant, pass it on rather than leak it.
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                self._give_back(waiter.result())
+            raise
+        finally:
+            try:
+                self._waiters.remove(waiter)
+            except ValueError:
+                pass
+
+    def _give_back(self, slot: int) -> None:
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_result(slot)
+                return
+        self._free.append(slot)
+        if len(self._free) == self.total:
+            self._idle.set()
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        """Wait until no slot is busy; False if the timeout passed first."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        except TimeoutError:
+            return False
+        return True
+
+    def close(self) -> None:
+        """Refuse new requests and fail the queued ones."""
+        self._closed = True
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_exception(Unavailable("the model is being unloaded"))
