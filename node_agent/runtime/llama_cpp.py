@@ -91,7 +91,13 @@ class LlamaCppRuntime:
         self._rss = rss or (lambda: 0)
 
     async def load(
-        self, path: Path, *, slots: int, context_length: int, quantization: str
+        self,
+        path: Path,
+        *,
+        slots: int,
+        context_length: int,
+        quantization: str,
+        chat_template: str | None = None,
     ) -> LlamaCppModel:
         loop = asyncio.get_running_loop()
         rss_before = self._rss()
@@ -109,7 +115,13 @@ class LlamaCppRuntime:
             quantization=quantization,
             gpu_layers=self._gpu_layers,
         )
-        return LlamaCppModel(contexts, info, cpu=self._cpu, throughput=self._throughput)
+        return LlamaCppModel(
+            contexts,
+            info,
+            cpu=self._cpu,
+            throughput=self._throughput,
+            chat_template=chat_template,
+        )
 
     def _open_contexts(self, path: Path, slots: int, context_length: int) -> list[Llama]:
         contexts = []
@@ -137,7 +149,13 @@ class LlamaCppRuntime:
 
 class LlamaCppModel:
     def __init__(
-        self, contexts: list[Llama], info: ModelInfo, *, cpu: CpuShare, throughput: ThroughputMeter
+        self,
+        contexts: list[Llama],
+        info: ModelInfo,
+        *,
+        cpu: CpuShare,
+        throughput: ThroughputMeter,
+        chat_template: str | None = None,
     ) -> None:
         self.info = info
         self._contexts = contexts
@@ -149,15 +167,15 @@ class LlamaCppModel:
         first = contexts[0]
         self._vocab = first._model.vocab
         self._running: set[threading.Event] = set()
-        self._formatter = self._chat_formatter(first)
+        self._formatter = self._chat_formatter(first, chat_template)
 
     @staticmethod
-    def _chat_formatter(llm: Llama) -> Jinja2ChatFormatter:
+    def _chat_formatter(llm: Llama, fallback: str | None) -> Jinja2ChatFormatter:
         def token_text(token: int) -> str:
             return llm._model.token_get_text(token) if token != -1 else ""
 
         return Jinja2ChatFormatter(
-            template=llm.metadata.get("tokenizer.chat_template") or CHATML_TEMPLATE,
+            template=llm.metadata.get("tokenizer.chat_template") or fallback or CHATML_TEMPLATE,
             eos_token=token_text(llm.token_eos()),
             bos_token=token_text(llm.token_bos()),
             add_generation_prompt=True,

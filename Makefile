@@ -1,0 +1,41 @@
+# edgefleet operations. `make help` lists the targets.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+EDGEFLEET := $(VENV)/bin/edgefleet
+STAMP := $(VENV)/.installed-stamp
+PYTEST_ARGS ?=
+NODE_ARGS ?=
+
+.PHONY: help install demo test lint format proto node clean
+
+help:  ## list targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+install: $(STAMP)  ## venv, llama-cpp-python (cached build), edgefleet[dev], default model
+
+$(STAMP): pyproject.toml deploy/install.sh
+	VENV=$(VENV) ./deploy/install.sh
+	@touch $@
+
+demo: install  ## the main job: start a node, stream one answer through it
+	$(EDGEFLEET) demo
+
+test: install  ## the whole test suite (real processes, real model)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: install  ## ruff check and format check
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: install  ## apply ruff fixes and formatting
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+proto: install  ## regenerate the gRPC stubs in edgefleet/v1 from proto/
+	$(PY) -m grpc_tools.protoc -Iproto --python_out=. --pyi_out=. --grpc_python_out=. proto/edgefleet/v1/*.proto
+
+node: install  ## run one node on the default model (Ctrl-C to stop)
+	$(EDGEFLEET) node $(NODE_ARGS)
+
+clean:  ## remove the venv and caches (not the model store or the wheel cache)
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

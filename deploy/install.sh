@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Installs edgefleet from nothing into a virtual environment:
+#   system build tools (apt-get, when missing and running as root),
+#   llama-cpp-python (compiled from source once per machine, then cached),
+#   the project with the requested extras, and the default model.
+# Safe to run again: every step is skipped when already done.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+VENV=${VENV:-.venv}
+EXTRAS=${EXTRAS:-dev}
+LLAMA_CPP_VERSION=0.3.36
+CACHE=${EDGEFLEET_CACHE:-$HOME/.cache/edgefleet}
+
+say() { printf '\033[1m[install]\033[0m %s\n' "$*"; }
+
+missing=()
+command -v cc >/dev/null || missing+=(build-essential)
+command -v c++ >/dev/null || missing+=(g++)
+command -v git >/dev/null || missing+=(git)
+"$PYTHON" -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
+if ((${#missing[@]})); then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        say "installing system packages: ${missing[*]}"
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
+    else
+        say "missing system packages: ${missing[*]} (install them, then run again)"; exit 1
+    fi
+fi
+
+if [ ! -x "$VENV/bin/python" ]; then
+    say "creating $VENV"
+    "$PYTHON" -m venv "$VENV"
+    "$VENV/bin/pip" install -q --upgrade pip wheel
+fi
+PIP=("$VENV/bin/pip" --disable-pip-version-check)
+
+# llama-cpp-python ships no binary wheel here: build it once per machine and
+# CPU (it compiles with -march=native) and keep the wheel. On a machine with
+# the CUDA toolkit, the build offloads to the GPU.
+variant=cpu
+cmake_args=${CMAKE_ARGS:-}
+if [ -z "$cmake_args" ] && command -v nvcc >/dev/null && command -v nvidia-smi >/dev/null; then
+    variant=cuda
+    cmake_args="-DGGML_CUDA=on"
+fi
+cpu_key=$( (grep -m1 '^flags' /proc/cpuinfo 2>/dev/null || uname -m) | md5sum | cut -c1-8)
+wheels="$CACHE/wheels/llama-cpp-python-$LLAMA_CPP_VERSION-$variant-$cpu_key"
+if ! ls "$wheels"/llama_cpp_python-*.whl >/dev/null 2>&1; then
+    say "building llama-cpp-python $LLAMA_CPP_VERSION ($variant); this compiles llama.cpp (about 6 minutes on 2 cores)"
+    mkdir -p "$wheels"
+    CMAKE_ARGS="$cmake_args" CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)} \
+        "${PIP[@]}" wheel --no-deps -w "$wheels" "llama-cpp-python==$LLAMA_CPP_VERSION"
+else
+    say "using cached llama-cpp-python wheel from $wheels"
+fi
+
+say "installing edgefleet[$EXTRAS]"
+"${PIP[@]}" install -q --find-links "$wheels" -e ".[$EXTRAS]"
+
+say "pulling the default model"
+"$VENV/bin/edgefleet" --log-level WARNING models pull smollm2-135m
+say "done: $VENV/bin/edgefleet is ready"

@@ -1,0 +1,126 @@
+"""Starting daemons as separate OS processes and waiting until they serve.
+
+Used by ``edgefleet up``/``demo`` and by the tests: every node is its own
+process, so killing one is a real node failure.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def health_status(address: str, service: str = "", timeout_s: float = 1.0) -> int | None:
+    """The grpc.health.v1 status of a daemon, or None if it does not answer."""
+    try:
+        with grpc.insecure_channel(address) as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout_s
+            )
+            return reply.status
+    except grpc.RpcError:
+        return None
+
+
+@dataclass
+class DaemonProcess:
+    name: str
+    address: str
+    process: subprocess.Popen
+    log_path: Path | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def wait_serving(self, timeout_s: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if not self.alive():
+                raise RuntimeError(
+                    f"{self.name} exited with code {self.process.returncode} before serving"
+                    + self._log_tail()
+                )
+            if health_status(self.address) == health_pb2.HealthCheckResponse.SERVING:
+                return
+            time.sleep(0.1)
+        raise TimeoutError(
+            f"{self.name} at {self.address} not serving after {timeout_s}s" + self._log_tail()
+        )
+
+    def _log_tail(self) -> str:
+        if self.log_path and self.log_path.exists():
+            lines = self.log_path.read_text(errors="replace").splitlines()[-15:]
+            return "\n--- log tail ---\n" + "\n".join(lines)
+        return ""
+
+    def terminate(self, timeout_s: float = 20.0) -> int:
+        """SIGTERM, then SIGKILL if it does not exit in time; returns the exit code."""
+        if self.alive():
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+    def kill(self) -> None:
+        if self.alive():
+            self.process.kill()
+            self.process.wait()
+
+
+def edgefleet_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "edgefleet", *args]
+
+
+def start_node(
+    *,
+    listen: str,
+    models: str = "",
+    slots: int | None = None,
+    queue: int | None = None,
+    extra_args: tuple[str, ...] = (),
+    log_path: Path | None = None,
+    env: dict[str, str] | None = None,
+    name: str = "node",
+) -> DaemonProcess:
+    args = ["node", "--listen", listen]
+    if models:
+        args += ["--models", models]
+    if slots is not None:
+        args += ["--slots", str(slots)]
+    if queue is not None:
+        args += ["--queue", str(queue)]
+    args += list(extra_args)
+    out = log_path.open("ab") if log_path else subprocess.DEVNULL
+    process = subprocess.Popen(
+        edgefleet_command(*args),
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, **(env or {})},
+        start_new_session=True,  # Ctrl-C in a terminal reaches the parent only
+    )
+    if log_path:
+        out.close()
+    return DaemonProcess(name=name, address=listen, process=process, log_path=log_path)

@@ -1,0 +1,82 @@
+"""Admission control: slots, bounded queue, cancellation (in-process, asyncio)."""
+
+import asyncio
+
+import pytest
+
+from edgefleet.errors import ResourceExhausted, Unavailable
+from node_agent.slots import SlotPool
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_full_queue_is_refused_at_once_and_slots_are_returned():
+    async def scenario():
+        pool = SlotPool(slots=2, queue_limit=1)
+        release = asyncio.Event()
+        held = []
+
+        async def hold():
+            async with pool.acquire() as slot:
+                held.append(slot)
+                await release.wait()
+
+        holders = [asyncio.create_task(hold()) for _ in range(3)]  # 2 run, 1 queues
+        await asyncio.sleep(0.01)
+        assert sorted(held) == [0, 1] and pool.queue_depth == 1
+        with pytest.raises(ResourceExhausted) as refused:
+            async with pool.acquire():
+                pass
+        assert refused.value.retry_after_s is not None
+        release.set()
+        await asyncio.gather(*holders)
+        assert pool.free == 2 and pool.queue_depth == 0
+
+    run(scenario())
+
+
+def test_cancelled_waiter_leaves_the_queue_and_leaks_nothing():
+    async def scenario():
+        pool = SlotPool(slots=1, queue_limit=1)
+        async with pool.acquire():
+            waiter = asyncio.create_task(pool.acquire().__aenter__())
+            await asyncio.sleep(0.01)
+            assert pool.queue_depth == 1
+            waiter.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await waiter
+            assert pool.queue_depth == 0
+        assert pool.free == 1
+        async with pool.acquire() as slot:
+            assert slot == 0
+
+    run(scenario())
+
+
+def test_close_fails_queued_requests_and_refuses_new_ones():
+    async def scenario():
+        pool = SlotPool(slots=1, queue_limit=2)
+        async with pool.acquire():
+            waiter = asyncio.create_task(pool.acquire().__aenter__())
+            await asyncio.sleep(0.01)
+            pool.close()
+            with pytest.raises(Unavailable):
+                await waiter
+        with pytest.raises(Unavailable):
+            async with pool.acquire():
+                pass
+
+    run(scenario())
+
+
+def test_wait_idle():
+    async def scenario():
+        pool = SlotPool(slots=1, queue_limit=0)
+        assert await pool.wait_idle(0.01)
+        async with pool.acquire():
+            assert not await pool.wait_idle(0.01)
+        assert await pool.wait_idle(0.01)
+
+    run(scenario())
