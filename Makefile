@@ -4,9 +4,11 @@ PY := $(VENV)/bin/python
 EDGEFLEET := $(VENV)/bin/edgefleet
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
+SCENARIO ?=
+FULL ?=
 NODE_ARGS ?=
 
-.PHONY: help install demo test lint format proto node clean
+.PHONY: help install demo test lint format proto node bench clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -36,6 +38,9 @@ proto: install  ## regenerate the gRPC stubs in edgefleet/v1 from proto/
 
 node: install  ## run one node on the default model (Ctrl-C to stop)
 	$(EDGEFLEET) node $(NODE_ARGS)
+
+bench: install  ## benchmarks (SCENARIO=name for one, FULL=1 for the sizes quoted in notes)
+	$(PY) -m bench $(SCENARIO) $(if $(FULL),--full)
 
 clean:  ## remove the venv and caches (not the model store or the wheel cache)
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

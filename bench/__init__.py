@@ -1,0 +1,1 @@
+"""edgefleet benchmarks (``make bench``): results to JSON, a table on stdout."""

@@ -1,0 +1,29 @@
+"""``python -m bench [SCENARIO] [--full]``: run benchmark scenarios."""
+
+from __future__ import annotations
+
+import sys
+
+from bench import node_single_stream
+
+SCENARIOS = {
+    "node-single": node_single_stream.main,
+}
+
+
+def main(argv: list[str]) -> int:
+    names = [a for a in argv if not a.startswith("-")]
+    flags = [a for a in argv if a.startswith("-")]
+    selected = names or list(SCENARIOS)
+    unknown = [n for n in selected if n not in SCENARIOS]
+    if unknown:
+        print(f"unknown scenario(s) {unknown}; known: {', '.join(SCENARIOS)}", file=sys.stderr)
+        return 2
+    for name in selected:
+        print(f"== scenario {name}", flush=True)
+        SCENARIOS[name](flags)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
