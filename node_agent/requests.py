@@ -1,77 +1,13 @@
-"""Checking a GenerateRequest and turning it into a runtime request.
-
-Every rule here answers INVALID_ARGUMENT with a message naming the field, so
-a client can tell what to fix; nothing invalid reaches a slot.
-"""
+"""Turning a GenerateRequest into a runtime request (grammar included)."""
 
 from __future__ import annotations
 
 import json
 
 from edgefleet.errors import InvalidArgument
+from edgefleet.generation import messages_from_proto, sampling_from_proto
 from edgefleet.v1 import common_pb2, node_pb2
-from node_agent.runtime.base import GenerationRequest, Message, Sampling
-
-ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
-MAX_STOP_STRINGS = 16
-MAX_MESSAGES = 4096
-
-
-def sampling_from_proto(params: common_pb2.SamplingParams) -> Sampling:
-    defaults = Sampling()
-    max_tokens = params.max_tokens if params.HasField("max_tokens") else None
-    if max_tokens is not None and max_tokens <= 0:
-        raise InvalidArgument(f"sampling.max_tokens must be > 0, got {max_tokens}")
-    temperature = params.temperature if params.HasField("temperature") else defaults.temperature
-    if not 0.0 <= temperature <= 2.0:
-        raise InvalidArgument(f"sampling.temperature must be in [0, 2], got {temperature:g}")
-    top_p = params.top_p if params.HasField("top_p") else defaults.top_p
-    if not 0.0 < top_p <= 1.0:
-        raise InvalidArgument(f"sampling.top_p must be in (0, 1], got {top_p:g}")
-    top_k = params.top_k if params.HasField("top_k") else defaults.top_k
-    if top_k < 0:
-        raise InvalidArgument(f"sampling.top_k must be >= 0, got {top_k}")
-    stops = tuple(params.stop)
-    if len(stops) > MAX_STOP_STRINGS:
-        raise InvalidArgument(f"sampling.stop allows at most {MAX_STOP_STRINGS} strings")
-    if any(not stop for stop in stops):
-        raise InvalidArgument("sampling.stop strings must not be empty")
-    repeat_penalty = (
-        params.repeat_penalty if params.HasField("repeat_penalty") else defaults.repeat_penalty
-    )
-    if repeat_penalty <= 0:
-        raise InvalidArgument(f"sampling.repeat_penalty must be > 0, got {repeat_penalty:g}")
-    penalties = {}
-    for name in ("presence_penalty", "frequency_penalty"):
-        value = getattr(params, name) if params.HasField(name) else 0.0
-        if not -2.0 <= value <= 2.0:
-            raise InvalidArgument(f"sampling.{name} must be in [-2, 2], got {value:g}")
-        penalties[name] = value
-    return Sampling(
-        max_tokens=max_tokens,
-        temperature=temperature,
-        top_p=top_p,
-        top_k=top_k,
-        stop=stops,
-        seed=params.seed if params.HasField("seed") else None,
-        repeat_penalty=repeat_penalty,
-        **penalties,
-    )
-
-
-def messages_from_proto(messages) -> tuple[Message, ...]:
-    if not messages:
-        raise InvalidArgument("messages must not be empty")
-    if len(messages) > MAX_MESSAGES:
-        raise InvalidArgument(f"messages allows at most {MAX_MESSAGES} entries")
-    converted = []
-    for index, message in enumerate(messages):
-        if message.role not in ROLES:
-            raise InvalidArgument(
-                f"messages[{index}].role {message.role!r} is not one of {', '.join(sorted(ROLES))}"
-            )
-        converted.append(Message(role=message.role, content=message.content))
-    return tuple(converted)
+from node_agent.runtime.base import GenerationRequest
 
 
 def grammar_from_constraint(constraint: common_pb2.OutputConstraint) -> str | None:

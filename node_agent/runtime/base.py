@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from edgefleet.generation import Message, Sampling
+
 
 class FinishReason(enum.Enum):
     STOP = "stop"
@@ -22,28 +24,6 @@ class FinishReason(enum.Enum):
     CONTEXT_FULL = "context_full"
     TOOL_CALLS = "tool_calls"
     CANCELLED = "cancelled"
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """Sampling settings; defaults follow llama.cpp's server."""
-
-    max_tokens: int | None = None  # None: until the context is full
-    temperature: float = 0.8
-    top_p: float = 0.95
-    top_k: int = 40
-    min_p: float = 0.05
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
-    repeat_penalty: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-
-
-@dataclass(frozen=True)
-class Message:
-    role: str
-    content: str
 
 
 @dataclass(frozen=True)

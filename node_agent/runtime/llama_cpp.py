@@ -26,6 +26,7 @@ from llama_cpp import Llama, LlamaGrammar
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from edgefleet.errors import FailedPrecondition, InvalidArgument
+from edgefleet.generation import Sampling
 from node_agent.capacity import ThroughputMeter
 from node_agent.runtime.base import (
     Finish,
@@ -34,7 +35,6 @@ from node_agent.runtime.base import (
     GenerationRequest,
     ModelInfo,
     PreparedPrompt,
-    Sampling,
     TextDelta,
 )
 from node_agent.text_stream import StopStringFilter, TokenTextDecoder

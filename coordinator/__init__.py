@@ -1,0 +1,1 @@
+"""The coordinator: fleet membership in etcd, placement, sessions, streaming."""

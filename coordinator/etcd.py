@@ -1,0 +1,216 @@
+"""All etcd access goes through this module, so the client library can be swapped.
+
+A thin layer over etcd3aio (asyncio, several endpoints with round-robin,
+reconnecting watches). Every failure to reach etcd surfaces as
+``edgefleet.errors.Unavailable`` so callers answer UNAVAILABLE and retry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+
+import grpc
+from etcd3aio import Etcd3Client, EtcdError, prefix_range_end
+from etcd3aio._protobuf import Compare as CompareProto
+from etcd3aio.kv import KVService
+
+from edgefleet.errors import Unavailable
+
+log = logging.getLogger(__name__)
+
+PUT = "put"
+DELETE = "delete"
+
+
+@dataclass(frozen=True)
+class KeyValue:
+    key: str
+    value: bytes
+    create_revision: int
+    mod_revision: int
+    lease: int
+
+
+@dataclass(frozen=True)
+class WatchEvent:
+    kind: str  # PUT or DELETE
+    kv: KeyValue
+
+
+@dataclass(frozen=True)
+class Compare:
+    """A transaction guard on one key."""
+
+    key: str
+    mod_revision: int | None = None  # key's mod_revision must equal this (0 = absent)
+    value: bytes | None = None  # key's value must equal this
+
+
+@dataclass(frozen=True)
+class Put:
+    key: str
+    value: bytes
+    lease: int = 0
+
+
+@dataclass(frozen=True)
+class Delete:
+    key: str
+
+
+def _kv(raw) -> KeyValue:
+    return KeyValue(
+        key=raw.key.decode(),
+        value=bytes(raw.value),
+        create_revision=raw.create_revision,
+        mod_revision=raw.mod_revision,
+        lease=raw.lease,
+    )
+
+
+class Etcd:
+    def __init__(self, endpoints: Sequence[str], *, timeout_s: float = 2.0) -> None:
+        if not endpoints:
+            raise ValueError("at least one etcd endpoint is needed")
+        self.endpoints = list(endpoints)
+        self.timeout_s = timeout_s
+        self._client = Etcd3Client(self.endpoints, rpc_max_attempts=2)
+        self._connected = False
+
+    async def connect(self) -> None:
+        await self._client.connect()
+        self._connected = True
+
+    async def close(self) -> None:
+        if self._connected:
+            await self._client.close()
+            self._connected = False
+
+    def _unavailable(self, operation: str, exc: BaseException) -> Unavailable:
+        return Unavailable(f"etcd unavailable ({operation} on {','.join(self.endpoints)}): {exc}")
+
+    async def _call(self, operation: str, coroutine):
+        try:
+            return await asyncio.wait_for(coroutine, self.timeout_s * 2)
+        except (EtcdError, grpc.aio.AioRpcError, TimeoutError, OSError) as exc:
+            raise self._unavailable(operation, exc) from exc
+
+    async def ping(self) -> None:
+        await self._call("ping", self._client.kv.get(b"/edgefleet/ping", timeout=self.timeout_s))
+
+    # --- keys ------------------------------------------------------------------------
+    async def get(self, key: str) -> KeyValue | None:
+        reply = await self._call("get", self._client.kv.get(key, timeout=self.timeout_s))
+        return _kv(reply.kvs[0]) if reply.kvs else None
+
+    async def get_prefix(
+        self, prefix: str, *, keys_only: bool = False
+    ) -> tuple[list[KeyValue], int]:
+        """Every key under ``prefix`` and the store revision of the read."""
+        reply = await self._call(
+            "get_prefix",
+            self._client.kv.get(
+                prefix, prefix_range_end(prefix), keys_only=keys_only, timeout=self.timeout_s
+            ),
+        )
+        return [_kv(raw) for raw in reply.kvs], reply.header.revision
+
+    async def put(self, key: str, value: bytes, *, lease: int = 0) -> int:
+        reply = await self._call(
+            "put", self._client.kv.put(key, value, lease=lease, timeout=self.timeout_s)
+        )
+        return reply.header.revision
+
+    async def delete(self, key: str) -> bool:
+        reply = await self._call("delete", self._client.kv.delete(key, timeout=self.timeout_s))
+        return reply.deleted > 0
+
+    async def txn(
+        self,
+        compares: Sequence[Compare],
+        success: Sequence[Put | Delete],
+        failure: Sequence[Put | Delete] = (),
+    ) -> tuple[bool, int]:
+        """Apply ``success`` if every guard holds, else ``failure``; (succeeded, revision)."""
+        reply = await self._call(
+            "txn",
+            self._client.kv.txn(
+                [self._compare(c) for c in compares],
+                [self._op(op) for op in success],
+                [self._op(op) for op in failure],
+                timeout=self.timeout_s,
+            ),
+        )
+        return reply.succeeded, reply.header.revision
+
+    @staticmethod
+    def _compare(compare: Compare):
+        if compare.value is not None:
+            return KVService.txn_compare_value(compare.key, compare.value)
+        return CompareProto(
+            result=CompareProto.EQUAL,
+            target=CompareProto.MOD,
+            key=compare.key.encode(),
+            mod_revision=compare.mod_revision or 0,
+        )
+
+    @staticmethod
+    def _op(op: Put | Delete):
+        if isinstance(op, Put):
+            return KVService.txn_op_put(op.key, op.value, lease=op.lease)
+        return KVService.txn_op_delete(op.key)
+
+    # --- leases ----------------------------------------------------------------------
+    async def grant(self, ttl_s: float) -> int:
+        reply = await self._call(
+            "lease grant", self._client.lease.grant(max(1, round(ttl_s)), timeout=self.timeout_s)
+        )
+        return reply.ID
+
+    async def refresh(self, lease_id: int) -> int:
+        """Keep a lease alive once; returns its remaining TTL (0: it has expired)."""
+
+        async def once() -> int:
+            stream = self._client.lease.keep_alive(lease_id)
+            try:
+                async for reply in stream:
+                    return int(reply.TTL)
+                return 0
+            finally:
+                stream.cancel()
+
+        return await self._call("lease keepalive", once())
+
+    async def revoke(self, lease_id: int) -> None:
+        try:
+            await self._call(
+                "lease revoke", self._client.lease.revoke(lease_id, timeout=self.timeout_s)
+            )
+        except Unavailable:
+            raise
+        except Exception as exc:  # already expired: nothing to revoke
+            log.debug("revoke %x: %s", lease_id, exc)
+
+    # --- watches ---------------------------------------------------------------------
+    async def watch_prefix(
+        self, prefix: str, start_revision: int
+    ) -> AsyncIterator[list[WatchEvent]]:
+        """Batches of events under ``prefix`` from ``start_revision`` on.
+
+        The underlying client reconnects on transient errors and resumes from
+        the last revision seen, so no event is lost across an etcd restart.
+        """
+        stream = self._client.watch.watch(
+            prefix, prefix_range_end(prefix), start_revision=start_revision
+        )
+        async for reply in stream:
+            if reply.canceled:
+                raise Unavailable(f"etcd cancelled the watch on {prefix}: {reply.cancel_reason}")
+            if reply.events:
+                yield [
+                    WatchEvent(kind=DELETE if event.type == 1 else PUT, kv=_kv(event.kv))
+                    for event in reply.events
+                ]
