@@ -46,6 +46,7 @@ class Compare:
 
     key: str
     mod_revision: int | None = None  # key's mod_revision must equal this (0 = absent)
+    create_revision: int | None = None  # key's create_revision must equal this
     value: bytes | None = None  # key's value must equal this
 
 
@@ -150,6 +151,8 @@ class Etcd:
     def _compare(compare: Compare):
         if compare.value is not None:
             return KVService.txn_compare_value(compare.key, compare.value)
+        if compare.create_revision is not None:
+            return KVService.txn_compare_create_revision(compare.key, compare.create_revision)
         return CompareProto(
             result=CompareProto.EQUAL,
             target=CompareProto.MOD,

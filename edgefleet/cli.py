@@ -69,6 +69,16 @@ def _add_node(sub) -> None:
         default=base.shutdown_grace_s,
         help="seconds in-flight streams get to finish on SIGTERM",
     )
+    p.add_argument(
+        "--coordinator",
+        default=_env("COORDINATOR", ""),
+        help="coordinator address(es) host:port[,host:port...] to join; none = standalone",
+    )
+    p.add_argument(
+        "--advertise",
+        default=_env("NODE_ADVERTISE", ""),
+        help="address coordinators reach this node at (default: --listen)",
+    )
     p.set_defaults(func=_run_node)
 
 
@@ -94,8 +104,14 @@ def _run_node(args) -> int:
             gpu_layers=args.gpu_layers,
             node_id=args.node_id,
             shutdown_grace_s=args.shutdown_grace,
+            coordinators=_addresses(args.coordinator),
+            advertise=args.advertise,
         )
     )
+
+
+def _addresses(value: str) -> tuple[str, ...]:
+    return tuple(a.strip() for a in value.split(",") if a.strip())
 
 
 # --- models ----------------------------------------------------------------------
@@ -304,6 +320,302 @@ def _demo(args) -> int:
         print(f"node stopped (exit code {code})")
 
 
+# --- coordinator and fleet ----------------------------------------------------------
+
+
+def _add_coordinator(sub) -> None:
+    from coordinator.config import CoordinatorConfig
+    from coordinator.placement import POLICIES
+
+    base = CoordinatorConfig()
+    p = sub.add_parser("coordinator", help="run a coordinator replica (state in etcd)")
+    p.add_argument(
+        "--etcd",
+        default=_env("ETCD", ",".join(base.etcd)),
+        help="etcd endpoint(s) host:port[,host:port...]",
+    )
+    p.add_argument(
+        "--etcd-prefix",
+        default=_env("ETCD_PREFIX", base.etcd_prefix),
+        help="key prefix, so several fleets can share one etcd",
+    )
+    p.add_argument("--grpc", default=_env("COORDINATOR_GRPC", base.grpc), help="gRPC address")
+    p.add_argument(
+        "--http",
+        default=_env("COORDINATOR_HTTP", base.http),
+        help="HTTP address (OpenAI-compatible API; not served yet)",
+    )
+    p.add_argument("--id", default=_env("COORDINATOR_ID", ""), help="default: hostname-port")
+    p.add_argument(
+        "--policy", default=_env("POLICY", base.policy), choices=POLICIES, help="placement policy"
+    )
+    p.add_argument(
+        "--node-lease-ttl",
+        type=float,
+        default=base.node_lease_ttl_s,
+        help="seconds without heartbeat before a node leaves the fleet",
+    )
+    p.add_argument("--heartbeat-interval", type=float, default=base.heartbeat_interval_s)
+    p.add_argument(
+        "--session-idle-ttl",
+        type=float,
+        default=base.session_idle_ttl_s,
+        help="seconds without a turn before a session expires",
+    )
+    p.add_argument("--session-max-messages", type=int, default=base.session_max_messages)
+    p.add_argument("--session-max-bytes", type=int, default=base.session_max_bytes)
+    p.add_argument(
+        "--etcd-wait",
+        type=float,
+        default=base.startup_etcd_wait_s,
+        help="seconds to wait for etcd at start before giving up",
+    )
+    p.set_defaults(func=_run_coordinator)
+
+
+def _run_coordinator(args) -> int:
+    from coordinator.config import CoordinatorConfig
+    from coordinator.daemon import run
+
+    etcd = _addresses(args.etcd)
+    if not etcd:
+        print("error: --etcd needs at least one host:port", file=sys.stderr)
+        return 2
+    if args.node_lease_ttl < 1 or args.heartbeat_interval <= 0:
+        print("error: need --node-lease-ttl >= 1 and --heartbeat-interval > 0", file=sys.stderr)
+        return 2
+    return run(
+        CoordinatorConfig(
+            etcd=etcd,
+            etcd_prefix=args.etcd_prefix,
+            grpc=args.grpc,
+            http=args.http,
+            coordinator_id=args.id,
+            policy=args.policy,
+            node_lease_ttl_s=args.node_lease_ttl,
+            heartbeat_interval_s=args.heartbeat_interval,
+            session_idle_ttl_s=args.session_idle_ttl,
+            session_max_messages=args.session_max_messages,
+            session_max_bytes=args.session_max_bytes,
+            startup_etcd_wait_s=args.etcd_wait,
+        )
+    )
+
+
+def _add_up(sub) -> None:
+    p = sub.add_parser("up", help="run a local fleet: etcd, a coordinator and N nodes")
+    p.add_argument("--nodes", type=int, default=2)
+    p.add_argument("--model", default=defaults.DEFAULT_MODEL)
+    p.add_argument("--slots", type=int, default=2, help="slots per node")
+    p.add_argument("--grpc", default=defaults.COORDINATOR_GRPC, help="coordinator gRPC address")
+    p.add_argument("--http", default=defaults.COORDINATOR_HTTP, help="coordinator HTTP address")
+    p.add_argument(
+        "--chat",
+        default=None,
+        metavar="PROMPT",
+        help="stream one chat through the fleet, then stop it",
+    )
+    p.add_argument("--keep-logs", action="store_true", help="keep the logs directory")
+    p.set_defaults(func=_up)
+
+
+def _up(args) -> int:
+    from edgefleet import up
+
+    if args.nodes < 1 or args.slots < 1:
+        print("error: need --nodes >= 1 and --slots >= 1", file=sys.stderr)
+        return 2
+    return up.run(
+        nodes=args.nodes,
+        model=args.model,
+        grpc_address=args.grpc,
+        http_address=args.http,
+        slots=args.slots,
+        chat=args.chat,
+        keep_logs=args.keep_logs,
+    )
+
+
+def _coordinator_arg(p) -> None:
+    p.add_argument(
+        "--coordinator",
+        default=_env("COORDINATOR", defaults.COORDINATOR_GRPC),
+        help="coordinator address(es) host:port[,host:port...] (env EDGEFLEET_COORDINATOR)",
+    )
+
+
+def _client(args):
+    from edgefleet.client import FleetClient
+
+    return FleetClient(list(_addresses(args.coordinator)))
+
+
+def _add_status(sub) -> None:
+    p = sub.add_parser("status", help="the fleet's nodes, their state and load")
+    _coordinator_arg(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_status)
+
+
+def _status(args) -> int:
+    from google.protobuf import json_format
+
+    from edgefleet.errors import EdgefleetError
+    from edgefleet.v1 import common_pb2
+
+    try:
+        with _client(args) as client:
+            status = client.status()
+    except EdgefleetError as error:
+        print(f"error: {error.message}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json_format.MessageToJson(status, always_print_fields_with_no_presence=True))
+        return 0
+    headers = [
+        "NODE",
+        "ADDRESS",
+        "PID",
+        "STATE",
+        "MODELS",
+        "CPU%",
+        "MEM",
+        "SLOTS",
+        "QUEUE",
+        "SESSIONS",
+        "HEARTBEAT",
+    ]
+    rows = []
+    for node in status.nodes:
+        capacity = node.capacity
+        rows.append(
+            [
+                node.node_id,
+                node.address,
+                str(node.pid),
+                common_pb2.NodeState.Name(node.state).removeprefix("NODE_STATE_").lower(),
+                ",".join(node.models),
+                f"{capacity.cpu_percent:.0f}",
+                f"{capacity.process_rss_bytes / 2**20:.0f}MiB",
+                f"{capacity.slots_total - capacity.slots_free}/{capacity.slots_total}",
+                f"{capacity.queue_depth}/{capacity.queue_limit}",
+                str(node.sessions),
+                f"{node.last_heartbeat_age_seconds:.1f}s",
+            ]
+        )
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    print("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)))
+    for row in rows:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)))
+    replicas = ", ".join(c.coordinator_id for c in status.coordinators)
+    print(
+        f"\n{len(rows)} node(s); coordinators: {replicas or status.coordinator_id}; "
+        f"placement: {status.placement_policy}"
+    )
+    return 0
+
+
+def _add_chat(sub) -> None:
+    p = sub.add_parser("chat", help="chat through the fleet (a session per conversation)")
+    p.add_argument("prompt", nargs="?", help="one turn; without it, an interactive chat")
+    _coordinator_arg(p)
+    p.add_argument("--session", default="", help="continue this session")
+    p.add_argument("--model", default=defaults.DEFAULT_MODEL)
+    p.add_argument("--system", default="", help="system prompt of a new session")
+    p.add_argument("--max-tokens", type=int, default=None)
+    p.add_argument("--temperature", type=float, default=None)
+    p.set_defaults(func=_chat)
+
+
+def _chat(args) -> int:
+    from edgefleet.errors import EdgefleetError
+
+    sampling = {}
+    if args.max_tokens is not None:
+        sampling["max_tokens"] = args.max_tokens
+    if args.temperature is not None:
+        sampling["temperature"] = args.temperature
+    try:
+        with _client(args) as client:
+            session_id = args.session
+            if not session_id:
+                session_id = client.create_session(args.model, system_prompt=args.system).session_id
+                print(
+                    f"[session {session_id}; continue with --session {session_id}]", file=sys.stderr
+                )
+            prompts = [args.prompt] if args.prompt else _interactive_prompts()
+            for prompt in prompts:
+                last = None
+                for chunk in client.chat(session_id, prompt, **sampling):
+                    sys.stdout.write(chunk.text)
+                    sys.stdout.flush()
+                    last = chunk
+                print(flush=True)
+                if last is not None and not args.prompt:
+                    print(f"[{last.node_id}]", file=sys.stderr)
+    except EdgefleetError as error:
+        print(f"\nerror: {error.code.name}: {error.message}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _interactive_prompts():
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            return
+        if line.strip() in ("/quit", "/exit"):
+            return
+        if line.strip():
+            yield line
+
+
+def _add_drain(sub) -> None:
+    p = sub.add_parser("drain", help="stop sending new sessions to a node")
+    p.add_argument("node_id")
+    p.add_argument("--undo", action="store_true", help="resume the node")
+    _coordinator_arg(p)
+    p.set_defaults(func=_drain)
+
+
+def _drain(args) -> int:
+    from edgefleet.errors import EdgefleetError
+
+    try:
+        with _client(args) as client:
+            client.drain(args.node_id, drain=not args.undo)
+    except EdgefleetError as error:
+        print(f"error: {error.code.name}: {error.message}", file=sys.stderr)
+        return 1
+    print(f"{args.node_id}: {'resumed' if args.undo else 'draining'}")
+    return 0
+
+
+def _add_etcd(sub) -> None:
+    p = sub.add_parser("etcd", help="run a standalone local etcd server (Ctrl-C to stop)")
+    p.add_argument("--members", type=int, default=1)
+    p.set_defaults(func=_etcd)
+
+
+def _etcd(args) -> int:
+    import signal
+    import threading
+
+    from edgefleet.etcd_server import EtcdCluster
+
+    stop = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    cluster = EtcdCluster(args.members).start()
+    try:
+        print(f"etcd ready: {','.join(cluster.endpoints)} (data in {cluster.base_dir})", flush=True)
+        stop.wait()
+    finally:
+        cluster.stop()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="edgefleet", description="Small language models across a fleet of edge devices."
@@ -316,6 +628,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_capacity(sub)
     _add_demo(sub)
+    _add_coordinator(sub)
+    _add_up(sub)
+    _add_status(sub)
+    _add_chat(sub)
+    _add_drain(sub)
+    _add_etcd(sub)
     return parser
 
 

@@ -60,3 +60,30 @@ async def abort_with(context: grpc.aio.ServicerContext, error: EdgefleetError) -
             ((RETRY_AFTER_METADATA_KEY, str(int(error.retry_after_s * 1000))),)
         )
     await context.abort(error.code, error.message)
+
+
+_BY_CODE = {
+    cls.code: cls
+    for cls in (
+        InvalidArgument,
+        NotFound,
+        AlreadyExists,
+        FailedPrecondition,
+        ResourceExhausted,
+        Unavailable,
+        Aborted,
+    )
+}
+
+
+def error_from_rpc(error: grpc.RpcError) -> EdgefleetError:
+    """The EdgefleetError a gRPC failure stands for (INTERNAL when unknown)."""
+    code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
+    details = error.details() if hasattr(error, "details") else str(error)
+    retry_after_s = None
+    trailers = error.trailing_metadata() if hasattr(error, "trailing_metadata") else None
+    for key, value in trailers or ():
+        if key == RETRY_AFTER_METADATA_KEY:
+            retry_after_s = int(value) / 1000
+    cls = _BY_CODE.get(code, EdgefleetError)
+    return cls(details or code.name, retry_after_s=retry_after_s)

@@ -94,6 +94,42 @@ def edgefleet_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "edgefleet", *args]
 
 
+def start_daemon(
+    args: list[str],
+    *,
+    address: str,
+    name: str,
+    log_path: Path | None = None,
+    env: dict[str, str] | None = None,
+) -> DaemonProcess:
+    """Start ``edgefleet ARGS...`` as its own process (own session: a terminal's
+    Ctrl-C reaches only the parent, which stops its children in order)."""
+    out = log_path.open("ab") if log_path else subprocess.DEVNULL
+    process = subprocess.Popen(
+        edgefleet_command(*args),
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, **(env or {})},
+        start_new_session=True,
+    )
+    if log_path:
+        out.close()
+    return DaemonProcess(name=name, address=address, process=process, log_path=log_path)
+
+
+def start_coordinator(
+    *,
+    grpc_address: str,
+    etcd: list[str],
+    extra_args: tuple[str, ...] = (),
+    log_path: Path | None = None,
+    env: dict[str, str] | None = None,
+    name: str = "coordinator",
+) -> DaemonProcess:
+    args = ["coordinator", "--grpc", grpc_address, "--etcd", ",".join(etcd), *extra_args]
+    return start_daemon(args, address=grpc_address, name=name, log_path=log_path, env=env)
+
+
 def start_node(
     *,
     listen: str,
@@ -113,14 +149,4 @@ def start_node(
     if queue is not None:
         args += ["--queue", str(queue)]
     args += list(extra_args)
-    out = log_path.open("ab") if log_path else subprocess.DEVNULL
-    process = subprocess.Popen(
-        edgefleet_command(*args),
-        stdout=out,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, **(env or {})},
-        start_new_session=True,  # Ctrl-C in a terminal reaches the parent only
-    )
-    if log_path:
-        out.close()
-    return DaemonProcess(name=name, address=listen, process=process, log_path=log_path)
+    return start_daemon(args, address=listen, name=name, log_path=log_path, env=env)

@@ -20,6 +20,10 @@ class NodeConfig:
     gpu_layers: int = 0
     node_id: str = ""
     shutdown_grace_s: float = 10.0
+    # Coordinators to register with (none: a standalone node).
+    coordinators: tuple[str, ...] = ()
+    # Address coordinators use to reach this node (default: the listen address).
+    advertise: str = ""
 
     def resolved_node_id(self, port: int) -> str:
         return self.node_id or f"{socket.gethostname()}-{port}"

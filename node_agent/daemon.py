@@ -22,6 +22,7 @@ from edgefleet.v1 import node_pb2_grpc
 from node_agent.capacity import GpuProbe, HostProbe, ThroughputMeter
 from node_agent.config import NodeConfig
 from node_agent.models import ModelManager
+from node_agent.registrar import Registrar
 from node_agent.runtime.llama_cpp import LlamaCppRuntime
 from node_agent.service import SERVICE_NAME, NodeServicer
 from node_agent.store import ModelStore
@@ -78,6 +79,7 @@ async def serve(config: NodeConfig, store: ModelStore | None = None) -> int:
 
     await servicer.set_serving(False)
     await server.start()
+    membership: asyncio.Task | None = None
     address = config.listen.rsplit(":", 1)[0] + f":{port}"
     log.info("node %s listening on %s", node_id, address)
     try:
@@ -90,13 +92,26 @@ async def serve(config: NodeConfig, store: ModelStore | None = None) -> int:
             if stop.is_set():
                 break
         await servicer.set_serving(True)
+        if config.coordinators:
+            registrar = Registrar(
+                list(config.coordinators),
+                node_id=node_id,
+                advertise=config.advertise or address,
+                servicer=servicer,
+            )
+            membership = asyncio.create_task(registrar.run(), name="membership")
         loaded = ",".join(m.name for m in models.hosted())
         # One line on stdout that scripts and tests can wait for.
         print(f"edgefleet node ready id={node_id} address={address} models={loaded}", flush=True)
         await stop.wait()
         log.info("shutting down: in-flight streams get %.1fs to finish", config.shutdown_grace_s)
         await servicer.set_draining(True)
+        if membership is not None:
+            membership.cancel()
+            await registrar.deregister()  # leave the fleet before the streams end
     finally:
+        if membership is not None:
+            membership.cancel()
         await server.stop(config.shutdown_grace_s)
         await models.unload_all()
         gpus.close()

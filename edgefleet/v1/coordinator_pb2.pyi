@@ -107,7 +107,7 @@ class CreateSessionRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., system_prompt: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., idle_ttl_seconds: _Optional[float] = ...) -> None: ...
 
 class Session(_message.Message):
-    __slots__ = ("session_id", "model", "messages", "metadata", "node_id", "created_at", "updated_at", "turns")
+    __slots__ = ("session_id", "model", "messages", "metadata", "node_id", "created_at", "updated_at", "turns", "idle_ttl_seconds")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -123,6 +123,7 @@ class Session(_message.Message):
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
     TURNS_FIELD_NUMBER: _ClassVar[int]
+    IDLE_TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     model: str
     messages: _containers.RepeatedCompositeFieldContainer[_common_pb2.ChatMessage]
@@ -131,7 +132,8 @@ class Session(_message.Message):
     created_at: float
     updated_at: float
     turns: int
-    def __init__(self, session_id: _Optional[str] = ..., model: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[_common_pb2.ChatMessage, _Mapping]]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., node_id: _Optional[str] = ..., created_at: _Optional[float] = ..., updated_at: _Optional[float] = ..., turns: _Optional[int] = ...) -> None: ...
+    idle_ttl_seconds: float
+    def __init__(self, session_id: _Optional[str] = ..., model: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[_common_pb2.ChatMessage, _Mapping]]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., node_id: _Optional[str] = ..., created_at: _Optional[float] = ..., updated_at: _Optional[float] = ..., turns: _Optional[int] = ..., idle_ttl_seconds: _Optional[float] = ...) -> None: ...
 
 class ChatRequest(_message.Message):
     __slots__ = ("session_id", "content", "sampling")
@@ -198,7 +200,7 @@ class FleetStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class NodeStatus(_message.Message):
-    __slots__ = ("node_id", "address", "state", "capacity", "models", "pid", "last_heartbeat_age_seconds", "sessions", "labels", "epoch")
+    __slots__ = ("node_id", "address", "state", "capacity", "models", "pid", "last_heartbeat_age_seconds", "sessions", "labels", "epoch", "heartbeat_at", "coordinator_id", "version")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -216,6 +218,9 @@ class NodeStatus(_message.Message):
     SESSIONS_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_AT_FIELD_NUMBER: _ClassVar[int]
+    COORDINATOR_ID_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     address: str
     state: _common_pb2.NodeState
@@ -226,17 +231,36 @@ class NodeStatus(_message.Message):
     sessions: int
     labels: _containers.ScalarMap[str, str]
     epoch: int
-    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., state: _Optional[_Union[_common_pb2.NodeState, str]] = ..., capacity: _Optional[_Union[_common_pb2.Capacity, _Mapping]] = ..., models: _Optional[_Iterable[str]] = ..., pid: _Optional[int] = ..., last_heartbeat_age_seconds: _Optional[float] = ..., sessions: _Optional[int] = ..., labels: _Optional[_Mapping[str, str]] = ..., epoch: _Optional[int] = ...) -> None: ...
+    heartbeat_at: float
+    coordinator_id: str
+    version: str
+    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., state: _Optional[_Union[_common_pb2.NodeState, str]] = ..., capacity: _Optional[_Union[_common_pb2.Capacity, _Mapping]] = ..., models: _Optional[_Iterable[str]] = ..., pid: _Optional[int] = ..., last_heartbeat_age_seconds: _Optional[float] = ..., sessions: _Optional[int] = ..., labels: _Optional[_Mapping[str, str]] = ..., epoch: _Optional[int] = ..., heartbeat_at: _Optional[float] = ..., coordinator_id: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
+
+class CoordinatorRecord(_message.Message):
+    __slots__ = ("coordinator_id", "grpc_address", "http_address", "started_at", "pid")
+    COORDINATOR_ID_FIELD_NUMBER: _ClassVar[int]
+    GRPC_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    HTTP_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    STARTED_AT_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    coordinator_id: str
+    grpc_address: str
+    http_address: str
+    started_at: float
+    pid: int
+    def __init__(self, coordinator_id: _Optional[str] = ..., grpc_address: _Optional[str] = ..., http_address: _Optional[str] = ..., started_at: _Optional[float] = ..., pid: _Optional[int] = ...) -> None: ...
 
 class FleetStatusResponse(_message.Message):
-    __slots__ = ("nodes", "coordinator_id", "placement_policy")
+    __slots__ = ("nodes", "coordinator_id", "placement_policy", "coordinators")
     NODES_FIELD_NUMBER: _ClassVar[int]
     COORDINATOR_ID_FIELD_NUMBER: _ClassVar[int]
     PLACEMENT_POLICY_FIELD_NUMBER: _ClassVar[int]
+    COORDINATORS_FIELD_NUMBER: _ClassVar[int]
     nodes: _containers.RepeatedCompositeFieldContainer[NodeStatus]
     coordinator_id: str
     placement_policy: str
-    def __init__(self, nodes: _Optional[_Iterable[_Union[NodeStatus, _Mapping]]] = ..., coordinator_id: _Optional[str] = ..., placement_policy: _Optional[str] = ...) -> None: ...
+    coordinators: _containers.RepeatedCompositeFieldContainer[CoordinatorRecord]
+    def __init__(self, nodes: _Optional[_Iterable[_Union[NodeStatus, _Mapping]]] = ..., coordinator_id: _Optional[str] = ..., placement_policy: _Optional[str] = ..., coordinators: _Optional[_Iterable[_Union[CoordinatorRecord, _Mapping]]] = ...) -> None: ...
 
 class DrainNodeRequest(_message.Message):
     __slots__ = ("node_id", "drain")

@@ -1,0 +1,27 @@
+"""Coordinator settings: every one has a default; flags and env vars override."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from coordinator.keys import DEFAULT_PREFIX
+from edgefleet import defaults
+
+
+@dataclass(frozen=True)
+class CoordinatorConfig:
+    etcd: tuple[str, ...] = ("127.0.0.1:2379",)
+    etcd_prefix: str = DEFAULT_PREFIX
+    grpc: str = defaults.COORDINATOR_GRPC
+    http: str = defaults.COORDINATOR_HTTP
+    coordinator_id: str = ""
+    policy: str = "scored"
+    node_lease_ttl_s: float = 3.0
+    heartbeat_interval_s: float = 1.0
+    replica_lease_ttl_s: float = 5.0
+    session_idle_ttl_s: float = 1800.0
+    session_max_messages: int = 512
+    session_max_bytes: int = 512 * 1024
+    etcd_timeout_s: float = 2.0
+    startup_etcd_wait_s: float = 10.0
+    shutdown_grace_s: float = 10.0

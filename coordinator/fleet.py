@@ -1,0 +1,166 @@
+"""The replica's in-memory view of the fleet, mirrored from etcd.
+
+A get-then-watch on the node and drain prefixes keeps it current within
+milliseconds of any replica's write; placement reads only this view. On top of
+what etcd says, each replica keeps two local facts: nodes it saw fail
+(excluded at once, before their lease runs out) and the generations it has
+dispatched since a node's last report.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from coordinator.etcd import DELETE, Etcd, KeyValue
+from coordinator.keys import Keys
+from edgefleet.v1 import common_pb2, coordinator_pb2
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class NodeEntry:
+    record: coordinator_pb2.NodeStatus
+    epoch: int  # create_revision of the node key
+    lease: int
+    mod_revision: int
+
+    @property
+    def node_id(self) -> str:
+        return self.record.node_id
+
+    def model(self, alias: str) -> common_pb2.LoadedModel | None:
+        for model in self.record.capacity.models:
+            if model.alias == alias:
+                return model
+        return None
+
+
+class FleetView:
+    def __init__(self, etcd: Etcd, keys: Keys) -> None:
+        self._etcd = etcd
+        self._keys = keys
+        self.nodes: dict[str, NodeEntry] = {}
+        self.drained: set[str] = set()
+        self._suspects: dict[str, float] = {}  # node -> wall time it was seen failing
+        self.pending: collections.Counter[str] = collections.Counter()
+        self.synced = asyncio.Event()
+        self._listeners: list[Callable[[str], None]] = []
+
+    # --- mirroring etcd (the view's one long-lived loop) ---------------------------
+    async def run(self) -> None:
+        """Mirror nodes and drains until cancelled; re-list after any watch failure."""
+        synced_prefixes: set[str] = set()
+        await asyncio.gather(
+            self._mirror(self._keys.nodes, self._apply_node, synced_prefixes),
+            self._mirror(self._keys.drains, self._apply_drain, synced_prefixes),
+        )
+
+    async def _mirror(self, prefix: str, apply, synced_prefixes: set[str]) -> None:
+        backoff = 0.2
+        while True:
+            try:
+                kvs, revision = await self._etcd.get_prefix(prefix)
+                seen = {kv.key for kv in kvs}
+                for kv in kvs:
+                    apply(kv, deleted=False)
+                self._forget_missing(prefix, seen)
+                synced_prefixes.add(prefix)
+                if len(synced_prefixes) == 2:
+                    self.synced.set()
+                backoff = 0.2
+                async for events in self._etcd.watch_prefix(prefix, revision + 1):
+                    for event in events:
+                        apply(event.kv, deleted=event.kind == DELETE)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # etcd gone or watch cancelled: re-list and go on
+                log.warning("watch on %s failed (%s); re-listing in %.1fs", prefix, exc, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+    def _forget_missing(self, prefix: str, seen: set[str]) -> None:
+        if prefix == self._keys.nodes:
+            for node_id in [n for n in self.nodes if self._keys.node(n) not in seen]:
+                self._remove(node_id)
+        else:
+            self.drained &= {Keys.last_segment(key) for key in seen}
+
+    def _apply_node(self, kv: KeyValue, *, deleted: bool) -> None:
+        node_id = Keys.last_segment(kv.key)
+        if deleted:
+            self._remove(node_id)
+            return
+        record = coordinator_pb2.NodeStatus.FromString(kv.value)
+        record.epoch = kv.create_revision
+        self.nodes[node_id] = NodeEntry(
+            record=record, epoch=kv.create_revision, lease=kv.lease, mod_revision=kv.mod_revision
+        )
+        # A fresh report supersedes what this replica dispatched before it.
+        self.pending.pop(node_id, None)
+        suspected_at = self._suspects.get(node_id)
+        if suspected_at is not None and record.heartbeat_at > suspected_at:
+            del self._suspects[node_id]
+        self._notify(node_id)
+
+    def _apply_drain(self, kv: KeyValue, *, deleted: bool) -> None:
+        node_id = Keys.last_segment(kv.key)
+        if deleted:
+            self.drained.discard(node_id)
+        else:
+            self.drained.add(node_id)
+        self._notify(node_id)
+
+    def _remove(self, node_id: str) -> None:
+        if self.nodes.pop(node_id, None) is not None:
+            log.info("node %s left the fleet", node_id)
+        self.pending.pop(node_id, None)
+        self._suspects.pop(node_id, None)
+        self._notify(node_id)
+
+    def on_change(self, listener: Callable[[str], None]) -> None:
+        self._listeners.append(listener)
+
+    def _notify(self, node_id: str) -> None:
+        for listener in self._listeners:
+            listener(node_id)
+
+    # --- local knowledge ---------------------------------------------------------------
+    def suspect(self, node_id: str, reason: str) -> None:
+        """Exclude a node from placement here until it reports again."""
+        if node_id in self.nodes and node_id not in self._suspects:
+            log.warning("excluding node %s from placement: %s", node_id, reason)
+        self._suspects[node_id] = time.time()
+
+    def is_suspect(self, node_id: str) -> bool:
+        return node_id in self._suspects
+
+    def state_of(self, entry: NodeEntry) -> int:
+        """The state placement sees: etcd's, overridden by drains and local suspicion."""
+        if entry.node_id in self.drained or entry.record.capacity.draining:
+            return common_pb2.NODE_STATE_DRAINING
+        return entry.record.state
+
+    def ready_nodes(self) -> list[NodeEntry]:
+        return [
+            entry
+            for entry in self.nodes.values()
+            if self.state_of(entry) == common_pb2.NODE_STATE_READY
+            and not self.is_suspect(entry.node_id)
+        ]
+
+    def models(self) -> dict[str, int]:
+        """Every model alias in the fleet with the number of ready nodes serving it."""
+        counts: dict[str, int] = {}
+        ready = {entry.node_id for entry in self.ready_nodes()}
+        for entry in self.nodes.values():
+            for alias in entry.record.models:
+                counts.setdefault(alias, 0)
+                if entry.node_id in ready and entry.model(alias) is not None:
+                    counts[alias] += 1
+        return counts

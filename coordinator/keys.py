@@ -1,0 +1,70 @@
+"""The etcd key layout, in one place (see shared/DESIGN.md).
+
+<prefix>nodes/<node_id>                NodeStatus          lease: the node's
+<prefix>drain/<node_id>                "1"                 no lease (operator intent)
+<prefix>sessions/<session_id>          Session             lease: session idle TTL
+<prefix>session-node/<node>/<session>  ""                  lease: session idle TTL
+<prefix>turns/<session_id>             turn id             lease: the replica's
+<prefix>coordinators/<coordinator_id>  CoordinatorRecord   lease: the replica's
+<prefix>leader/<task>                  coordinator id      lease: the replica's
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DEFAULT_PREFIX = "/edgefleet/v1/"
+
+
+@dataclass(frozen=True)
+class Keys:
+    prefix: str = DEFAULT_PREFIX
+
+    def __post_init__(self) -> None:
+        if not self.prefix.startswith("/") or not self.prefix.endswith("/"):
+            raise ValueError(f"etcd prefix must start and end with '/': {self.prefix!r}")
+
+    @property
+    def nodes(self) -> str:
+        return f"{self.prefix}nodes/"
+
+    def node(self, node_id: str) -> str:
+        return f"{self.nodes}{node_id}"
+
+    @property
+    def drains(self) -> str:
+        return f"{self.prefix}drain/"
+
+    def drain(self, node_id: str) -> str:
+        return f"{self.drains}{node_id}"
+
+    @property
+    def sessions(self) -> str:
+        return f"{self.prefix}sessions/"
+
+    def session(self, session_id: str) -> str:
+        return f"{self.sessions}{session_id}"
+
+    @property
+    def sessions_by_node(self) -> str:
+        return f"{self.prefix}session-node/"
+
+    def session_node(self, node_id: str, session_id: str) -> str:
+        return f"{self.sessions_by_node}{node_id}/{session_id}"
+
+    def turn(self, session_id: str) -> str:
+        return f"{self.prefix}turns/{session_id}"
+
+    @property
+    def coordinators(self) -> str:
+        return f"{self.prefix}coordinators/"
+
+    def coordinator(self, coordinator_id: str) -> str:
+        return f"{self.coordinators}{coordinator_id}"
+
+    def leader(self, task: str) -> str:
+        return f"{self.prefix}leader/{task}"
+
+    @staticmethod
+    def last_segment(key: str) -> str:
+        return key.rsplit("/", 1)[-1]

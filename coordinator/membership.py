@@ -1,0 +1,219 @@
+"""Node membership: registration, heartbeats, leases and fencing, in one place.
+
+A node registers through any replica; the replica grants the node an etcd
+lease (TTL ``lease_ttl_s``) and writes the node's record under it. The
+record's create revision is the node's *epoch*: every heartbeat names it, and
+a heartbeat for an epoch that no longer exists (the lease expired, the node
+was replaced) is answered with REREGISTER, so a node that was cut off must
+register again before it gets work. Each heartbeat refreshes the lease; the
+record is rewritten when something placement uses changed, or every
+``record_refresh_s`` otherwise.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import AsyncIterator
+
+from coordinator.etcd import Compare, Etcd, Put
+from coordinator.fleet import FleetView, NodeEntry
+from coordinator.keys import Keys
+from edgefleet.errors import AlreadyExists, FailedPrecondition, InvalidArgument, Unavailable
+from edgefleet.v1 import common_pb2, coordinator_pb2
+
+log = logging.getLogger(__name__)
+
+NODE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+HOST_PORT = re.compile(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):(\d{1,5})$")
+Command = coordinator_pb2.HeartbeatResponse.Command
+
+
+def validate_address(address: str) -> None:
+    match = HOST_PORT.match(address)
+    if not match or not 0 < int(match.group(2)) < 65536:
+        raise InvalidArgument(f"address must be host:port with a port in 1-65535, got {address!r}")
+
+
+def placement_signature(capacity: common_pb2.Capacity, state: int) -> tuple:
+    """What placement reads from a record; a change here is written at once."""
+    return (
+        state,
+        capacity.draining,
+        tuple(
+            (m.alias, m.slots_total, m.slots_free, m.queue_depth, m.queue_limit)
+            for m in capacity.models
+        ),
+    )
+
+
+class Membership:
+    def __init__(
+        self,
+        etcd: Etcd,
+        keys: Keys,
+        fleet: FleetView,
+        *,
+        coordinator_id: str,
+        lease_ttl_s: float = 3.0,
+        heartbeat_interval_s: float = 1.0,
+        record_refresh_s: float = 5.0,
+    ) -> None:
+        self._etcd = etcd
+        self._keys = keys
+        self._fleet = fleet
+        self._coordinator_id = coordinator_id
+        self.lease_ttl_s = lease_ttl_s
+        self.heartbeat_interval_s = heartbeat_interval_s
+        self._record_refresh_s = record_refresh_s
+        # Wall time of the last heartbeat each node sent to this replica.
+        self.last_beat: dict[str, float] = {}
+
+    # --- register ---------------------------------------------------------------------
+    async def register(
+        self, request: coordinator_pb2.RegisterRequest
+    ) -> coordinator_pb2.RegisterResponse:
+        node_id = request.node_id or request.address.replace(":", "-").replace("[", "").replace(
+            "]", ""
+        )
+        if not NODE_ID.match(node_id):
+            raise InvalidArgument(
+                f"node_id {node_id!r} must be 1-128 letters, digits, '.', '_' or '-'"
+            )
+        validate_address(request.address)
+        models = [m for m in request.models if m.strip()]
+        if not models:
+            raise InvalidArgument("a node must register with at least one model")
+        key = self._keys.node(node_id)
+        existing = await self._etcd.get(key)
+        if existing is not None:
+            current = coordinator_pb2.NodeStatus.FromString(existing.value)
+            if current.address != request.address:
+                raise AlreadyExists(
+                    f"node id {node_id!r} is held by a live node at {current.address}"
+                )
+            # The same node restarted before its old lease ran out: replace it.
+            log.info(
+                "node %s re-registers from %s; dropping its old lease", node_id, current.address
+            )
+            await self._etcd.revoke(existing.lease)
+        record = coordinator_pb2.NodeStatus(
+            node_id=node_id,
+            address=request.address,
+            state=common_pb2.NODE_STATE_READY,
+            capacity=request.capacity,
+            models=models,
+            pid=request.pid,
+            labels=dict(request.labels),
+            heartbeat_at=time.time(),
+            coordinator_id=self._coordinator_id,
+            version=request.version,
+        )
+        lease = await self._etcd.grant(self.lease_ttl_s)
+        created, revision = await self._etcd.txn(
+            [Compare(key, mod_revision=0)], [Put(key, record.SerializeToString(), lease=lease)]
+        )
+        if not created:
+            await self._etcd.revoke(lease)
+            raise AlreadyExists(f"node id {node_id!r} was registered concurrently")
+        log.info("node %s registered at %s (epoch %d)", node_id, request.address, revision)
+        return coordinator_pb2.RegisterResponse(
+            node_id=node_id,
+            lease_ttl_seconds=self.lease_ttl_s,
+            heartbeat_interval_seconds=self.heartbeat_interval_s,
+            epoch=revision,
+        )
+
+    # --- heartbeats ---------------------------------------------------------------------
+    async def heartbeats(
+        self, requests: AsyncIterator[coordinator_pb2.HeartbeatRequest]
+    ) -> AsyncIterator[coordinator_pb2.HeartbeatResponse]:
+        """Answer one node's heartbeat stream until it ends or the node is fenced."""
+        node_id = ""
+        written_signature = None
+        written_at = 0.0
+        try:
+            async for beat in requests:
+                node_id = beat.node_id
+                entry = self._fleet.nodes.get(node_id)
+                if entry is None or entry.epoch != beat.epoch:
+                    # The lease expired or another registration replaced this one.
+                    entry = await self._current_entry(node_id, beat.epoch)
+                    if entry is None:
+                        log.warning("fencing node %s: epoch %d is gone", node_id, beat.epoch)
+                        yield coordinator_pb2.HeartbeatResponse(command=Command.COMMAND_REREGISTER)
+                        return
+                try:
+                    if await self._etcd.refresh(entry.lease) <= 0:
+                        yield coordinator_pb2.HeartbeatResponse(command=Command.COMMAND_REREGISTER)
+                        return
+                    signature = placement_signature(beat.capacity, beat.state)
+                    now = time.time()
+                    if signature != written_signature or now - written_at >= self._record_refresh_s:
+                        if not await self._write_record(entry, beat, now):
+                            yield coordinator_pb2.HeartbeatResponse(
+                                command=Command.COMMAND_REREGISTER
+                            )
+                            return
+                        written_signature, written_at = signature, now
+                except Unavailable as exc:
+                    # etcd is down: keep the stream; the node's lease may lapse.
+                    log.warning("heartbeat of %s not recorded: %s", node_id, exc.message)
+                self.last_beat[node_id] = time.time()
+                # A drain is placement's business (the drain key), so undoing it
+                # takes effect at once; the node itself keeps serving its streams.
+                yield coordinator_pb2.HeartbeatResponse(
+                    command=Command.COMMAND_NONE, lease_ttl_seconds=self.lease_ttl_s
+                )
+        except Exception:
+            if node_id:
+                # The stream broke without a goodbye: stop sending it work here now.
+                self._fleet.suspect(node_id, "heartbeat stream broke")
+            raise
+
+    async def _current_entry(self, node_id: str, epoch: int) -> NodeEntry | None:
+        """The node's entry if its registration ``epoch`` still exists in etcd."""
+        kv = await self._etcd.get(self._keys.node(node_id))
+        if kv is None or kv.create_revision != epoch:
+            return None
+        return NodeEntry(
+            record=coordinator_pb2.NodeStatus.FromString(kv.value),
+            epoch=kv.create_revision,
+            lease=kv.lease,
+            mod_revision=kv.mod_revision,
+        )
+
+    async def _write_record(
+        self, entry, beat: coordinator_pb2.HeartbeatRequest, now: float
+    ) -> bool:
+        record = coordinator_pb2.NodeStatus()
+        record.CopyFrom(entry.record)
+        record.capacity.CopyFrom(beat.capacity)
+        record.state = (
+            common_pb2.NODE_STATE_DRAINING
+            if beat.capacity.draining
+            else (beat.state or common_pb2.NODE_STATE_READY)
+        )
+        record.models[:] = [m.alias for m in beat.capacity.models] or list(record.models)
+        record.heartbeat_at = now
+        record.coordinator_id = self._coordinator_id
+        key = self._keys.node(entry.node_id)
+        # Only while this registration (epoch) exists: never resurrect a fenced node.
+        written, _ = await self._etcd.txn(
+            [Compare(key, create_revision=entry.epoch)],
+            [Put(key, record.SerializeToString(), lease=entry.lease)],
+        )
+        return written
+
+    # --- leave ---------------------------------------------------------------------------
+    async def deregister(self, request: coordinator_pb2.DeregisterRequest) -> None:
+        kv = await self._etcd.get(self._keys.node(request.node_id))
+        if kv is None:
+            return
+        if kv.create_revision != request.epoch:
+            raise FailedPrecondition(
+                f"node {request.node_id} epoch {request.epoch} is not the current registration"
+            )
+        await self._etcd.revoke(kv.lease)  # deletes the record with it
+        log.info("node %s deregistered", request.node_id)

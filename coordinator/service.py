@@ -1,0 +1,231 @@
+"""CoordinatorService over gRPC: membership, sessions and chat, operations."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+
+from coordinator.etcd import Etcd
+from coordinator.fleet import FleetView
+from coordinator.keys import Keys
+from coordinator.membership import Membership
+from coordinator.placement import Ranking
+from coordinator.router import Router
+from coordinator.sessions import Sessions
+from edgefleet.errors import EdgefleetError, InvalidArgument, NotFound, abort_with
+from edgefleet.generation import messages_from_proto, sampling_from_proto
+from edgefleet.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc, node_pb2
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = coordinator_pb2.DESCRIPTOR.services_by_name["CoordinatorService"].full_name
+PLACEMENT_METADATA_KEY = "edgefleet-placement-us"
+MAX_TURN_BYTES = 256 * 1024
+
+
+class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
+    def __init__(
+        self,
+        *,
+        coordinator_id: str,
+        etcd: Etcd,
+        keys: Keys,
+        fleet: FleetView,
+        membership: Membership,
+        sessions: Sessions,
+        router: Router,
+    ) -> None:
+        self.coordinator_id = coordinator_id
+        self._etcd = etcd
+        self._keys = keys
+        self._fleet = fleet
+        self._membership = membership
+        self._sessions = sessions
+        self._router = router
+
+    # --- node membership -------------------------------------------------------------
+    async def Register(self, request, context):
+        try:
+            return await self._membership.register(request)
+        except EdgefleetError as error:
+            await abort_with(context, error)
+
+    async def Heartbeat(self, request_iterator, context):
+        async for reply in self._membership.heartbeats(request_iterator):
+            yield reply
+
+    async def Deregister(self, request, context):
+        try:
+            await self._membership.deregister(request)
+            return coordinator_pb2.DeregisterResponse()
+        except EdgefleetError as error:
+            await abort_with(context, error)
+
+    # --- sessions and chat ----------------------------------------------------------------
+    async def CreateSession(self, request, context):
+        try:
+            if request.model not in self._fleet.models():
+                raise NotFound(f"no node in the fleet serves model {request.model!r}")
+            return await self._sessions.create(request)
+        except EdgefleetError as error:
+            await abort_with(context, error)
+
+    async def GetSession(self, request, context):
+        try:
+            session, _, _ = await self._sessions.get(request.session_id)
+            return session
+        except EdgefleetError as error:
+            await abort_with(context, error)
+
+    async def CloseSession(self, request, context):
+        try:
+            await self._sessions.close(request.session_id)
+            return coordinator_pb2.CloseSessionResponse()
+        except EdgefleetError as error:
+            await abort_with(context, error)
+
+    async def Chat(self, request: coordinator_pb2.ChatRequest, context):
+        try:
+            if not request.content.strip():
+                raise InvalidArgument("content must not be empty")
+            if len(request.content.encode()) > MAX_TURN_BYTES:
+                raise InvalidArgument(f"content is over {MAX_TURN_BYTES} bytes")
+            sampling_from_proto(request.sampling)
+            turn = await self._sessions.begin_turn(request.session_id, request.content)
+        except EdgefleetError as error:
+            await abort_with(context, error)
+            return
+        session = turn.session
+        try:
+            generate = node_pb2.GenerateRequest(
+                request_id=uuid.uuid4().hex,
+                model=session.model,
+                messages=[
+                    *session.messages,
+                    common_pb2.ChatMessage(role="user", content=request.content),
+                ],
+                sampling=request.sampling,
+                session_id=session.session_id,
+            )
+            text: list[str] = []
+            final = None
+            node_id = ""
+            ranking = self._router.rank(session.model, affinity_node=session.node_id)
+            async for chunk in self._router.generate(generate, ranking):
+                node_id = chunk.node_id or node_id
+                if chunk.finish_reason:
+                    final = chunk
+                    break
+                if chunk.text:
+                    text.append(chunk.text)
+                    yield coordinator_pb2.ChatChunk(
+                        text=chunk.text, node_id=node_id, session_id=session.session_id
+                    )
+            self._set_placement_trailer(context, ranking)
+            if final is None:
+                raise EdgefleetError("the node ended the stream without finishing")
+            # Store the turn before the client hears it is over: the next turn,
+            # on any replica, sees it.
+            await self._sessions.commit_turn(turn, request.content, "".join(text), node_id)
+            yield self._final_chunk(final, session.session_id, session.model)
+        except EdgefleetError as error:
+            await self._sessions.release(turn)
+            await abort_with(context, error)
+        except BaseException:
+            await self._sessions.release(turn)
+            raise
+
+    async def Complete(self, request: coordinator_pb2.CompleteRequest, context):
+        try:
+            messages_from_proto(request.messages)
+            sampling_from_proto(request.sampling)
+            generate = node_pb2.GenerateRequest(
+                request_id=uuid.uuid4().hex,
+                model=request.model,
+                messages=request.messages,
+                sampling=request.sampling,
+                constraint=request.constraint,
+                tools=request.tools,
+            )
+            ranking = self._router.rank(request.model, affinity_node="")
+            async for chunk in self._router.generate(generate, ranking):
+                if chunk.finish_reason:
+                    self._set_placement_trailer(context, ranking)
+                    yield self._final_chunk(chunk, "", request.model)
+                    return
+                if chunk.text:
+                    yield coordinator_pb2.ChatChunk(text=chunk.text, node_id=chunk.node_id)
+        except EdgefleetError as error:
+            await abort_with(context, error)
+
+    @staticmethod
+    def _final_chunk(chunk, session_id: str, model: str) -> coordinator_pb2.ChatChunk:
+        return coordinator_pb2.ChatChunk(
+            text=chunk.text,
+            finish_reason=chunk.finish_reason,
+            usage=chunk.usage,
+            node_id=chunk.node_id,
+            session_id=session_id,
+            model=model,
+        )
+
+    @staticmethod
+    def _set_placement_trailer(context, ranking: Ranking) -> None:
+        context.set_trailing_metadata(((PLACEMENT_METADATA_KEY, f"{ranking.decision_us:.1f}"),))
+
+    # --- operations ---------------------------------------------------------------------
+    async def FleetStatus(self, request, context):
+        try:
+            sessions = await self._sessions.count_by_node()
+            coordinators, _ = await self._etcd.get_prefix(self._keys.coordinators)
+        except EdgefleetError:
+            sessions, coordinators = {}, []  # etcd down: still show the last known fleet
+        now = time.time()
+        nodes = []
+        for entry in sorted(self._fleet.nodes.values(), key=lambda e: e.node_id):
+            status = coordinator_pb2.NodeStatus()
+            status.CopyFrom(entry.record)
+            status.state = self._fleet.state_of(entry)
+            # The replica holding the node's stream knows its last beat; others
+            # know when its record was last written.
+            last_beat = max(
+                self._membership.last_beat.get(entry.node_id, 0.0), entry.record.heartbeat_at
+            )
+            status.last_heartbeat_age_seconds = max(0.0, now - last_beat)
+            status.sessions = sessions.get(entry.node_id, 0)
+            nodes.append(status)
+        return coordinator_pb2.FleetStatusResponse(
+            nodes=nodes,
+            coordinator_id=self.coordinator_id,
+            placement_policy=self._router.policy,
+            coordinators=[
+                coordinator_pb2.CoordinatorRecord.FromString(kv.value) for kv in coordinators
+            ],
+        )
+
+    async def DrainNode(self, request, context):
+        try:
+            entry = self._fleet.nodes.get(request.node_id)
+            if entry is None:
+                raise NotFound(f"node {request.node_id!r} is not in the fleet")
+            if request.drain:
+                await self._etcd.put(self._keys.drain(request.node_id), b"1")
+            else:
+                await self._etcd.delete(self._keys.drain(request.node_id))
+            status = coordinator_pb2.NodeStatus()
+            status.CopyFrom(entry.record)
+            status.state = (
+                common_pb2.NODE_STATE_DRAINING if request.drain else common_pb2.NODE_STATE_READY
+            )
+            return coordinator_pb2.DrainNodeResponse(node=status)
+        except EdgefleetError as error:
+            await abort_with(context, error)
+
+    async def ListModels(self, request, context):
+        return coordinator_pb2.ListFleetModelsResponse(
+            models=[
+                coordinator_pb2.FleetModel(alias=alias, ready_nodes=count)
+                for alias, count in sorted(self._fleet.models().items())
+            ]
+        )

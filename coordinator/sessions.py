@@ -1,0 +1,168 @@
+"""Agent sessions stored in etcd: history, idle expiry, one turn at a time.
+
+A session lives under its own lease, so it expires after ``idle_ttl`` without
+a turn. A turn takes the session's turn lock (a key under this replica's
+lease, so a dead replica's lock goes with it), generates, then commits the
+user and assistant messages in one transaction that checks the session was
+not changed meanwhile: two replicas can never interleave turns of a session.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from coordinator.etcd import Compare, Delete, Etcd, Put
+from coordinator.keys import Keys
+from edgefleet.errors import Aborted, InvalidArgument, NotFound, ResourceExhausted
+from edgefleet.v1 import common_pb2, coordinator_pb2
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SessionLimits:
+    max_messages: int = 512
+    max_bytes: int = 512 * 1024  # etcd's request limit is 1.5 MiB
+    default_idle_ttl_s: float = 1800.0
+    max_idle_ttl_s: float = 7 * 24 * 3600.0
+
+
+@dataclass(frozen=True)
+class Turn:
+    session: coordinator_pb2.Session
+    mod_revision: int
+    lease: int
+    turn_id: str
+
+
+class Sessions:
+    def __init__(
+        self, etcd: Etcd, keys: Keys, *, limits: SessionLimits, replica_lease: Callable[[], int]
+    ) -> None:
+        self._etcd = etcd
+        self._keys = keys
+        self.limits = limits
+        self._replica_lease = replica_lease  # () -> this replica's current lease id
+
+    async def create(
+        self, request: coordinator_pb2.CreateSessionRequest
+    ) -> coordinator_pb2.Session:
+        ttl = request.idle_ttl_seconds or self.limits.default_idle_ttl_s
+        if not 1 <= ttl <= self.limits.max_idle_ttl_s:
+            raise InvalidArgument(
+                f"idle_ttl_seconds must be in [1, {self.limits.max_idle_ttl_s:.0f}], got {ttl:g}"
+            )
+        now = time.time()
+        session = coordinator_pb2.Session(
+            session_id=uuid.uuid4().hex,
+            model=request.model,
+            metadata=dict(request.metadata),
+            created_at=now,
+            updated_at=now,
+            idle_ttl_seconds=ttl,
+        )
+        if request.system_prompt:
+            session.messages.append(
+                common_pb2.ChatMessage(role="system", content=request.system_prompt)
+            )
+        self._check_size(session)
+        lease = await self._etcd.grant(ttl)
+        await self._etcd.put(
+            self._keys.session(session.session_id), session.SerializeToString(), lease=lease
+        )
+        return session
+
+    async def get(self, session_id: str) -> tuple[coordinator_pb2.Session, int, int]:
+        """(session, mod_revision, lease); NotFound when unknown or expired."""
+        if not session_id:
+            raise InvalidArgument("session_id must not be empty")
+        kv = await self._etcd.get(self._keys.session(session_id))
+        if kv is None:
+            raise NotFound(f"session {session_id!r} not found (unknown, closed or expired)")
+        return coordinator_pb2.Session.FromString(kv.value), kv.mod_revision, kv.lease
+
+    async def begin_turn(self, session_id: str, user_content: str) -> Turn:
+        session, revision, lease = await self.get(session_id)
+        grown = coordinator_pb2.Session()
+        grown.CopyFrom(session)
+        grown.messages.append(common_pb2.ChatMessage(role="user", content=user_content))
+        self._check_size(grown)
+        turn_id = uuid.uuid4().hex
+        key = self._keys.turn(session_id)
+        locked, _ = await self._etcd.txn(
+            [Compare(key, mod_revision=0)],
+            [Put(key, turn_id.encode(), lease=self._replica_lease())],
+        )
+        if not locked:
+            raise Aborted(f"another turn of session {session_id} is in progress; retry after it")
+        return Turn(session=session, mod_revision=revision, lease=lease, turn_id=turn_id)
+
+    async def commit_turn(
+        self, turn: Turn, user_content: str, assistant_text: str, node_id: str
+    ) -> coordinator_pb2.Session:
+        session = coordinator_pb2.Session()
+        session.CopyFrom(turn.session)
+        session.messages.append(common_pb2.ChatMessage(role="user", content=user_content))
+        session.messages.append(common_pb2.ChatMessage(role="assistant", content=assistant_text))
+        previous_node = session.node_id
+        session.node_id = node_id
+        session.turns += 1
+        session.updated_at = time.time()
+        session_key = self._keys.session(session.session_id)
+        turn_key = self._keys.turn(session.session_id)
+        operations: list[Put | Delete] = [
+            Put(session_key, session.SerializeToString(), lease=turn.lease),
+            Put(self._keys.session_node(node_id, session.session_id), b"", lease=turn.lease),
+            Delete(turn_key),
+        ]
+        if previous_node and previous_node != node_id:
+            operations.append(Delete(self._keys.session_node(previous_node, session.session_id)))
+        committed, _ = await self._etcd.txn(
+            [
+                Compare(session_key, mod_revision=turn.mod_revision),
+                Compare(turn_key, value=turn.turn_id.encode()),
+            ],
+            operations,
+        )
+        if not committed:
+            raise Aborted(
+                f"session {session.session_id} changed during the turn (closed, expired or "
+                "written by another replica); the turn was not stored"
+            )
+        await self._etcd.refresh(turn.lease)  # a turn is activity: restart the idle clock
+        return session
+
+    async def release(self, turn: Turn) -> None:
+        """Drop the turn lock if this turn still holds it (turn failed or was cancelled)."""
+        key = self._keys.turn(turn.session.session_id)
+        await self._etcd.txn([Compare(key, value=turn.turn_id.encode())], [Delete(key)])
+
+    async def close(self, session_id: str) -> None:
+        _, _, lease = await self.get(session_id)
+        await self._etcd.revoke(lease)  # the session and its index keys go with the lease
+
+    async def count_by_node(self) -> dict[str, int]:
+        kvs, _ = await self._etcd.get_prefix(self._keys.sessions_by_node, keys_only=True)
+        counts: dict[str, int] = {}
+        for kv in kvs:
+            node_id = kv.key[len(self._keys.sessions_by_node) :].split("/", 1)[0]
+            counts[node_id] = counts.get(node_id, 0) + 1
+        return counts
+
+    def _check_size(self, session: coordinator_pb2.Session) -> None:
+        # Room for the assistant's reply is checked again at commit by etcd's own limit.
+        if len(session.messages) + 1 > self.limits.max_messages:
+            raise ResourceExhausted(
+                f"session {session.session_id} has reached {self.limits.max_messages} "
+                "messages; start a new session"
+            )
+        size = session.ByteSize()
+        if size > self.limits.max_bytes:
+            raise ResourceExhausted(
+                f"session {session.session_id or '(new)'} would be {size} bytes, over the "
+                f"limit of {self.limits.max_bytes} bytes; start a new session"
+            )

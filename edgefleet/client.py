@@ -1,0 +1,152 @@
+"""A small client for the coordinator's gRPC API, used by the CLI and tests.
+
+It takes a list of coordinator addresses and moves to the next one when a
+replica cannot be reached, so any replica can serve any call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import grpc
+
+from edgefleet.errors import EdgefleetError, Unavailable, error_from_rpc
+from edgefleet.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
+
+# Codes after which another replica may succeed.
+FAILOVER_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+
+
+class FleetClient:
+    def __init__(self, addresses: list[str] | str, *, timeout_s: float = 30.0) -> None:
+        if isinstance(addresses, str):
+            addresses = [a.strip() for a in addresses.split(",") if a.strip()]
+        if not addresses:
+            raise ValueError("at least one coordinator address is needed")
+        self.addresses = addresses
+        self.timeout_s = timeout_s
+        self._channels = {a: grpc.insecure_channel(a) for a in addresses}
+        self._preferred = 0
+
+    def close(self) -> None:
+        for channel in self._channels.values():
+            channel.close()
+
+    def __enter__(self) -> FleetClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _stubs(self):
+        """Stubs in the order to try them: the last replica that worked first."""
+        count = len(self.addresses)
+        for offset in range(count):
+            index = (self._preferred + offset) % count
+            yield (
+                index,
+                coordinator_pb2_grpc.CoordinatorServiceStub(self._channels[self.addresses[index]]),
+            )
+
+    def _unary(self, method: str, request, timeout_s: float | None = None):
+        last: grpc.RpcError | None = None
+        for index, stub in self._stubs():
+            try:
+                reply = getattr(stub, method)(request, timeout=timeout_s or self.timeout_s)
+                self._preferred = index
+                return reply
+            except grpc.RpcError as error:
+                if error.code() not in FAILOVER_CODES:
+                    raise error_from_rpc(error) from None
+                last = error
+        raise self._exhausted(last)
+
+    def _exhausted(self, last: grpc.RpcError | None) -> EdgefleetError:
+        """Every replica failed; say why the last one did."""
+        if last is None:
+            return Unavailable(f"no coordinator answered ({', '.join(self.addresses)})")
+        error = error_from_rpc(last)
+        if last.code() == grpc.StatusCode.UNAVAILABLE and "connect" in (last.details() or ""):
+            error.message = (
+                f"no coordinator answered ({', '.join(self.addresses)}): {error.message}"
+            )
+        return error
+
+    def _stream(self, method: str, request) -> Iterator[coordinator_pb2.ChatChunk]:
+        last: grpc.RpcError | None = None
+        for index, stub in self._stubs():
+            call = getattr(stub, method)(request, timeout=None)
+            started = False
+            try:
+                for chunk in call:
+                    started = True
+                    self._preferred = index
+                    yield chunk
+                return
+            except grpc.RpcError as error:
+                if started or error.code() not in FAILOVER_CODES:
+                    raise error_from_rpc(error) from None
+                last = error
+            finally:
+                call.cancel()
+        raise self._exhausted(last)
+
+    # --- API ------------------------------------------------------------------------
+    def create_session(
+        self,
+        model: str,
+        *,
+        system_prompt: str = "",
+        metadata: dict | None = None,
+        idle_ttl_s: float = 0.0,
+    ) -> coordinator_pb2.Session:
+        return self._unary(
+            "CreateSession",
+            coordinator_pb2.CreateSessionRequest(
+                model=model,
+                system_prompt=system_prompt,
+                metadata=metadata or {},
+                idle_ttl_seconds=idle_ttl_s,
+            ),
+        )
+
+    def chat(
+        self, session_id: str, content: str, **sampling
+    ) -> Iterator[coordinator_pb2.ChatChunk]:
+        return self._stream(
+            "Chat",
+            coordinator_pb2.ChatRequest(
+                session_id=session_id,
+                content=content,
+                sampling=common_pb2.SamplingParams(**sampling),
+            ),
+        )
+
+    def complete(
+        self, model: str, messages: list[tuple[str, str]], **sampling
+    ) -> Iterator[coordinator_pb2.ChatChunk]:
+        return self._stream(
+            "Complete",
+            coordinator_pb2.CompleteRequest(
+                model=model,
+                messages=[common_pb2.ChatMessage(role=r, content=c) for r, c in messages],
+                sampling=common_pb2.SamplingParams(**sampling),
+            ),
+        )
+
+    def get_session(self, session_id: str) -> coordinator_pb2.Session:
+        return self._unary("GetSession", coordinator_pb2.GetSessionRequest(session_id=session_id))
+
+    def close_session(self, session_id: str) -> None:
+        self._unary("CloseSession", coordinator_pb2.CloseSessionRequest(session_id=session_id))
+
+    def status(self) -> coordinator_pb2.FleetStatusResponse:
+        return self._unary("FleetStatus", coordinator_pb2.FleetStatusRequest(), timeout_s=10)
+
+    def drain(self, node_id: str, drain: bool = True) -> coordinator_pb2.DrainNodeResponse:
+        return self._unary(
+            "DrainNode", coordinator_pb2.DrainNodeRequest(node_id=node_id, drain=drain)
+        )
+
+    def models(self) -> coordinator_pb2.ListFleetModelsResponse:
+        return self._unary("ListModels", coordinator_pb2.ListFleetModelsRequest())

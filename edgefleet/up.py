@@ -1,0 +1,183 @@
+"""``edgefleet up``: a whole local fleet in one command.
+
+Starts an etcd server (temporary data dir), one coordinator and N node agents
+on loopback, each its own OS process, waits until every node has joined,
+prints the addresses, and runs until Ctrl-C or SIGTERM; then stops the nodes,
+the coordinator and etcd, in that order. ``--chat PROMPT`` streams one chat
+through the fleet and stops.
+"""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgefleet.client import FleetClient
+from edgefleet.etcd_server import EtcdCluster
+from edgefleet.processes import DaemonProcess, free_port, start_coordinator, start_node
+from edgefleet.v1 import common_pb2
+
+
+@dataclass
+class Fleet:
+    workdir: Path
+    etcd: EtcdCluster
+    coordinator: DaemonProcess
+    nodes: list[DaemonProcess]
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            if node.alive():
+                node.process.send_signal(signal.SIGTERM)
+        for node in self.nodes:
+            node.terminate(timeout_s=20)
+        self.coordinator.terminate(timeout_s=20)
+        self.etcd.stop()
+
+
+def start_fleet(
+    *,
+    nodes: int,
+    model: str,
+    grpc_address: str,
+    http_address: str,
+    slots: int,
+    workdir: Path,
+    say=print,
+) -> Fleet:
+    say(f"starting etcd (data in {workdir / 'etcd'})")
+    etcd = EtcdCluster(1, base_dir=workdir / "etcd").start()
+    say(f"starting coordinator on {grpc_address}")
+    coordinator = start_coordinator(
+        grpc_address=grpc_address,
+        etcd=etcd.endpoints,
+        extra_args=("--http", http_address),
+        log_path=workdir / "coordinator.log",
+    )
+    fleet = Fleet(workdir=workdir, etcd=etcd, coordinator=coordinator, nodes=[])
+    try:
+        coordinator.wait_serving(timeout_s=60)
+        say(f"starting {nodes} node(s) with {model}")
+        for index in range(1, nodes + 1):
+            address = f"127.0.0.1:{free_port()}"
+            fleet.nodes.append(
+                start_node(
+                    listen=address,
+                    models=model,
+                    slots=slots,
+                    extra_args=("--coordinator", grpc_address, "--node-id", f"node-{index}"),
+                    log_path=workdir / f"node-{index}.log",
+                    name=f"node-{index}",
+                )
+            )
+        for node in fleet.nodes:
+            node.wait_serving(timeout_s=300)
+        with FleetClient([grpc_address]) as client:
+            deadline = time.monotonic() + 60
+            while True:
+                ready = [n for n in client.status().nodes if n.state == common_pb2.NODE_STATE_READY]
+                if len(ready) >= nodes:
+                    break
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"only {len(ready)} of {nodes} nodes joined the fleet")
+                time.sleep(0.1)
+    except BaseException:
+        fleet.stop()
+        raise
+    return fleet
+
+
+def describe(fleet: Fleet, grpc_address: str, http_address: str, ready_s: float) -> str:
+    lines = [
+        f"fleet ready in {ready_s:.1f}s",
+        f"  etcd         {','.join(fleet.etcd.endpoints)}",
+        f"  coordinator  grpc {grpc_address}  http {http_address}  pid {fleet.coordinator.pid}",
+    ]
+    for node in fleet.nodes:
+        lines.append(f"  {node.name:<12} {node.address}  pid {node.pid}")
+    lines += [
+        f"  logs         {fleet.workdir}",
+        "",
+        f"try:  edgefleet status --coordinator {grpc_address}",
+        f'      edgefleet chat --coordinator {grpc_address} "Hello!"',
+        "      kill -9 <a node pid>   (a real node failure)",
+    ]
+    return "\n".join(lines)
+
+
+def run(
+    *,
+    nodes: int,
+    model: str,
+    grpc_address: str,
+    http_address: str,
+    slots: int,
+    chat: str | None,
+    keep_logs: bool,
+) -> int:
+    started = time.monotonic()
+    workdir = Path(tempfile.mkdtemp(prefix="edgefleet-up-"))
+    stop = threading.Event()
+    previous = {
+        signum: signal.signal(signum, lambda *_: stop.set())
+        for signum in (signal.SIGINT, signal.SIGTERM)
+    }
+    try:
+        fleet = start_fleet(
+            nodes=nodes,
+            model=model,
+            grpc_address=grpc_address,
+            http_address=http_address,
+            slots=slots,
+            workdir=workdir,
+        )
+    except (RuntimeError, TimeoutError, FileNotFoundError) as error:
+        print(f"error: the fleet did not come up: {error}", file=sys.stderr)
+        print(f"logs: {workdir}", file=sys.stderr)
+        return 1
+    try:
+        print(describe(fleet, grpc_address, http_address, time.monotonic() - started), flush=True)
+        if chat is not None:
+            return _chat_once(grpc_address, model, chat)
+        while not stop.wait(1.0):
+            for node in fleet.nodes:
+                if not node.alive() and not node.extra.get("reported"):
+                    node.extra["reported"] = True
+                    print(
+                        f"{node.name} (pid {node.pid}) exited with code {node.process.returncode}",
+                        flush=True,
+                    )
+        print("stopping the fleet", flush=True)
+        return 0
+    finally:
+        fleet.stop()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if not keep_logs:
+            shutil.rmtree(workdir, ignore_errors=True)
+        print("fleet stopped", flush=True)
+
+
+def _chat_once(grpc_address: str, model: str, prompt: str) -> int:
+    with FleetClient([grpc_address]) as client:
+        session = client.create_session(model)
+        print(f"\nsession {session.session_id}\n> {prompt}\n", flush=True)
+        last = None
+        for chunk in client.chat(session.session_id, prompt, max_tokens=256):
+            sys.stdout.write(chunk.text)
+            sys.stdout.flush()
+            last = chunk
+        nodes = sorted({last.node_id}) if last else []
+        usage = last.usage if last else None
+        print(
+            f"\n\n[served by {', '.join(nodes)}; prompt {usage.prompt_tokens} tokens, "
+            f"reply {usage.completion_tokens} tokens]",
+            flush=True,
+        )
+    return 0

@@ -1,0 +1,160 @@
+"""The node's membership in the fleet: register, then one heartbeat stream.
+
+The node never talks to etcd. It registers with one of its coordinator
+addresses, then streams a capacity report every heartbeat interval. When the
+stream breaks or stalls it moves to the next coordinator and goes on with the
+same registration; only a REREGISTER answer (its lease expired: it was fenced)
+makes it register again. This is the node's one membership loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+
+import grpc
+
+from edgefleet import __version__
+from edgefleet.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
+from node_agent.service import NodeServicer
+
+log = logging.getLogger(__name__)
+Command = coordinator_pb2.HeartbeatResponse.Command
+
+
+class Fenced(Exception):
+    """The coordinator no longer knows this registration."""
+
+
+class Registrar:
+    def __init__(
+        self,
+        coordinators: list[str],
+        *,
+        node_id: str,
+        advertise: str,
+        servicer: NodeServicer,
+        labels: dict[str, str] | None = None,
+    ) -> None:
+        if not coordinators:
+            raise ValueError("at least one coordinator address is needed")
+        self._coordinators = coordinators
+        self._node_id = node_id
+        self._advertise = advertise
+        self._servicer = servicer
+        self._labels = labels or {}
+        self.registration: coordinator_pb2.RegisterResponse | None = None
+        self._current = 0
+        self.registered = asyncio.Event()
+
+    @property
+    def coordinator(self) -> str:
+        return self._coordinators[self._current % len(self._coordinators)]
+
+    async def run(self) -> None:
+        backoff = 0.2
+        while True:
+            address = self.coordinator
+            try:
+                async with grpc.aio.insecure_channel(address) as channel:
+                    stub = coordinator_pb2_grpc.CoordinatorServiceStub(channel)
+                    if self.registration is None:
+                        await self._register(stub)
+                    backoff = 0.2
+                    await self._heartbeat(stub)
+            except Fenced:
+                log.warning("coordinator %s fenced this node: registering again", address)
+                self.registration = None
+                self.registered.clear()
+                continue
+            except (grpc.RpcError, TimeoutError) as error:
+                code = error.code() if isinstance(error, grpc.RpcError) else None
+                details = (
+                    error.details() if isinstance(error, grpc.RpcError) else str(error) or "stalled"
+                )
+                if code in (grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.INVALID_ARGUMENT):
+                    log.error("registration refused by %s: %s", address, details)
+                else:
+                    log.warning("coordinator %s: %s; trying the next one", address, details)
+                    self._current += 1
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 5.0)
+
+    async def _register(self, stub) -> None:
+        capacity = self._servicer.capacity()
+        reply = await stub.Register(
+            coordinator_pb2.RegisterRequest(
+                node_id=self._node_id,
+                address=self._advertise,
+                models=[model.alias for model in capacity.models],
+                capacity=capacity,
+                labels=self._labels,
+                version=__version__,
+                pid=os.getpid(),
+            ),
+            timeout=10,
+        )
+        self.registration = reply
+        self.registered.set()
+        log.info(
+            "registered with %s as %s (epoch %d, lease %.1fs)",
+            self.coordinator,
+            reply.node_id,
+            reply.epoch,
+            reply.lease_ttl_seconds,
+        )
+
+    async def _heartbeat(self, stub) -> None:
+        registration = self.registration
+        interval = registration.heartbeat_interval_seconds or 1.0
+
+        async def beats():
+            while True:
+                yield coordinator_pb2.HeartbeatRequest(
+                    node_id=registration.node_id,
+                    epoch=registration.epoch,
+                    capacity=self._servicer.capacity(),
+                    state=(
+                        common_pb2.NODE_STATE_DRAINING
+                        if self._servicer.draining
+                        else common_pb2.NODE_STATE_READY
+                    ),
+                )
+                await asyncio.sleep(interval)
+
+        call = stub.Heartbeat(beats())
+        try:
+            while True:
+                # A coordinator that stops answering (frozen, cut off) is left.
+                reply = await asyncio.wait_for(call.read(), interval * 3 + 2)
+                if reply is grpc.aio.EOF:
+                    raise TimeoutError("the coordinator closed the heartbeat stream")
+                if reply.command == Command.COMMAND_REREGISTER:
+                    raise Fenced()
+                if reply.command == Command.COMMAND_DRAIN:
+                    log.info("coordinator asks this node to drain")
+                    await self._servicer.set_draining(True)
+                elif reply.command == Command.COMMAND_RESUME:
+                    log.info("coordinator asks this node to resume")
+                    await self._servicer.set_draining(False)
+        finally:
+            call.cancel()
+
+    async def deregister(self) -> None:
+        """Leave the fleet at once (graceful shutdown), best effort."""
+        registration = self.registration
+        if registration is None:
+            return
+        try:
+            async with grpc.aio.insecure_channel(self.coordinator) as channel:
+                await coordinator_pb2_grpc.CoordinatorServiceStub(channel).Deregister(
+                    coordinator_pb2.DeregisterRequest(
+                        node_id=registration.node_id, epoch=registration.epoch
+                    ),
+                    timeout=3,
+                )
+            log.info("deregistered from %s", self.coordinator)
+        except grpc.RpcError as error:
+            log.warning("deregister failed (%s); the lease will expire", error.details())
+        self.registration = None
