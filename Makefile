@@ -7,8 +7,14 @@ PYTEST_ARGS ?=
 SCENARIO ?=
 FULL ?=
 NODE_ARGS ?=
+NODES ?= 2
+PROMPT ?= Write a haiku about a lighthouse.
+COORDINATOR ?=
+SESSION ?=
+NODE ?=
+UNDO ?=
 
-.PHONY: help install demo test lint format proto node bench clean
+.PHONY: help install demo fleet status chat drain etcd test lint format proto node bench clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -19,8 +25,24 @@ $(STAMP): pyproject.toml deploy/install.sh
 	VENV=$(VENV) ./deploy/install.sh
 	@touch $@
 
-demo: install  ## the main job: start a node, stream one answer through it
-	$(EDGEFLEET) demo
+demo: install  ## the main job: a local fleet (etcd, coordinator, 2 nodes) and a chat through it
+	$(EDGEFLEET) up --nodes 2 --chat "$(PROMPT)"
+
+fleet: install  ## run a local fleet until Ctrl-C (NODES=2)
+	$(EDGEFLEET) up --nodes $(NODES)
+
+status: install  ## the fleet's nodes (COORDINATOR=host:port to pick one)
+	$(EDGEFLEET) status $(if $(COORDINATOR),--coordinator $(COORDINATOR))
+
+chat: install  ## chat through the fleet (PROMPT="..."; SESSION=id to continue one)
+	$(EDGEFLEET) chat $(if $(COORDINATOR),--coordinator $(COORDINATOR)) $(if $(SESSION),--session $(SESSION)) $(if $(PROMPT),"$(PROMPT)")
+
+drain: install  ## stop new sessions going to NODE=id (UNDO=1 to resume)
+	@test -n "$(NODE)" || (echo "usage: make drain NODE=node-id [UNDO=1]"; exit 2)
+	$(EDGEFLEET) drain $(NODE) $(if $(UNDO),--undo) $(if $(COORDINATOR),--coordinator $(COORDINATOR))
+
+etcd: install  ## a standalone local etcd server until Ctrl-C
+	$(EDGEFLEET) etcd
 
 test: install  ## the whole test suite (real processes, real model)
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -3,14 +3,16 @@
 A get-then-watch on the node and drain prefixes keeps it current within
 milliseconds of any replica's write; placement reads only this view. On top of
 what etcd says, each replica keeps two local facts: nodes it saw fail
-(excluded at once, before their lease runs out) and the generations it has
-dispatched since a node's last report.
+(excluded at once, before their lease runs out) and the generations it is
+running on each node, compared with how many it was running when the node last
+reported, so that placement corrects a report that is up to a heartbeat old.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -48,7 +50,8 @@ class FleetView:
         self.nodes: dict[str, NodeEntry] = {}
         self.drained: set[str] = set()
         self._suspects: dict[str, float] = {}  # node -> wall time it was seen failing
-        self.pending: collections.Counter[str] = collections.Counter()
+        self._active: collections.Counter[str] = collections.Counter()
+        self._active_at_report: collections.Counter[str] = collections.Counter()
         self.synced = asyncio.Event()
         self._listeners: list[Callable[[str], None]] = []
 
@@ -101,8 +104,8 @@ class FleetView:
         self.nodes[node_id] = NodeEntry(
             record=record, epoch=kv.create_revision, lease=kv.lease, mod_revision=kv.mod_revision
         )
-        # A fresh report supersedes what this replica dispatched before it.
-        self.pending.pop(node_id, None)
+        # The report already counts the generations this replica runs now.
+        self._active_at_report[node_id] = self._active[node_id]
         suspected_at = self._suspects.get(node_id)
         if suspected_at is not None and record.heartbeat_at > suspected_at:
             del self._suspects[node_id]
@@ -119,7 +122,7 @@ class FleetView:
     def _remove(self, node_id: str) -> None:
         if self.nodes.pop(node_id, None) is not None:
             log.info("node %s left the fleet", node_id)
-        self.pending.pop(node_id, None)
+        self._active_at_report.pop(node_id, None)
         self._suspects.pop(node_id, None)
         self._notify(node_id)
 
@@ -131,6 +134,19 @@ class FleetView:
             listener(node_id)
 
     # --- local knowledge ---------------------------------------------------------------
+    @contextlib.contextmanager
+    def dispatched(self, node_id: str):
+        """Count a generation this replica runs on ``node_id`` while the block lasts."""
+        self._active[node_id] += 1
+        try:
+            yield
+        finally:
+            self._active[node_id] -= 1
+
+    def pending(self, node_id: str) -> int:
+        """Generations started (+) or finished (-) here since the node's last report."""
+        return self._active[node_id] - self._active_at_report[node_id]
+
     def suspect(self, node_id: str, reason: str) -> None:
         """Exclude a node from placement here until it reports again."""
         if node_id in self.nodes and node_id not in self._suspects:

@@ -27,17 +27,19 @@ class Candidate:
     queue_depth: int
     queue_limit: int
     tokens_per_second: float
-    pending: int = 0  # dispatched by this replica since the node's last report
+    # Generations this replica started (+) or finished (-) since the node reported.
+    pending: int = 0
     affinity: bool = False  # served this session/conversation before
 
     @property
-    def free_now(self) -> int:
-        return self.slots_free - self.pending
+    def busy_now(self) -> int:
+        """Running plus queued generations, corrected by this replica's recent changes."""
+        reported = (self.slots_total - self.slots_free) + self.queue_depth
+        return max(0, reported + self.pending)
 
     @property
-    def busy_now(self) -> int:
-        """Running plus queued generations, counting this replica's recent dispatches."""
-        return (self.slots_total - self.slots_free) + self.queue_depth + self.pending
+    def free_now(self) -> int:
+        return max(0, self.slots_total - self.busy_now)
 
     @property
     def saturated(self) -> bool:

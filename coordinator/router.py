@@ -105,7 +105,7 @@ class Router:
                     queue_depth=loaded.queue_depth,
                     queue_limit=loaded.queue_limit,
                     tokens_per_second=entry.record.capacity.tokens_per_second,
-                    pending=self._fleet.pending[entry.node_id],
+                    pending=self._fleet.pending(entry.node_id),
                     affinity=entry.node_id == affinity_node,
                 )
             )
@@ -136,18 +136,18 @@ class Router:
             entry = self._fleet.nodes.get(node_id)
             if entry is None or self._fleet.is_suspect(node_id):
                 continue
-            self._fleet.pending[node_id] += 1
             call = self._channels.stub(entry.record.address).Generate(request)
             try:
-                first = await self._admitted(call, node_id)
-                if first is None:
-                    refused += 1
-                    continue
-                yield first
-                # read() only: grpc.aio forbids mixing it with async iteration.
-                while (chunk := await call.read()) is not grpc.aio.EOF:
-                    yield chunk
-                return
+                with self._fleet.dispatched(node_id):
+                    first = await self._admitted(call, node_id)
+                    if first is None:
+                        refused += 1
+                        continue
+                    yield first
+                    # read() only: grpc.aio forbids mixing it with async iteration.
+                    while (chunk := await call.read()) is not grpc.aio.EOF:
+                        yield chunk
+                    return
             finally:
                 call.cancel()  # no-op when finished; stops the node when the client left
         if refused:

@@ -283,43 +283,6 @@ def _capacity(args) -> int:
     return 0
 
 
-def _add_demo(sub) -> None:
-    p = sub.add_parser("demo", help="start a node process, stream one answer from it, stop it")
-    p.add_argument("prompt", nargs="?", default="Write a haiku about a lighthouse.")
-    p.add_argument("--model", default=defaults.DEFAULT_MODEL)
-    p.add_argument("--max-tokens", type=int, default=128)
-    p.set_defaults(func=_demo)
-
-
-def _demo(args) -> int:
-    import tempfile
-    from pathlib import Path
-
-    from edgefleet.processes import free_port, start_node
-
-    log_dir = Path(tempfile.mkdtemp(prefix="edgefleet-demo-"))
-    address = f"127.0.0.1:{free_port()}"
-    print(f"starting a node on {address} with {args.model} (log: {log_dir / 'node.log'})")
-    node = start_node(listen=address, models=args.model, log_path=log_dir / "node.log")
-    try:
-        node.wait_serving(timeout_s=300)
-        print(f"node ready (pid {node.pid}); asking: {args.prompt}\n")
-        generate_args = argparse.Namespace(
-            prompt=args.prompt,
-            node=address,
-            model=args.model,
-            system="",
-            max_tokens=args.max_tokens,
-            temperature=None,
-            seed=None,
-            stats=True,
-        )
-        return _generate(generate_args)
-    finally:
-        code = node.terminate()
-        print(f"node stopped (exit code {code})")
-
-
 # --- coordinator and fleet ----------------------------------------------------------
 
 
@@ -627,7 +590,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_models(sub)
     _add_generate(sub)
     _add_capacity(sub)
-    _add_demo(sub)
     _add_coordinator(sub)
     _add_up(sub)
     _add_status(sub)

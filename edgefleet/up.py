@@ -9,6 +9,7 @@ through the fleet and stops.
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import sys
@@ -63,7 +64,10 @@ def start_fleet(
     fleet = Fleet(workdir=workdir, etcd=etcd, coordinator=coordinator, nodes=[])
     try:
         coordinator.wait_serving(timeout_s=60)
-        say(f"starting {nodes} node(s) with {model}")
+        # The nodes share this machine's cores: split them rather than
+        # oversubscribe (llama.cpp's worker threads spin while they wait).
+        threads = max(1, (os.cpu_count() or 1) // nodes)
+        say(f"starting {nodes} node(s) with {model}, {threads} inference thread(s) each")
         for index in range(1, nodes + 1):
             address = f"127.0.0.1:{free_port()}"
             fleet.nodes.append(
@@ -71,7 +75,14 @@ def start_fleet(
                     listen=address,
                     models=model,
                     slots=slots,
-                    extra_args=("--coordinator", grpc_address, "--node-id", f"node-{index}"),
+                    extra_args=(
+                        "--coordinator",
+                        grpc_address,
+                        "--node-id",
+                        f"node-{index}",
+                        "--threads",
+                        str(threads),
+                    ),
                     log_path=workdir / f"node-{index}.log",
                     name=f"node-{index}",
                 )

@@ -12,7 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from edgefleet.processes import DaemonProcess, free_port, start_node
+from edgefleet.client import FleetClient
+from edgefleet.etcd_server import EtcdCluster
+from edgefleet.processes import DaemonProcess, free_port, start_coordinator, start_node
+from edgefleet.v1.common_pb2 import NODE_STATE_READY as READY
 from node_agent.catalog import CATALOG
 from node_agent.store import ModelStore
 
@@ -62,4 +65,128 @@ def shared_node(tmp_path_factory, default_model_path) -> Iterator[DaemonProcess]
     factory = NodeFactory(tmp_path_factory.mktemp("shared-node"))
     node = factory.start(slots=2, queue=8)
     yield node
+    factory.stop_all()
+
+
+# --- etcd, coordinators, fleets ---------------------------------------------------------
+
+
+def _docker_engine_answers() -> bool:
+    try:
+        import docker
+
+        docker.from_env(timeout=3).ping()
+        return True
+    except Exception:
+        return False
+
+
+@pytest.fixture
+def etcd_cluster(tmp_path) -> Iterator[EtcdCluster]:
+    """A real single-member etcd server process on a free loopback port."""
+    cluster = EtcdCluster(1, base_dir=tmp_path / "etcd").start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(params=["process", "container"])
+def etcd_endpoints(request, tmp_path) -> Iterator[list[str]]:
+    """etcd from a process the test starts, and (where Docker answers) from a container."""
+    if request.param == "process":
+        cluster = EtcdCluster(1, base_dir=tmp_path / "etcd").start()
+        yield cluster.endpoints
+        cluster.stop()
+        return
+    if not _docker_engine_answers():
+        pytest.skip("no Docker engine answers here; the same scenario ran against an etcd process")
+    from testcontainers.core.container import DockerContainer
+    from testcontainers.core.waiting_utils import wait_for_logs
+
+    container = (
+        DockerContainer("quay.io/coreos/etcd:v3.5.17")
+        .with_command(
+            "etcd --listen-client-urls http://0.0.0.0:2379 "
+            "--advertise-client-urls http://127.0.0.1:2379"
+        )
+        .with_exposed_ports(2379)
+    )
+    with container:
+        wait_for_logs(container, "ready to serve client requests", timeout=60)
+        yield [f"{container.get_container_host_ip()}:{container.get_exposed_port(2379)}"]
+
+
+class FleetFactory:
+    """Coordinators and nodes as separate processes around one etcd."""
+
+    def __init__(self, log_dir: Path, etcd: list[str]) -> None:
+        self.log_dir = log_dir
+        self.etcd = etcd
+        self.coordinators: list[DaemonProcess] = []
+        self.nodes = NodeFactory(log_dir)
+
+    def coordinator(self, *extra_args: str, wait: bool = True) -> DaemonProcess:
+        address = f"127.0.0.1:{free_port()}"
+        index = len(self.coordinators)
+        process = start_coordinator(
+            grpc_address=address,
+            etcd=self.etcd,
+            extra_args=("--id", f"coord-{index}", *extra_args),
+            log_path=self.log_dir / f"coordinator-{index}.log",
+            name=f"coordinator-{index}",
+        )
+        self.coordinators.append(process)
+        if wait:
+            process.wait_serving(timeout_s=60)
+        return process
+
+    def node(self, node_id: str, *, coordinators=None, extra_args=(), **kwargs) -> DaemonProcess:
+        targets = coordinators or self.coordinators
+        # Several nodes share this machine's cores: one inference thread each
+        # keeps llama.cpp's spinning workers from starving one another.
+        return self.nodes.start(
+            extra_args=(
+                "--coordinator",
+                ",".join(c.address for c in targets),
+                "--node-id",
+                node_id,
+                "--threads",
+                "1",
+                *extra_args,
+            ),
+            **kwargs,
+        )
+
+    def client(self, *coordinators: DaemonProcess) -> FleetClient:
+        return FleetClient([c.address for c in (coordinators or self.coordinators)])
+
+    def wait_ready_nodes(self, count: int, *coordinators: DaemonProcess, timeout_s=60.0):
+        """Wait until every given replica sees ``count`` ready nodes; returns their ids."""
+        from tests.helpers import wait_until
+
+        views = []
+        for coordinator in coordinators or self.coordinators:
+            with FleetClient([coordinator.address]) as client:
+                views.append(
+                    wait_until(
+                        lambda c=client: (
+                            (ids := sorted(n.node_id for n in c.status().nodes if n.state == READY))
+                            and len(ids) == count
+                            and ids
+                        ),
+                        timeout_s=timeout_s,
+                        what=f"{count} ready nodes at {coordinator.address}",
+                    )
+                )
+        return views[0]
+
+    def stop_all(self) -> None:
+        self.nodes.stop_all()
+        for coordinator in self.coordinators:
+            coordinator.terminate(timeout_s=15)
+
+
+@pytest.fixture
+def fleet_factory(tmp_path, etcd_cluster, default_model_path) -> Iterator[FleetFactory]:
+    factory = FleetFactory(tmp_path, etcd_cluster.endpoints)
+    yield factory
     factory.stop_all()
