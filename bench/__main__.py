@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import sys
 
-from bench import node_single_stream
+from bench import fleet_placement, node_single_stream
 
 SCENARIOS = {
     "node-single": node_single_stream.main,
+    "fleet-placement": fleet_placement.main,
 }
 
 
