@@ -25,3 +25,8 @@ class CoordinatorConfig:
     etcd_timeout_s: float = 2.0
     startup_etcd_wait_s: float = 10.0
     shutdown_grace_s: float = 10.0
+    # Failover: a stream with no token for stall_timeout_s (first token:
+    # first_token_timeout_s) moves to another node, at most max_failovers times.
+    stall_timeout_s: float = 2.0
+    first_token_timeout_s: float = 15.0
+    max_failovers: int = 3

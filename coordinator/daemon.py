@@ -89,19 +89,20 @@ async def serve(config: CoordinatorConfig) -> int:
     )
     fleet = FleetView(etcd, keys)
     channels = NodeChannels()
+    membership = Membership(
+        etcd,
+        keys,
+        fleet,
+        coordinator_id=coordinator_id,
+        lease_ttl_s=config.node_lease_ttl_s,
+        heartbeat_interval_s=config.heartbeat_interval_s,
+    )
     servicer = CoordinatorServicer(
         coordinator_id=coordinator_id,
         etcd=etcd,
         keys=keys,
         fleet=fleet,
-        membership=Membership(
-            etcd,
-            keys,
-            fleet,
-            coordinator_id=coordinator_id,
-            lease_ttl_s=config.node_lease_ttl_s,
-            heartbeat_interval_s=config.heartbeat_interval_s,
-        ),
+        membership=membership,
         sessions=Sessions(
             etcd,
             keys,
@@ -111,8 +112,16 @@ async def serve(config: CoordinatorConfig) -> int:
                 default_idle_ttl_s=config.session_idle_ttl_s,
             ),
             replica_lease=lambda: replica.lease_id,
+            coordinator_id=coordinator_id,
         ),
-        router=Router(fleet, Placement(config.policy), channels),
+        router=Router(
+            fleet,
+            Placement(config.policy),
+            channels,
+            first_token_timeout_s=config.first_token_timeout_s,
+            stall_timeout_s=config.stall_timeout_s,
+            max_failovers=config.max_failovers,
+        ),
     )
     health_servicer = health.aio.HealthServicer()
     coordinator_pb2_grpc.add_CoordinatorServiceServicer_to_server(servicer, server)
@@ -161,6 +170,7 @@ async def serve(config: CoordinatorConfig) -> int:
         print(f"edgefleet coordinator ready id={coordinator_id} grpc={grpc_address}", flush=True)
         await stop.wait()
         log.info("shutting down: streams get %.1fs to finish", config.shutdown_grace_s)
+        membership.closing = True  # nodes will move to another replica: keep their leases
         await set_serving(False)
     finally:
         await server.stop(config.shutdown_grace_s)

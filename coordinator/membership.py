@@ -69,6 +69,9 @@ class Membership:
         self._record_refresh_s = record_refresh_s
         # Wall time of the last heartbeat each node sent to this replica.
         self.last_beat: dict[str, float] = {}
+        # Set while this replica shuts down: its heartbeat streams end then
+        # because of us, not because the nodes died.
+        self.closing = False
 
     # --- register ---------------------------------------------------------------------
     async def register(
@@ -131,8 +134,10 @@ class Membership:
     ) -> AsyncIterator[coordinator_pb2.HeartbeatResponse]:
         """Answer one node's heartbeat stream until it ends or the node is fenced."""
         node_id = ""
+        entry: NodeEntry | None = None
         written_signature = None
         written_at = 0.0
+        goodbye = False
         try:
             async for beat in requests:
                 node_id = beat.node_id
@@ -142,16 +147,19 @@ class Membership:
                     entry = await self._current_entry(node_id, beat.epoch)
                     if entry is None:
                         log.warning("fencing node %s: epoch %d is gone", node_id, beat.epoch)
+                        goodbye = True
                         yield coordinator_pb2.HeartbeatResponse(command=Command.COMMAND_REREGISTER)
                         return
                 try:
                     if await self._etcd.refresh(entry.lease) <= 0:
+                        goodbye = True
                         yield coordinator_pb2.HeartbeatResponse(command=Command.COMMAND_REREGISTER)
                         return
                     signature = placement_signature(beat.capacity, beat.state)
                     now = time.time()
                     if signature != written_signature or now - written_at >= self._record_refresh_s:
                         if not await self._write_record(entry, beat, now):
+                            goodbye = True
                             yield coordinator_pb2.HeartbeatResponse(
                                 command=Command.COMMAND_REREGISTER
                             )
@@ -166,11 +174,24 @@ class Membership:
                 yield coordinator_pb2.HeartbeatResponse(
                     command=Command.COMMAND_NONE, lease_ttl_seconds=self.lease_ttl_s
                 )
-        except Exception:
-            if node_id:
-                # The stream broke without a goodbye: stop sending it work here now.
-                self._fleet.suspect(node_id, "heartbeat stream broke")
-            raise
+        finally:
+            if entry is not None and not goodbye and not self.closing:
+                await self._node_lost(entry)
+
+    async def _node_lost(self, entry: NodeEntry) -> None:
+        """The heartbeat stream ended without a goodbye: the node died or was cut off.
+
+        Exclude it here at once and end its registration in etcd, so every
+        replica drops it within milliseconds instead of a lease TTL. A node
+        that is in fact alive is fenced and registers again.
+        """
+        self._fleet.suspect(entry.node_id, "heartbeat stream broke")
+        try:
+            if await self._current_entry(entry.node_id, entry.epoch) is not None:
+                await self._etcd.revoke(entry.lease)
+                log.warning("node %s lost its heartbeat stream: registration ended", entry.node_id)
+        except Unavailable as exc:
+            log.warning("node %s lost; its lease will expire (%s)", entry.node_id, exc.message)
 
     async def _current_entry(self, node_id: str, epoch: int) -> NodeEntry | None:
         """The node's entry if its registration ``epoch`` still exists in etcd."""

@@ -9,6 +9,7 @@ that cannot be reached is excluded from placement at once.
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import logging
 import time
@@ -19,15 +20,25 @@ import grpc
 from coordinator.fleet import FleetView
 from coordinator.placement import Candidate, Placement, Ranking
 from edgefleet.errors import (
+    EdgefleetError,
     FailedPrecondition,
     NotFound,
     ResourceExhausted,
     Unavailable,
     error_from_rpc,
 )
-from edgefleet.v1 import node_pb2, node_pb2_grpc
+from edgefleet.v1 import common_pb2, node_pb2, node_pb2_grpc
 
 log = logging.getLogger(__name__)
+
+
+class NodeFailed(Exception):
+    """A node broke, stalled or misbehaved in the middle of a stream."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind  # stall | stream_error | malformed | fenced
+
 
 # Codes that say "this node cannot serve now" rather than "the request is bad".
 NODE_FAULT_CODES = {
@@ -75,25 +86,37 @@ class Router:
         channels: NodeChannels,
         *,
         admission_timeout_s: float = 30.0,
+        first_token_timeout_s: float = 15.0,
+        stall_timeout_s: float = 2.0,
+        max_failovers: int = 3,
         retry_after_s: float = 1.0,
     ) -> None:
         self._fleet = fleet
         self._placement = placement
         self._channels = channels
         self._admission_timeout_s = admission_timeout_s
+        self._first_token_timeout_s = first_token_timeout_s
+        self._stall_timeout_s = stall_timeout_s
+        self._max_failovers = max_failovers
+        # (cause, node) of every failover, newest last (metrics read it).
+        self.failovers: collections.deque[tuple[str, str]] = collections.deque(maxlen=1000)
         self._retry_after_s = retry_after_s
 
     @property
     def policy(self) -> str:
         return self._placement.policy
 
-    def rank(self, model: str, *, affinity_node: str = "") -> Ranking:
+    def rank(
+        self, model: str, *, affinity_node: str = "", exclude: set[str] = frozenset()
+    ) -> Ranking:
         """Order the ready nodes serving ``model``; raise when none can take it."""
         started = time.perf_counter()
         if model not in self._fleet.models():
             raise NotFound(f"no node in the fleet serves model {model!r}")
         candidates = []
         for entry in self._fleet.ready_nodes():
+            if entry.node_id in exclude:
+                continue
             loaded = entry.model(model)
             if loaded is None:
                 continue
@@ -130,32 +153,135 @@ class Router:
     async def generate(
         self, request: node_pb2.GenerateRequest, ranking: Ranking
     ) -> AsyncIterator[node_pb2.GenerateChunk]:
-        """Stream the generation from the best node of ``ranking`` that admits it."""
+        """Stream a generation; if its node fails mid-reply, continue on another.
+
+        Chunks are the nodes' own, except that after a failover ``seq`` keeps
+        counting from where the client is and the final usage covers every
+        attempt. The caller sees one uninterrupted stream.
+        """
+        sent: list[str] = []
+        sent_tokens = 0
+        failures: list[str] = []
+        seq = 0
+        attempt = request
+        while True:
+            node_id, epoch, call, first = await self._start(attempt, ranking, failures)
+            carried = sent_tokens  # tokens of earlier attempts, now in the prompt as prefix
+            try:
+                with self._fleet.dispatched(node_id):
+                    async for chunk in self._follow(call, node_id, epoch, first):
+                        if chunk.finish_reason:
+                            chunk.usage.completion_tokens += carried
+                            chunk.usage.prompt_tokens = max(0, chunk.usage.prompt_tokens - carried)
+                        elif chunk.text:
+                            sent.append(chunk.text)
+                            sent_tokens += chunk.token_count
+                        chunk.seq = seq
+                        seq += 1
+                        yield chunk
+                        if chunk.finish_reason:
+                            return
+            except NodeFailed as failure:
+                cause = f"{node_id}: {failure}"
+                failures.append(node_id)
+                self._fleet.suspect(node_id, str(failure))
+                self.failovers.append((failure.kind, node_id))
+                log.warning(
+                    "generation %s failed on %s (%s) after %d token(s); failing over",
+                    request.request_id,
+                    node_id,
+                    failure,
+                    sent_tokens,
+                )
+                if len(failures) > self._max_failovers:
+                    raise Unavailable(
+                        f"the generation failed on {len(failures)} nodes; last: {cause}"
+                    ) from None
+                attempt = self._continuation(request, "".join(sent), sent_tokens)
+                if attempt is None:  # max_tokens already reached
+                    yield node_pb2.GenerateChunk(
+                        seq=seq,
+                        finish_reason=common_pb2.FINISH_REASON_LENGTH,
+                        usage=common_pb2.Usage(completion_tokens=sent_tokens),
+                        node_id=node_id,
+                    )
+                    return
+                try:
+                    ranking = self.rank(request.model, exclude=set(failures))
+                except EdgefleetError as error:
+                    raise Unavailable(
+                        f"node {cause} failed mid-reply and no other node can take over: "
+                        f"{error.message}"
+                    ) from None
+            finally:
+                call.cancel()  # no-op when finished; stops the node when the client left
+
+    @staticmethod
+    def _continuation(
+        request: node_pb2.GenerateRequest, sent_text: str, sent_tokens: int
+    ) -> node_pb2.GenerateRequest | None:
+        """The same request, continuing after the text the client already has."""
+        attempt = node_pb2.GenerateRequest()
+        attempt.CopyFrom(request)
+        attempt.assistant_prefix = request.assistant_prefix + sent_text
+        if request.sampling.HasField("max_tokens"):
+            left = request.sampling.max_tokens - sent_tokens
+            if left <= 0:
+                return None
+            attempt.sampling.max_tokens = left
+        return attempt
+
+    async def _start(self, request, ranking: Ranking, failures: list[str]):
+        """Open the stream on the best node that admits it: (node, epoch, call, first chunk)."""
         refused = 0
         for node_id in ranking.order:
             entry = self._fleet.nodes.get(node_id)
-            if entry is None or self._fleet.is_suspect(node_id):
+            if entry is None or self._fleet.is_suspect(node_id) or node_id in failures:
                 continue
             call = self._channels.stub(entry.record.address).Generate(request)
-            try:
-                with self._fleet.dispatched(node_id):
-                    first = await self._admitted(call, node_id)
-                    if first is None:
-                        refused += 1
-                        continue
-                    yield first
-                    # read() only: grpc.aio forbids mixing it with async iteration.
-                    while (chunk := await call.read()) is not grpc.aio.EOF:
-                        yield chunk
-                    return
-            finally:
-                call.cancel()  # no-op when finished; stops the node when the client left
+            first = await self._admitted(call, node_id)
+            if first is None:
+                call.cancel()
+                refused += 1
+                continue
+            return node_id, entry.epoch, call, first
         if refused:
             raise self._saturated(request.model)
         raise Unavailable(
             f"no node could take the request for {request.model!r}",
             retry_after_s=self._retry_after_s,
         )
+
+    async def _follow(self, call, node_id: str, epoch: int, first: node_pb2.GenerateChunk):
+        """The node's chunks after admission, checked; raises NodeFailed on any fault."""
+        expected_seq = first.seq + 1
+        deadline = self._first_token_timeout_s
+        while True:
+            try:
+                chunk = await asyncio.wait_for(call.read(), deadline)
+            except TimeoutError:
+                raise NodeFailed("stall", f"no token for {deadline:g}s") from None
+            except grpc.RpcError as error:
+                if error.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                    raise error_from_rpc(error) from None  # the request's fault, not the node's
+                raise NodeFailed(
+                    "stream_error", f"{error.code().name}: {error.details()}"
+                ) from None
+            if chunk is grpc.aio.EOF:
+                raise NodeFailed("stream_error", "stream ended before the reply finished")
+            if chunk.seq != expected_seq or (chunk.node_id and chunk.node_id != node_id):
+                raise NodeFailed(
+                    "malformed", f"out-of-order chunk (seq {chunk.seq}, expected {expected_seq})"
+                )
+            entry = self._fleet.nodes.get(node_id)
+            if entry is None or entry.epoch != epoch:
+                raise NodeFailed("fenced", "the node's registration ended (lease lost)")
+            expected_seq += 1
+            if chunk.text:
+                deadline = self._stall_timeout_s
+            yield chunk
+            if chunk.finish_reason:
+                return
 
     async def _admitted(self, call, node_id: str) -> node_pb2.GenerateChunk | None:
         """The node's first message, or None when the node refused or failed."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -13,7 +15,7 @@ from coordinator.membership import Membership
 from coordinator.placement import Ranking
 from coordinator.router import Router
 from coordinator.sessions import Sessions
-from edgefleet.errors import EdgefleetError, InvalidArgument, NotFound, abort_with
+from edgefleet.errors import EdgefleetError, InvalidArgument, NotFound, Unavailable, abort_with
 from edgefleet.generation import messages_from_proto, sampling_from_proto
 from edgefleet.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc, node_pb2
 
@@ -22,6 +24,8 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = coordinator_pb2.DESCRIPTOR.services_by_name["CoordinatorService"].full_name
 PLACEMENT_METADATA_KEY = "edgefleet-placement-us"
 MAX_TURN_BYTES = 256 * 1024
+# How long a finished turn waits for etcd to come back before giving up.
+COMMIT_RETRY_S = 10.0
 
 
 class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
@@ -92,27 +96,47 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
             if len(request.content.encode()) > MAX_TURN_BYTES:
                 raise InvalidArgument(f"content is over {MAX_TURN_BYTES} bytes")
             sampling_from_proto(request.sampling)
-            turn = await self._sessions.begin_turn(request.session_id, request.content)
+            turn = await self._sessions.begin_turn(
+                request.session_id, request.content, request.resume_turn_id
+            )
         except EdgefleetError as error:
             await abort_with(context, error)
             return
         session = turn.session
+        if turn.already_stored:
+            # The first replica stored this turn before it failed: hand over the rest.
+            stored = session.messages[-1].content
+            yield coordinator_pb2.ChatChunk(
+                text=stored[len(request.assistant_prefix) :],
+                finish_reason=common_pb2.FINISH_REASON_STOP,
+                node_id=session.node_id,
+                session_id=session.session_id,
+                model=session.model,
+                turn_id=turn.turn_id,
+            )
+            return
         try:
+            # The turn id first: a client that loses this replica resumes with it.
+            yield coordinator_pb2.ChatChunk(session_id=session.session_id, turn_id=turn.turn_id)
             generate = node_pb2.GenerateRequest(
-                request_id=uuid.uuid4().hex,
+                request_id=turn.turn_id,
                 model=session.model,
                 messages=[
                     *session.messages,
                     common_pb2.ChatMessage(role="user", content=request.content),
                 ],
                 sampling=request.sampling,
+                assistant_prefix=request.assistant_prefix,
                 session_id=session.session_id,
             )
-            text: list[str] = []
+            text = [request.assistant_prefix]
             final = None
             node_id = ""
+            failovers = 0
             ranking = self._router.rank(session.model, affinity_node=session.node_id)
             async for chunk in self._router.generate(generate, ranking):
+                if node_id and chunk.node_id and chunk.node_id != node_id:
+                    failovers += 1
                 node_id = chunk.node_id or node_id
                 if chunk.finish_reason:
                     final = chunk
@@ -120,21 +144,42 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
                 if chunk.text:
                     text.append(chunk.text)
                     yield coordinator_pb2.ChatChunk(
-                        text=chunk.text, node_id=node_id, session_id=session.session_id
+                        text=chunk.text,
+                        node_id=node_id,
+                        session_id=session.session_id,
+                        failovers=failovers,
                     )
             self._set_placement_trailer(context, ranking)
             if final is None:
                 raise EdgefleetError("the node ended the stream without finishing")
             # Store the turn before the client hears it is over: the next turn,
             # on any replica, sees it.
-            await self._sessions.commit_turn(turn, request.content, "".join(text), node_id)
-            yield self._final_chunk(final, session.session_id, session.model)
+            await self._commit(turn, request.content, "".join(text), node_id)
+            last = self._final_chunk(final, session.session_id, session.model)
+            last.failovers = failovers
+            yield last
         except EdgefleetError as error:
-            await self._sessions.release(turn)
+            await self._release(turn)
             await abort_with(context, error)
         except BaseException:
-            await self._sessions.release(turn)
+            await self._release(turn)
             raise
+
+    async def _commit(self, turn, content: str, reply: str, node_id: str) -> None:
+        """Store the turn; if etcd is briefly away, retry for a while first."""
+        deadline = asyncio.get_running_loop().time() + COMMIT_RETRY_S
+        while True:
+            try:
+                await self._sessions.commit_turn(turn, content, reply, node_id)
+                return
+            except Unavailable:
+                if asyncio.get_running_loop().time() >= deadline:
+                    raise
+                await asyncio.sleep(0.5)
+
+    async def _release(self, turn) -> None:
+        with contextlib.suppress(EdgefleetError):  # etcd down: the lock expires with us
+            await self._sessions.release(turn)
 
     async def Complete(self, request: coordinator_pb2.CompleteRequest, context):
         try:
@@ -147,15 +192,25 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
                 sampling=request.sampling,
                 constraint=request.constraint,
                 tools=request.tools,
+                assistant_prefix=request.assistant_prefix,
             )
-            ranking = self._router.rank(request.model, affinity_node="")
+            ranking = self._router.rank(request.model)
+            node_id = ""
+            failovers = 0
             async for chunk in self._router.generate(generate, ranking):
+                if node_id and chunk.node_id and chunk.node_id != node_id:
+                    failovers += 1
+                node_id = chunk.node_id or node_id
                 if chunk.finish_reason:
                     self._set_placement_trailer(context, ranking)
-                    yield self._final_chunk(chunk, "", request.model)
+                    last = self._final_chunk(chunk, "", request.model)
+                    last.failovers = failovers
+                    yield last
                     return
                 if chunk.text:
-                    yield coordinator_pb2.ChatChunk(text=chunk.text, node_id=chunk.node_id)
+                    yield coordinator_pb2.ChatChunk(
+                        text=chunk.text, node_id=node_id, failovers=failovers
+                    )
         except EdgefleetError as error:
             await abort_with(context, error)
 

@@ -37,16 +37,29 @@ class Turn:
     mod_revision: int
     lease: int
     turn_id: str
+    lock_value: bytes  # "<turn id>@<replica id>": who holds the turn lock
+
+    @property
+    def already_stored(self) -> bool:
+        """A resumed turn that its first replica stored before it failed."""
+        return self.session.last_turn_id == self.turn_id
 
 
 class Sessions:
     def __init__(
-        self, etcd: Etcd, keys: Keys, *, limits: SessionLimits, replica_lease: Callable[[], int]
+        self,
+        etcd: Etcd,
+        keys: Keys,
+        *,
+        limits: SessionLimits,
+        replica_lease: Callable[[], int],
+        coordinator_id: str,
     ) -> None:
         self._etcd = etcd
         self._keys = keys
         self.limits = limits
         self._replica_lease = replica_lease  # () -> this replica's current lease id
+        self._coordinator_id = coordinator_id
 
     async def create(
         self, request: coordinator_pb2.CreateSessionRequest
@@ -85,21 +98,35 @@ class Sessions:
             raise NotFound(f"session {session_id!r} not found (unknown, closed or expired)")
         return coordinator_pb2.Session.FromString(kv.value), kv.mod_revision, kv.lease
 
-    async def begin_turn(self, session_id: str, user_content: str) -> Turn:
+    async def begin_turn(
+        self, session_id: str, user_content: str, resume_turn_id: str = ""
+    ) -> Turn:
+        """Take the session's turn lock (or, resuming, take it over from a failed replica)."""
         session, revision, lease = await self.get(session_id)
+        key = self._keys.turn(session_id)
+        if resume_turn_id:
+            turn_id = resume_turn_id
+            lock_value = f"{turn_id}@{self._coordinator_id}".encode()
+            if session.last_turn_id == turn_id:
+                return Turn(session, revision, lease, turn_id, lock_value)
+            held = await self._etcd.get(key)
+            if held is not None and not held.value.startswith(f"{turn_id}@".encode()):
+                raise Aborted(f"another turn of session {session_id} is in progress")
+            guard = Compare(key, value=held.value) if held else Compare(key, mod_revision=0)
+        else:
+            turn_id = uuid.uuid4().hex
+            lock_value = f"{turn_id}@{self._coordinator_id}".encode()
+            guard = Compare(key, mod_revision=0)
         grown = coordinator_pb2.Session()
         grown.CopyFrom(session)
         grown.messages.append(common_pb2.ChatMessage(role="user", content=user_content))
         self._check_size(grown)
-        turn_id = uuid.uuid4().hex
-        key = self._keys.turn(session_id)
         locked, _ = await self._etcd.txn(
-            [Compare(key, mod_revision=0)],
-            [Put(key, turn_id.encode(), lease=self._replica_lease())],
+            [guard], [Put(key, lock_value, lease=self._replica_lease())]
         )
         if not locked:
             raise Aborted(f"another turn of session {session_id} is in progress; retry after it")
-        return Turn(session=session, mod_revision=revision, lease=lease, turn_id=turn_id)
+        return Turn(session, revision, lease, turn_id, lock_value)
 
     async def commit_turn(
         self, turn: Turn, user_content: str, assistant_text: str, node_id: str
@@ -112,6 +139,7 @@ class Sessions:
         session.node_id = node_id
         session.turns += 1
         session.updated_at = time.time()
+        session.last_turn_id = turn.turn_id
         session_key = self._keys.session(session.session_id)
         turn_key = self._keys.turn(session.session_id)
         operations: list[Put | Delete] = [
@@ -124,7 +152,7 @@ class Sessions:
         committed, _ = await self._etcd.txn(
             [
                 Compare(session_key, mod_revision=turn.mod_revision),
-                Compare(turn_key, value=turn.turn_id.encode()),
+                Compare(turn_key, value=turn.lock_value),
             ],
             operations,
         )
@@ -139,7 +167,7 @@ class Sessions:
     async def release(self, turn: Turn) -> None:
         """Drop the turn lock if this turn still holds it (turn failed or was cancelled)."""
         key = self._keys.turn(turn.session.session_id)
-        await self._etcd.txn([Compare(key, value=turn.turn_id.encode())], [Delete(key)])
+        await self._etcd.txn([Compare(key, value=turn.lock_value)], [Delete(key)])
 
     async def close(self, session_id: str) -> None:
         _, _, lease = await self.get(session_id)

@@ -333,6 +333,24 @@ def _add_coordinator(sub) -> None:
         default=base.startup_etcd_wait_s,
         help="seconds to wait for etcd at start before giving up",
     )
+    p.add_argument(
+        "--stall-timeout",
+        type=float,
+        default=base.stall_timeout_s,
+        help="seconds without a token before a stream fails over to another node",
+    )
+    p.add_argument(
+        "--first-token-timeout",
+        type=float,
+        default=base.first_token_timeout_s,
+        help="seconds a node may take to the first token (prompt processing)",
+    )
+    p.add_argument(
+        "--max-failovers",
+        type=int,
+        default=base.max_failovers,
+        help="node failovers allowed per reply (0 = none)",
+    )
     p.set_defaults(func=_run_coordinator)
 
 
@@ -361,6 +379,9 @@ def _run_coordinator(args) -> int:
             session_max_messages=args.session_max_messages,
             session_max_bytes=args.session_max_bytes,
             startup_etcd_wait_s=args.etcd_wait,
+            stall_timeout_s=args.stall_timeout,
+            first_token_timeout_s=args.first_token_timeout,
+            max_failovers=args.max_failovers,
         )
     )
 

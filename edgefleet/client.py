@@ -73,23 +73,43 @@ class FleetClient:
         return error
 
     def _stream(self, method: str, request) -> Iterator[coordinator_pb2.ChatChunk]:
+        """Stream a reply; if the replica dies mid-reply, resume it on another one.
+
+        The request is re-sent with the text received so far as
+        ``assistant_prefix`` (and, for a chat turn, the turn id), so the reply
+        goes on where it stopped and the turn is stored once.
+        """
         last: grpc.RpcError | None = None
+        received: list[str] = []
+        turn_id = ""
         for index, stub in self._stubs():
-            call = getattr(stub, method)(request, timeout=None)
-            started = False
+            attempt = self._resumed(request, turn_id, "".join(received))
+            call = getattr(stub, method)(attempt, timeout=None)
             try:
                 for chunk in call:
-                    started = True
                     self._preferred = index
+                    turn_id = turn_id or chunk.turn_id
+                    received.append(chunk.text)
                     yield chunk
                 return
             except grpc.RpcError as error:
-                if started or error.code() not in FAILOVER_CODES:
+                if error.code() not in FAILOVER_CODES:
                     raise error_from_rpc(error) from None
                 last = error
             finally:
                 call.cancel()
         raise self._exhausted(last)
+
+    @staticmethod
+    def _resumed(request, turn_id: str, received: str):
+        if not turn_id and not received:
+            return request
+        resumed = type(request)()
+        resumed.CopyFrom(request)
+        resumed.assistant_prefix = request.assistant_prefix + received
+        if turn_id and hasattr(resumed, "resume_turn_id"):
+            resumed.resume_turn_id = turn_id
+        return resumed
 
     # --- API ------------------------------------------------------------------------
     def create_session(

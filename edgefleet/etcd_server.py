@@ -101,11 +101,29 @@ class EtcdCluster:
     def endpoints(self) -> list[str]:
         return [member.endpoint for member in self.members]
 
-    def start(self, timeout_s: float = 30.0) -> EtcdCluster:
-        for member in self.members:
-            self.start_member(member)
-        self.wait_healthy(timeout_s)
+    def start(self, timeout_s: float = 30.0, attempts: int = 3) -> EtcdCluster:
+        for attempt in range(attempts):
+            for member in self.members:
+                self.start_member(member)
+            try:
+                self.wait_healthy(timeout_s)
+                return self
+            except RuntimeError as error:
+                # Another process took a port between choosing and binding it:
+                # choose new ports and try again.
+                if "address already in use" not in str(error) or attempt == attempts - 1:
+                    raise
+                self._kill_all()
+                for member in self.members:
+                    member.client_port, member.peer_port = free_port(), free_port()
+                    shutil.rmtree(member.data_dir, ignore_errors=True)
         return self
+
+    def _kill_all(self) -> None:
+        for member in self.members:
+            if member.alive():
+                member.process.kill()
+                member.process.wait()
 
     def start_member(self, member: EtcdMember) -> None:
         """Start (or restart, keeping its data) one member."""

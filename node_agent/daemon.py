@@ -107,8 +107,8 @@ async def serve(config: NodeConfig, store: ModelStore | None = None) -> int:
         log.info("shutting down: in-flight streams get %.1fs to finish", config.shutdown_grace_s)
         await servicer.set_draining(True)
         if membership is not None:
-            membership.cancel()
             await registrar.deregister()  # leave the fleet before the streams end
+            membership.cancel()
     finally:
         if membership is not None:
             membership.cancel()

@@ -46,6 +46,7 @@ class Registrar:
         self._labels = labels or {}
         self.registration: coordinator_pb2.RegisterResponse | None = None
         self._current = 0
+        self._leaving = False
         self.registered = asyncio.Event()
 
     @property
@@ -54,7 +55,7 @@ class Registrar:
 
     async def run(self) -> None:
         backoff = 0.2
-        while True:
+        while not self._leaving:
             address = self.coordinator
             try:
                 async with grpc.aio.insecure_channel(address) as channel:
@@ -64,6 +65,8 @@ class Registrar:
                     backoff = 0.2
                     await self._heartbeat(stub)
             except Fenced:
+                if self._leaving:
+                    return
                 log.warning("coordinator %s fenced this node: registering again", address)
                 self.registration = None
                 self.registered.clear()
@@ -143,6 +146,7 @@ class Registrar:
 
     async def deregister(self) -> None:
         """Leave the fleet at once (graceful shutdown), best effort."""
+        self._leaving = True
         registration = self.registration
         if registration is None:
             return

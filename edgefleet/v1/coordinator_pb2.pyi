@@ -107,7 +107,7 @@ class CreateSessionRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., system_prompt: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., idle_ttl_seconds: _Optional[float] = ...) -> None: ...
 
 class Session(_message.Message):
-    __slots__ = ("session_id", "model", "messages", "metadata", "node_id", "created_at", "updated_at", "turns", "idle_ttl_seconds")
+    __slots__ = ("session_id", "model", "messages", "metadata", "node_id", "created_at", "updated_at", "turns", "idle_ttl_seconds", "last_turn_id")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -124,6 +124,7 @@ class Session(_message.Message):
     UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
     TURNS_FIELD_NUMBER: _ClassVar[int]
     IDLE_TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    LAST_TURN_ID_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     model: str
     messages: _containers.RepeatedCompositeFieldContainer[_common_pb2.ChatMessage]
@@ -133,36 +134,43 @@ class Session(_message.Message):
     updated_at: float
     turns: int
     idle_ttl_seconds: float
-    def __init__(self, session_id: _Optional[str] = ..., model: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[_common_pb2.ChatMessage, _Mapping]]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., node_id: _Optional[str] = ..., created_at: _Optional[float] = ..., updated_at: _Optional[float] = ..., turns: _Optional[int] = ..., idle_ttl_seconds: _Optional[float] = ...) -> None: ...
+    last_turn_id: str
+    def __init__(self, session_id: _Optional[str] = ..., model: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[_common_pb2.ChatMessage, _Mapping]]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., node_id: _Optional[str] = ..., created_at: _Optional[float] = ..., updated_at: _Optional[float] = ..., turns: _Optional[int] = ..., idle_ttl_seconds: _Optional[float] = ..., last_turn_id: _Optional[str] = ...) -> None: ...
 
 class ChatRequest(_message.Message):
-    __slots__ = ("session_id", "content", "sampling")
+    __slots__ = ("session_id", "content", "sampling", "resume_turn_id", "assistant_prefix")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     CONTENT_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    RESUME_TURN_ID_FIELD_NUMBER: _ClassVar[int]
+    ASSISTANT_PREFIX_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     content: str
     sampling: _common_pb2.SamplingParams
-    def __init__(self, session_id: _Optional[str] = ..., content: _Optional[str] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ...) -> None: ...
+    resume_turn_id: str
+    assistant_prefix: str
+    def __init__(self, session_id: _Optional[str] = ..., content: _Optional[str] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., resume_turn_id: _Optional[str] = ..., assistant_prefix: _Optional[str] = ...) -> None: ...
 
 class CompleteRequest(_message.Message):
-    __slots__ = ("model", "messages", "sampling", "constraint", "tools", "affinity_key")
+    __slots__ = ("model", "messages", "sampling", "constraint", "tools", "affinity_key", "assistant_prefix")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     CONSTRAINT_FIELD_NUMBER: _ClassVar[int]
     TOOLS_FIELD_NUMBER: _ClassVar[int]
     AFFINITY_KEY_FIELD_NUMBER: _ClassVar[int]
+    ASSISTANT_PREFIX_FIELD_NUMBER: _ClassVar[int]
     model: str
     messages: _containers.RepeatedCompositeFieldContainer[_common_pb2.ChatMessage]
     sampling: _common_pb2.SamplingParams
     constraint: _common_pb2.OutputConstraint
     tools: _containers.RepeatedCompositeFieldContainer[_common_pb2.ToolDefinition]
     affinity_key: str
-    def __init__(self, model: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[_common_pb2.ChatMessage, _Mapping]]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., constraint: _Optional[_Union[_common_pb2.OutputConstraint, _Mapping]] = ..., tools: _Optional[_Iterable[_Union[_common_pb2.ToolDefinition, _Mapping]]] = ..., affinity_key: _Optional[str] = ...) -> None: ...
+    assistant_prefix: str
+    def __init__(self, model: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[_common_pb2.ChatMessage, _Mapping]]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., constraint: _Optional[_Union[_common_pb2.OutputConstraint, _Mapping]] = ..., tools: _Optional[_Iterable[_Union[_common_pb2.ToolDefinition, _Mapping]]] = ..., affinity_key: _Optional[str] = ..., assistant_prefix: _Optional[str] = ...) -> None: ...
 
 class ChatChunk(_message.Message):
-    __slots__ = ("text", "finish_reason", "usage", "node_id", "session_id", "model", "tool_calls")
+    __slots__ = ("text", "finish_reason", "usage", "node_id", "session_id", "model", "tool_calls", "turn_id", "failovers")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
@@ -170,6 +178,8 @@ class ChatChunk(_message.Message):
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     TOOL_CALLS_FIELD_NUMBER: _ClassVar[int]
+    TURN_ID_FIELD_NUMBER: _ClassVar[int]
+    FAILOVERS_FIELD_NUMBER: _ClassVar[int]
     text: str
     finish_reason: _common_pb2.FinishReason
     usage: _common_pb2.Usage
@@ -177,7 +187,9 @@ class ChatChunk(_message.Message):
     session_id: str
     model: str
     tool_calls: _containers.RepeatedCompositeFieldContainer[_common_pb2.ToolCall]
-    def __init__(self, text: _Optional[str] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., node_id: _Optional[str] = ..., session_id: _Optional[str] = ..., model: _Optional[str] = ..., tool_calls: _Optional[_Iterable[_Union[_common_pb2.ToolCall, _Mapping]]] = ...) -> None: ...
+    turn_id: str
+    failovers: int
+    def __init__(self, text: _Optional[str] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., node_id: _Optional[str] = ..., session_id: _Optional[str] = ..., model: _Optional[str] = ..., tool_calls: _Optional[_Iterable[_Union[_common_pb2.ToolCall, _Mapping]]] = ..., turn_id: _Optional[str] = ..., failovers: _Optional[int] = ...) -> None: ...
 
 class GetSessionRequest(_message.Message):
     __slots__ = ("session_id",)
@@ -251,16 +263,18 @@ class CoordinatorRecord(_message.Message):
     def __init__(self, coordinator_id: _Optional[str] = ..., grpc_address: _Optional[str] = ..., http_address: _Optional[str] = ..., started_at: _Optional[float] = ..., pid: _Optional[int] = ...) -> None: ...
 
 class FleetStatusResponse(_message.Message):
-    __slots__ = ("nodes", "coordinator_id", "placement_policy", "coordinators")
+    __slots__ = ("nodes", "coordinator_id", "placement_policy", "coordinators", "leader_id")
     NODES_FIELD_NUMBER: _ClassVar[int]
     COORDINATOR_ID_FIELD_NUMBER: _ClassVar[int]
     PLACEMENT_POLICY_FIELD_NUMBER: _ClassVar[int]
     COORDINATORS_FIELD_NUMBER: _ClassVar[int]
+    LEADER_ID_FIELD_NUMBER: _ClassVar[int]
     nodes: _containers.RepeatedCompositeFieldContainer[NodeStatus]
     coordinator_id: str
     placement_policy: str
     coordinators: _containers.RepeatedCompositeFieldContainer[CoordinatorRecord]
-    def __init__(self, nodes: _Optional[_Iterable[_Union[NodeStatus, _Mapping]]] = ..., coordinator_id: _Optional[str] = ..., placement_policy: _Optional[str] = ..., coordinators: _Optional[_Iterable[_Union[CoordinatorRecord, _Mapping]]] = ...) -> None: ...
+    leader_id: str
+    def __init__(self, nodes: _Optional[_Iterable[_Union[NodeStatus, _Mapping]]] = ..., coordinator_id: _Optional[str] = ..., placement_policy: _Optional[str] = ..., coordinators: _Optional[_Iterable[_Union[CoordinatorRecord, _Mapping]]] = ..., leader_id: _Optional[str] = ...) -> None: ...
 
 class DrainNodeRequest(_message.Message):
     __slots__ = ("node_id", "drain")
