@@ -14,7 +14,7 @@ SESSION ?=
 NODE ?=
 UNDO ?=
 
-.PHONY: help install demo fleet status chat drain etcd test lint format proto node bench clean
+.PHONY: help install demo fleet status chat drain etcd test chaos lint format proto node bench clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -46,6 +46,9 @@ etcd: install  ## a standalone local etcd server until Ctrl-C
 
 test: install  ## the whole test suite (real processes, real model)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+chaos: install  ## the fault-injection suite alone (kill -9, SIGSTOP, etcd member loss, partition)
+	$(PY) -m pytest -m chaos $(PYTEST_ARGS)
 
 lint: install  ## ruff check and format check
 	$(VENV)/bin/ruff check .

@@ -25,6 +25,7 @@ from coordinator.config import CoordinatorConfig
 from coordinator.etcd import Etcd
 from coordinator.fleet import FleetView
 from coordinator.keys import Keys
+from coordinator.leader import Leadership
 from coordinator.membership import Membership
 from coordinator.placement import Placement
 from coordinator.replica import ReplicaLease
@@ -88,6 +89,7 @@ async def serve(config: CoordinatorConfig) -> int:
         ttl_s=config.replica_lease_ttl_s,
     )
     fleet = FleetView(etcd, keys)
+    leadership = Leadership(etcd, keys, replica)
     channels = NodeChannels()
     membership = Membership(
         etcd,
@@ -103,6 +105,7 @@ async def serve(config: CoordinatorConfig) -> int:
         keys=keys,
         fleet=fleet,
         membership=membership,
+        leadership=leadership,
         sessions=Sessions(
             etcd,
             keys,
@@ -155,6 +158,7 @@ async def serve(config: CoordinatorConfig) -> int:
     background = [
         asyncio.create_task(fleet.run(), name="fleet-mirror"),
         asyncio.create_task(replica.run(), name="replica-lease"),
+        asyncio.create_task(leadership.run(), name="leadership"),
     ]
     try:
         await asyncio.wait_for(fleet.synced.wait(), config.startup_etcd_wait_s)

@@ -166,6 +166,15 @@ class Etcd:
             return KVService.txn_op_put(op.key, op.value, lease=op.lease)
         return KVService.txn_op_delete(op.key)
 
+    async def revision(self) -> int:
+        """The store's current revision."""
+        reply = await self._call("get", self._client.kv.get(b"/", timeout=self.timeout_s))
+        return reply.header.revision
+
+    async def compact(self, revision: int) -> None:
+        """Drop the history of every key before ``revision``."""
+        await self._call("compact", self._client.kv.compact(revision, timeout=self.timeout_s))
+
     # --- leases ----------------------------------------------------------------------
     async def grant(self, ttl_s: float) -> int:
         reply = await self._call(

@@ -11,6 +11,7 @@ import uuid
 from coordinator.etcd import Etcd
 from coordinator.fleet import FleetView
 from coordinator.keys import Keys
+from coordinator.leader import Leadership
 from coordinator.membership import Membership
 from coordinator.placement import Ranking
 from coordinator.router import Router
@@ -37,6 +38,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         keys: Keys,
         fleet: FleetView,
         membership: Membership,
+        leadership: Leadership,
         sessions: Sessions,
         router: Router,
     ) -> None:
@@ -45,6 +47,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         self._keys = keys
         self._fleet = fleet
         self._membership = membership
+        self._leadership = leadership
         self._sessions = sessions
         self._router = router
 
@@ -148,6 +151,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
                         node_id=node_id,
                         session_id=session.session_id,
                         failovers=failovers,
+                        token_count=chunk.token_count,
                     )
             self._set_placement_trailer(context, ranking)
             if final is None:
@@ -209,7 +213,10 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
                     return
                 if chunk.text:
                     yield coordinator_pb2.ChatChunk(
-                        text=chunk.text, node_id=node_id, failovers=failovers
+                        text=chunk.text,
+                        node_id=node_id,
+                        failovers=failovers,
+                        token_count=chunk.token_count,
                     )
         except EdgefleetError as error:
             await abort_with(context, error)
@@ -234,8 +241,10 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         try:
             sessions = await self._sessions.count_by_node()
             coordinators, _ = await self._etcd.get_prefix(self._keys.coordinators)
+            leader_id = await self._leadership.leader_id()
         except EdgefleetError:
-            sessions, coordinators = {}, []  # etcd down: still show the last known fleet
+            # etcd down: still show the last known fleet
+            sessions, coordinators, leader_id = {}, [], ""
         now = time.time()
         nodes = []
         for entry in sorted(self._fleet.nodes.values(), key=lambda e: e.node_id):
@@ -257,6 +266,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
             coordinators=[
                 coordinator_pb2.CoordinatorRecord.FromString(kv.value) for kv in coordinators
             ],
+            leader_id=leader_id,
         )
 
     async def DrainNode(self, request, context):

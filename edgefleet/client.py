@@ -81,15 +81,29 @@ class FleetClient:
         """
         last: grpc.RpcError | None = None
         received: list[str] = []
+        received_tokens = 0
         turn_id = ""
         for index, stub in self._stubs():
-            attempt = self._resumed(request, turn_id, "".join(received))
+            attempt = self._resumed(request, turn_id, "".join(received), received_tokens)
+            if attempt is None:  # max_tokens was reached just as the replica failed
+                yield coordinator_pb2.ChatChunk(
+                    finish_reason=common_pb2.FINISH_REASON_LENGTH,
+                    usage=common_pb2.Usage(completion_tokens=received_tokens),
+                    turn_id=turn_id,
+                )
+                return
+            carried = received_tokens
             call = getattr(stub, method)(attempt, timeout=None)
             try:
                 for chunk in call:
                     self._preferred = index
                     turn_id = turn_id or chunk.turn_id
                     received.append(chunk.text)
+                    received_tokens += chunk.token_count
+                    if chunk.finish_reason and carried:
+                        # Usage of the whole reply, not just the resumed part.
+                        chunk.usage.completion_tokens += carried
+                        chunk.usage.prompt_tokens = max(0, chunk.usage.prompt_tokens - carried)
                     yield chunk
                 return
             except grpc.RpcError as error:
@@ -101,7 +115,8 @@ class FleetClient:
         raise self._exhausted(last)
 
     @staticmethod
-    def _resumed(request, turn_id: str, received: str):
+    def _resumed(request, turn_id: str, received: str, received_tokens: int):
+        """The request that resumes a reply after ``received``; None if it is complete."""
         if not turn_id and not received:
             return request
         resumed = type(request)()
@@ -109,6 +124,11 @@ class FleetClient:
         resumed.assistant_prefix = request.assistant_prefix + received
         if turn_id and hasattr(resumed, "resume_turn_id"):
             resumed.resume_turn_id = turn_id
+        if request.sampling.HasField("max_tokens"):
+            left = request.sampling.max_tokens - received_tokens
+            if left <= 0:
+                return None
+            resumed.sampling.max_tokens = left
         return resumed
 
     # --- API ------------------------------------------------------------------------
@@ -143,7 +163,12 @@ class FleetClient:
         )
 
     def complete(
-        self, model: str, messages: list[tuple[str, str]], **sampling
+        self,
+        model: str,
+        messages: list[tuple[str, str]],
+        *,
+        assistant_prefix: str = "",
+        **sampling,
     ) -> Iterator[coordinator_pb2.ChatChunk]:
         return self._stream(
             "Complete",
@@ -151,6 +176,7 @@ class FleetClient:
                 model=model,
                 messages=[common_pb2.ChatMessage(role=r, content=c) for r, c in messages],
                 sampling=common_pb2.SamplingParams(**sampling),
+                assistant_prefix=assistant_prefix,
             ),
         )
 

@@ -108,12 +108,14 @@ def start_daemon(
     name: str,
     log_path: Path | None = None,
     env: dict[str, str] | None = None,
+    wrap: tuple[str, ...] = (),
 ) -> DaemonProcess:
     """Start ``edgefleet ARGS...`` as its own process (own session: a terminal's
-    Ctrl-C reaches only the parent, which stops its children in order)."""
+    Ctrl-C reaches only the parent, which stops its children in order).
+    ``wrap`` prefixes the command, e.g. ``ip netns exec NS`` (it must exec)."""
     out = log_path.open("ab") if log_path else subprocess.DEVNULL
     process = subprocess.Popen(
-        edgefleet_command(*args),
+        [*wrap, *edgefleet_command(*args)],
         stdout=out,
         stderr=subprocess.STDOUT,
         env={**os.environ, **(env or {})},

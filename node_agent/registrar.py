@@ -10,6 +10,7 @@ makes it register again. This is the node's one membership loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 
@@ -20,6 +21,7 @@ from edgefleet.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
 from node_agent.service import NodeServicer
 
 log = logging.getLogger(__name__)
+MIN_REPORT_GAP_S = 0.2
 Command = coordinator_pb2.HeartbeatResponse.Command
 
 
@@ -112,8 +114,11 @@ class Registrar:
         registration = self.registration
         interval = registration.heartbeat_interval_seconds or 1.0
 
+        changed = self._servicer.capacity_changed
+
         async def beats():
             while True:
+                changed.clear()
                 yield coordinator_pb2.HeartbeatRequest(
                     node_id=registration.node_id,
                     epoch=registration.epoch,
@@ -124,7 +129,11 @@ class Registrar:
                         else common_pb2.NODE_STATE_READY
                     ),
                 )
-                await asyncio.sleep(interval)
+                # Next report: at the interval, or sooner when slots change
+                # (at most every MIN_REPORT_GAP_S), so placement sees load early.
+                await asyncio.sleep(MIN_REPORT_GAP_S)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(changed.wait(), interval - MIN_REPORT_GAP_S)
 
         call = stub.Heartbeat(beats())
         try:

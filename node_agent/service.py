@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -50,6 +51,9 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
         self._health = health_servicer
         self._draining = False
         self._active = 0
+        # Set when slots are taken or given back, so a fresh report can go out
+        # at once instead of at the next heartbeat tick.
+        self.capacity_changed = asyncio.Event()
 
     # --- state -------------------------------------------------------------
     @property
@@ -85,11 +89,13 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
             async with model.pool.acquire() as slot:
                 queue_ms = (time.perf_counter() - queued_at) * 1000
                 self._active += 1
+                self.capacity_changed.set()
                 try:
                     async for chunk in self._stream(model, slot, prepared, queue_ms):
                         yield chunk
                 finally:
                     self._active -= 1
+                    self.capacity_changed.set()
         except EdgefleetError as error:
             log.info("generate %s refused: %s %s", request_id, error.code.name, error.message)
             await abort_with(context, error)
