@@ -14,7 +14,7 @@ SESSION ?=
 NODE ?=
 UNDO ?=
 
-.PHONY: help install demo fleet status chat drain etcd test chaos lint format proto node bench clean
+.PHONY: help install demo fleet status chat drain etcd test chaos lint format proto node bench bench-failover clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -66,6 +66,9 @@ node: install  ## run one node on the default model (Ctrl-C to stop)
 
 bench: install  ## benchmarks (SCENARIO=name for one, FULL=1 for the sizes quoted in notes)
 	$(PY) -m bench $(SCENARIO) $(if $(FULL),--full)
+
+bench-failover: install  ## failover under load: kill -9 / SIGSTOP nodes and a coordinator mid-stream (FULL=1)
+	$(PY) -m bench failover $(if $(FULL),--full)
 
 clean:  ## remove the venv and caches (not the model store or the wheel cache)
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import sys
 
-from bench import fleet_placement, node_single_stream
+from bench import failover, fleet_placement, node_single_stream
 
 SCENARIOS = {
     "node-single": node_single_stream.main,
     "fleet-placement": fleet_placement.main,
+    "failover": failover.main,
 }
 
 

@@ -12,6 +12,7 @@ record is rewritten when something placement uses changed, or every
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
@@ -69,6 +70,8 @@ class Membership:
         self._record_refresh_s = record_refresh_s
         # Wall time of the last heartbeat each node sent to this replica.
         self.last_beat: dict[str, float] = {}
+        # Heartbeats missed in a row before the node counts as lost.
+        self.silence_timeout_s = 2 * heartbeat_interval_s + 0.5
         # Set while this replica shuts down: its heartbeat streams end then
         # because of us, not because the nodes died.
         self.closing = False
@@ -138,8 +141,20 @@ class Membership:
         written_signature = None
         written_at = 0.0
         goodbye = False
+        beats = aiter(requests)
         try:
-            async for beat in requests:
+            while True:
+                try:
+                    # A node that falls silent (frozen, cut off) is lost even
+                    # though its connection looks open.
+                    beat = await asyncio.wait_for(anext(beats), self.silence_timeout_s)
+                except StopAsyncIteration:
+                    break
+                except TimeoutError:
+                    log.warning(
+                        "node %s sent no heartbeat for %.1fs", node_id, self.silence_timeout_s
+                    )
+                    break
                 node_id = beat.node_id
                 entry = self._fleet.nodes.get(node_id)
                 if entry is None or entry.epoch != beat.epoch:

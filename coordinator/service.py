@@ -59,8 +59,11 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
             await abort_with(context, error)
 
     async def Heartbeat(self, request_iterator, context):
-        async for reply in self._membership.heartbeats(request_iterator):
-            yield reply
+        # aclosing: when the stream ends or breaks, the membership's clean-up
+        # (node lost -> registration ended) runs now, not at garbage collection.
+        async with contextlib.aclosing(self._membership.heartbeats(request_iterator)) as replies:
+            async for reply in replies:
+                yield reply
 
     async def Deregister(self, request, context):
         try:
