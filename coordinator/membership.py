@@ -191,7 +191,8 @@ class Membership:
                 )
         finally:
             if entry is not None and not goodbye and not self.closing:
-                await self._node_lost(entry)
+                # Shielded: a cancelled stream must still end the registration.
+                await asyncio.shield(self._node_lost(entry))
 
     async def _node_lost(self, entry: NodeEntry) -> None:
         """The heartbeat stream ended without a goodbye: the node died or was cut off.

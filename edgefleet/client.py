@@ -17,6 +17,33 @@ from edgefleet.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
 FAILOVER_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
 
 
+class ReplyStream:
+    """A streamed reply: iterate it for chunks; ``cancel()`` (from any thread)
+    abandons it, and the coordinator stops the generation."""
+
+    def __init__(self) -> None:
+        self.call = None
+        self.cancelled = False
+        self._chunks: Iterator[coordinator_pb2.ChatChunk] = iter(())
+
+    def bind(self, chunks: Iterator[coordinator_pb2.ChatChunk]) -> None:
+        self._chunks = chunks
+
+    def __iter__(self) -> ReplyStream:
+        return self
+
+    def __next__(self) -> coordinator_pb2.ChatChunk:
+        return next(self._chunks)
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        if self.call is not None:
+            self.call.cancel()
+
+    def close(self) -> None:
+        self.cancel()
+
+
 class FleetClient:
     def __init__(self, addresses: list[str] | str, *, timeout_s: float = 30.0) -> None:
         if isinstance(addresses, str):
@@ -72,7 +99,14 @@ class FleetClient:
             )
         return error
 
-    def _stream(self, method: str, request) -> Iterator[coordinator_pb2.ChatChunk]:
+    def _stream(self, method: str, request) -> ReplyStream:
+        reply = ReplyStream()
+        reply.bind(self._replies(method, request, reply))
+        return reply
+
+    def _replies(
+        self, method: str, request, reply: ReplyStream
+    ) -> Iterator[coordinator_pb2.ChatChunk]:
         """Stream a reply; if the replica dies mid-reply, resume it on another one.
 
         The request is re-sent with the text received so far as
@@ -94,6 +128,7 @@ class FleetClient:
                 return
             carried = received_tokens
             call = getattr(stub, method)(attempt, timeout=None)
+            reply.call = call
             try:
                 for chunk in call:
                     self._preferred = index
@@ -107,7 +142,7 @@ class FleetClient:
                     yield chunk
                 return
             except grpc.RpcError as error:
-                if error.code() not in FAILOVER_CODES:
+                if reply.cancelled or error.code() not in FAILOVER_CODES:
                     raise error_from_rpc(error) from None
                 last = error
             finally:
@@ -150,9 +185,7 @@ class FleetClient:
             ),
         )
 
-    def chat(
-        self, session_id: str, content: str, **sampling
-    ) -> Iterator[coordinator_pb2.ChatChunk]:
+    def chat(self, session_id: str, content: str, **sampling) -> ReplyStream:
         return self._stream(
             "Chat",
             coordinator_pb2.ChatRequest(
@@ -169,7 +202,7 @@ class FleetClient:
         *,
         assistant_prefix: str = "",
         **sampling,
-    ) -> Iterator[coordinator_pb2.ChatChunk]:
+    ) -> ReplyStream:
         return self._stream(
             "Complete",
             coordinator_pb2.CompleteRequest(

@@ -419,3 +419,73 @@ def fleet_drain_all_but(client, node_id: str) -> None:
     for node in client.status().nodes:
         if node.node_id != node_id:
             client.drain(node.node_id)
+
+
+# --- misbehaving nodes and clients ----------------------------------------------------------
+
+
+def test_a_node_sending_out_of_order_chunks_is_treated_as_failed(fleet_factory, tmp_path):
+    import sys
+
+    from edgefleet.processes import DaemonProcess, free_port
+
+    coordinator = fleet_factory.coordinator()
+    fleet_factory.node("honest")
+    fleet_factory.wait_ready_nodes(1)
+    address = f"127.0.0.1:{free_port()}"
+    rogue = subprocess.Popen(
+        [sys.executable, "-m", "tests.rogue_node", address, coordinator.address, "rogue"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    fleet_factory.nodes.started.append(DaemonProcess("rogue", address, rogue))
+    fleet_factory.wait_ready_nodes(2)
+    with fleet_factory.client() as client:
+        client.drain("honest")  # the first attempt must land on the rogue
+        reader = Reader(
+            client.complete(
+                "smollm2-135m", [("user", "Tell me a story.")], max_tokens=24, temperature=0
+            )
+        )
+        wait_until(lambda: reader.text, what="the rogue's first chunk")
+        client.drain("honest", drain=False)  # a way out before the bad chunk comes
+        last = reader.finish()
+        assert reader.nodes() == ["rogue", "honest"] and last.failovers == 1
+        assert reader.text.startswith("Once") and "garbage" not in reader.text
+        # The rogue is out of placement here; its stream was not trusted.
+        assert "out-of-order" in coordinator.log_path.read_text()
+
+
+def test_a_client_leaving_during_a_migration_leaves_no_generation_running(fleet_factory):
+    nodes = two_node_fleet(fleet_factory, "--stall-timeout", "1")
+    with fleet_factory.client() as client:
+        session = client.create_session("smollm2-135m")
+        stream = client.chat(session.session_id, LONG, max_tokens=1500, temperature=0)
+        reader = Reader(stream)
+        reader.wait_text()
+        victim = reader.nodes()[0]
+        survivor = ({"n1", "n2"} - {victim}).pop()
+        os.kill(nodes[victim].pid, signal.SIGSTOP)
+        try:
+            # The coordinator notices the stall, moves the reply to the survivor ...
+            wait_until(
+                lambda: survivor in reader.nodes(), timeout_s=30, what="the migration to start"
+            )
+            stream.cancel()  # ... and the client goes away in the middle of it.
+            assert reader.done.wait(30)
+            status = FleetClient([fleet_factory.coordinators[0].address]).status
+            wait_until(
+                lambda: (
+                    next(
+                        n for n in status().nodes if n.node_id == survivor
+                    ).capacity.active_generations
+                    == 0
+                ),
+                timeout_s=15,
+                what="the survivor to stop generating",
+            )
+        finally:
+            os.kill(nodes[victim].pid, signal.SIGCONT)
+        # No half turn was stored, and the session takes its next turn.
+        assert client.get_session(session.session_id).messages == []
+        assert "".join(c.text for c in client.chat(session.session_id, "Hi", max_tokens=4))
