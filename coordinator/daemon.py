@@ -24,14 +24,17 @@ from grpc_reflection.v1alpha import reflection
 from coordinator.config import CoordinatorConfig
 from coordinator.etcd import Etcd
 from coordinator.fleet import FleetView
+from coordinator.http_app import build_app, http_server
 from coordinator.keys import Keys
 from coordinator.leader import Leadership
 from coordinator.membership import Membership
+from coordinator.metrics import CoordinatorMetrics
 from coordinator.placement import Placement
 from coordinator.replica import ReplicaLease
 from coordinator.router import NodeChannels, Router
 from coordinator.service import SERVICE_NAME, CoordinatorServicer
 from coordinator.sessions import SessionLimits, Sessions
+from edgefleet import telemetry
 from edgefleet.errors import Unavailable
 from edgefleet.v1 import coordinator_pb2_grpc
 
@@ -46,8 +49,8 @@ SERVER_OPTIONS = [
 ]
 
 
-async def _connect_etcd(config: CoordinatorConfig) -> Etcd | None:
-    etcd = Etcd(config.etcd, timeout_s=config.etcd_timeout_s)
+async def _connect_etcd(config: CoordinatorConfig, metrics: CoordinatorMetrics) -> Etcd | None:
+    etcd = Etcd(config.etcd, timeout_s=config.etcd_timeout_s, observe=metrics.observe_etcd)
     await etcd.connect()
     deadline = time.monotonic() + config.startup_etcd_wait_s
     while True:
@@ -68,7 +71,8 @@ async def _connect_etcd(config: CoordinatorConfig) -> Etcd | None:
 
 
 async def serve(config: CoordinatorConfig) -> int:
-    etcd = await _connect_etcd(config)
+    metrics = CoordinatorMetrics()
+    etcd = await _connect_etcd(config, metrics)
     if etcd is None:
         return 1
     keys = Keys(config.etcd_prefix)
@@ -80,6 +84,7 @@ async def serve(config: CoordinatorConfig) -> int:
         return 2
     grpc_address = config.grpc.rsplit(":", 1)[0] + f":{port}"
     coordinator_id = config.coordinator_id or f"{socket.gethostname()}-{port}"
+    telemetry.setup_tracing("edgefleet-coordinator", coordinator_id)
     replica = ReplicaLease(
         etcd,
         keys,
@@ -124,8 +129,14 @@ async def serve(config: CoordinatorConfig) -> int:
             first_token_timeout_s=config.first_token_timeout_s,
             stall_timeout_s=config.stall_timeout_s,
             max_failovers=config.max_failovers,
+            metrics=metrics,
         ),
+        metrics=metrics,
     )
+    metrics.watch(fleet)
+    http = None
+    if config.http and config.http != "off":
+        http = http_server(build_app(etcd=etcd, fleet=fleet, metrics=metrics), config.http)
     health_servicer = health.aio.HealthServicer()
     coordinator_pb2_grpc.add_CoordinatorServiceServicer_to_server(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -155,6 +166,13 @@ async def serve(config: CoordinatorConfig) -> int:
         await etcd.close()
         return 1
     await server.start()
+    if http is not None:
+        if not await http.start():
+            log.error("cannot listen for HTTP on %s", config.http)
+            await server.stop(0)
+            await replica.release()
+            await etcd.close()
+            return 2
     background = [
         asyncio.create_task(fleet.run(), name="fleet-mirror"),
         asyncio.create_task(replica.run(), name="replica-lease"),
@@ -163,6 +181,8 @@ async def serve(config: CoordinatorConfig) -> int:
     try:
         await asyncio.wait_for(fleet.synced.wait(), config.startup_etcd_wait_s)
         await set_serving(True)
+        if http is not None:
+            background.append(asyncio.create_task(http.main_loop(), name="http"))
         log.info(
             "coordinator %s serving gRPC on %s (etcd %s, policy %s, pid %d)",
             coordinator_id,
@@ -177,6 +197,8 @@ async def serve(config: CoordinatorConfig) -> int:
         membership.closing = True  # nodes will move to another replica: keep their leases
         await set_serving(False)
     finally:
+        if http is not None:
+            await http.stop()
         await server.stop(config.shutdown_grace_s)
         for task in background:
             task.cancel()
@@ -187,6 +209,7 @@ async def serve(config: CoordinatorConfig) -> int:
             await replica.release()
         await channels.close_all()
         await etcd.close()
+        telemetry.shutdown_tracing()
     log.info("coordinator %s stopped", coordinator_id)
     return 0
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Sequence
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -73,11 +74,18 @@ def _kv(raw) -> KeyValue:
 
 
 class Etcd:
-    def __init__(self, endpoints: Sequence[str], *, timeout_s: float = 2.0) -> None:
+    def __init__(
+        self,
+        endpoints: Sequence[str],
+        *,
+        timeout_s: float = 2.0,
+        observe: Callable[[str, float, bool], None] | None = None,
+    ) -> None:
         if not endpoints:
             raise ValueError("at least one etcd endpoint is needed")
         self.endpoints = list(endpoints)
         self.timeout_s = timeout_s
+        self._observe = observe  # (operation, seconds, ok): metrics
         self._client = Etcd3Client(self.endpoints, rpc_max_attempts=2)
         self._connected = False
 
@@ -94,10 +102,16 @@ class Etcd:
         return Unavailable(f"etcd unavailable ({operation} on {','.join(self.endpoints)}): {exc}")
 
     async def _call(self, operation: str, coroutine):
+        started = time.perf_counter()
         try:
-            return await asyncio.wait_for(coroutine, self.timeout_s * 2)
+            result = await asyncio.wait_for(coroutine, self.timeout_s * 2)
         except (EtcdError, grpc.aio.AioRpcError, TimeoutError, OSError) as exc:
+            if self._observe is not None:
+                self._observe(operation, time.perf_counter() - started, False)
             raise self._unavailable(operation, exc) from exc
+        if self._observe is not None:
+            self._observe(operation, time.perf_counter() - started, True)
+        return result
 
     async def ping(self) -> None:
         await self._call("ping", self._client.kv.get(b"/edgefleet/ping", timeout=self.timeout_s))

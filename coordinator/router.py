@@ -16,9 +16,12 @@ import time
 from collections.abc import AsyncIterator
 
 import grpc
+from opentelemetry import trace
 
 from coordinator.fleet import FleetView
+from coordinator.metrics import CoordinatorMetrics
 from coordinator.placement import Candidate, Placement, Ranking
+from edgefleet import telemetry
 from edgefleet.errors import (
     EdgefleetError,
     FailedPrecondition,
@@ -30,6 +33,13 @@ from edgefleet.errors import (
 from edgefleet.v1 import common_pb2, node_pb2, node_pb2_grpc
 
 log = logging.getLogger(__name__)
+
+
+PLACEMENT_OUTCOMES = {
+    NotFound: "unknown_model",
+    Unavailable: "no_node",
+    ResourceExhausted: "saturated",
+}
 
 
 class NodeFailed(Exception):
@@ -90,6 +100,7 @@ class Router:
         stall_timeout_s: float = 2.0,
         max_failovers: int = 3,
         retry_after_s: float = 1.0,
+        metrics: CoordinatorMetrics | None = None,
     ) -> None:
         self._fleet = fleet
         self._placement = placement
@@ -98,6 +109,7 @@ class Router:
         self._first_token_timeout_s = first_token_timeout_s
         self._stall_timeout_s = stall_timeout_s
         self._max_failovers = max_failovers
+        self._metrics = metrics
         # (cause, node) of every failover, newest last (metrics read it).
         self.failovers: collections.deque[tuple[str, str]] = collections.deque(maxlen=1000)
         self._retry_after_s = retry_after_s
@@ -110,6 +122,35 @@ class Router:
         self, model: str, *, affinity_node: str = "", exclude: set[str] = frozenset()
     ) -> Ranking:
         """Order the ready nodes serving ``model``; raise when none can take it."""
+        with telemetry.tracer().start_as_current_span("placement") as span:
+            try:
+                ranking = self._rank(model, affinity_node, exclude)
+            except EdgefleetError as error:
+                self._count_placement(PLACEMENT_OUTCOMES.get(type(error), "error"))
+                span.set_status(trace.Status(trace.StatusCode.ERROR, error.message))
+                raise
+            self._count_placement("placed", ranking.decision_us)
+            if span.is_recording():
+                span.set_attributes(
+                    {
+                        "edgefleet.placement.policy": ranking.policy,
+                        "edgefleet.placement.candidates": [
+                            f"{node}={ranking.scores[node]:.2f}" for node in ranking.order
+                        ],
+                        "edgefleet.placement.saturated": list(ranking.saturated),
+                        "edgefleet.placement.decision_us": ranking.decision_us,
+                        "edgefleet.node.id": ranking.order[0],
+                    }
+                )
+            return ranking
+
+    def _count_placement(self, outcome: str, decision_us: float | None = None) -> None:
+        if self._metrics is not None:
+            self._metrics.placements.labels(self._placement.policy, outcome).inc()
+            if decision_us is not None:
+                self._metrics.placement_duration.observe(decision_us / 1e6)
+
+    def _rank(self, model: str, affinity_node: str, exclude: set[str]) -> Ranking:
         started = time.perf_counter()
         if model not in self._fleet.models():
             raise NotFound(f"no node in the fleet serves model {model!r}")
@@ -164,8 +205,9 @@ class Router:
         failures: list[str] = []
         seq = 0
         attempt = request
+        request_span = trace.get_current_span()
         while True:
-            node_id, epoch, call, first = await self._start(attempt, ranking, failures)
+            node_id, epoch, call, first, span = await self._start(attempt, ranking, failures)
             carried = sent_tokens  # tokens of earlier attempts, now in the prompt as prefix
             try:
                 with self._fleet.dispatched(node_id):
@@ -186,6 +228,19 @@ class Router:
                 failures.append(node_id)
                 self._fleet.suspect(node_id, str(failure))
                 self.failovers.append((failure.kind, node_id))
+                span.set_status(trace.Status(trace.StatusCode.ERROR, str(failure)))
+                request_span.add_event(
+                    "failover",
+                    {
+                        "edgefleet.failover.cause": failure.kind,
+                        "edgefleet.failover.detail": str(failure),
+                        "edgefleet.node.id": node_id,
+                        "edgefleet.failover.attempt": len(failures),
+                        "edgefleet.failover.tokens_sent": sent_tokens,
+                    },
+                )
+                if self._metrics is not None:
+                    self._metrics.failovers.labels(failure.kind).inc()
                 log.warning(
                     "generation %s failed on %s (%s) after %d token(s); failing over",
                     request.request_id,
@@ -215,6 +270,7 @@ class Router:
                     ) from None
             finally:
                 call.cancel()  # no-op when finished; stops the node when the client left
+                span.end()
 
     @staticmethod
     def _continuation(
@@ -232,19 +288,36 @@ class Router:
         return attempt
 
     async def _start(self, request, ranking: Ranking, failures: list[str]):
-        """Open the stream on the best node that admits it: (node, epoch, call, first chunk)."""
+        """Open the stream on the best node that admits it.
+
+        Returns (node, epoch, call, first chunk, attempt span); the span is the
+        parent of the node's own spans and ends with the attempt.
+        """
         refused = 0
         for node_id in ranking.order:
             entry = self._fleet.nodes.get(node_id)
             if entry is None or self._fleet.is_suspect(node_id) or node_id in failures:
                 continue
-            call = self._channels.stub(entry.record.address).Generate(request)
+            span = telemetry.tracer().start_span(
+                f"attempt {node_id}",
+                kind=trace.SpanKind.CLIENT,
+                attributes={
+                    "edgefleet.node.id": node_id,
+                    "edgefleet.failover.attempt": len(failures),
+                    "server.address": entry.record.address,
+                },
+            )
+            call = self._channels.stub(entry.record.address).Generate(
+                request, metadata=telemetry.outgoing_metadata(span)
+            )
             first = await self._admitted(call, node_id)
             if first is None:
                 call.cancel()
+                span.set_status(trace.Status(trace.StatusCode.ERROR, "not admitted"))
+                span.end()
                 refused += 1
                 continue
-            return node_id, entry.epoch, call, first
+            return node_id, entry.epoch, call, first, span
         if refused:
             raise self._saturated(request.model)
         raise Unavailable(

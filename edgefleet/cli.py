@@ -79,6 +79,11 @@ def _add_node(sub) -> None:
         default=_env("NODE_ADVERTISE", ""),
         help="address coordinators reach this node at (default: --listen)",
     )
+    p.add_argument(
+        "--metrics",
+        default=_env("NODE_METRICS", ""),
+        help="host:port for a Prometheus /metrics listener (default: none)",
+    )
     p.set_defaults(func=_run_node)
 
 
@@ -106,6 +111,7 @@ def _run_node(args) -> int:
             shutdown_grace_s=args.shutdown_grace,
             coordinators=_addresses(args.coordinator),
             advertise=args.advertise,
+            metrics=args.metrics,
         )
     )
 
@@ -306,7 +312,7 @@ def _add_coordinator(sub) -> None:
     p.add_argument(
         "--http",
         default=_env("COORDINATOR_HTTP", base.http),
-        help="HTTP address (OpenAI-compatible API; not served yet)",
+        help='HTTP address: /healthz, /readyz, /metrics ("off" to disable)',
     )
     p.add_argument("--id", default=_env("COORDINATOR_ID", ""), help="default: hostname-port")
     p.add_argument(

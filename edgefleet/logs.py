@@ -7,6 +7,23 @@ import logging
 import os
 import sys
 
+from opentelemetry import trace
+
+
+class TraceContextFilter(logging.Filter):
+    """Adds the current trace and span ids to every record emitted inside a request."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        context = trace.get_current_span().get_span_context()
+        if context.is_valid:
+            record.trace_id = format(context.trace_id, "032x")
+            record.span_id = format(context.span_id, "016x")
+            record.trace_suffix = f" [trace={record.trace_id} span={record.span_id}]"
+        else:
+            record.trace_id = record.span_id = ""
+            record.trace_suffix = ""
+        return True
+
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
@@ -16,6 +33,9 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
+        if getattr(record, "trace_id", ""):
+            entry["trace_id"] = record.trace_id
+            entry["span_id"] = record.span_id
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry)
@@ -26,10 +46,11 @@ def setup_logging(level: str | None = None, *, json_format: bool | None = None) 
     if json_format is None:
         json_format = os.environ.get("EDGEFLEET_LOG_FORMAT", "text") == "json"
     handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(TraceContextFilter())
     handler.setFormatter(
         JsonFormatter()
         if json_format
-        else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+        else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s%(trace_suffix)s")
     )
     root = logging.getLogger()
     root.handlers[:] = [handler]

@@ -130,13 +130,26 @@ def start_coordinator(
     *,
     grpc_address: str,
     etcd: list[str],
+    http_address: str = "",
     extra_args: tuple[str, ...] = (),
     log_path: Path | None = None,
     env: dict[str, str] | None = None,
     name: str = "coordinator",
 ) -> DaemonProcess:
-    args = ["coordinator", "--grpc", grpc_address, "--etcd", ",".join(etcd), *extra_args]
-    return start_daemon(args, address=grpc_address, name=name, log_path=log_path, env=env)
+    http_address = http_address or f"{grpc_address.rsplit(':', 1)[0]}:{free_port()}"
+    args = [
+        "coordinator",
+        "--grpc",
+        grpc_address,
+        "--http",
+        http_address,
+        "--etcd",
+        ",".join(etcd),
+        *extra_args,
+    ]
+    process = start_daemon(args, address=grpc_address, name=name, log_path=log_path, env=env)
+    process.extra["http"] = http_address
+    return process
 
 
 def start_node(

@@ -58,7 +58,7 @@ def start_fleet(
     coordinator = start_coordinator(
         grpc_address=grpc_address,
         etcd=etcd.endpoints,
-        extra_args=("--http", http_address),
+        http_address=http_address,
         log_path=workdir / "coordinator.log",
     )
     fleet = Fleet(workdir=workdir, etcd=etcd, coordinator=coordinator, nodes=[])

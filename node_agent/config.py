@@ -24,6 +24,8 @@ class NodeConfig:
     coordinators: tuple[str, ...] = ()
     # Address coordinators use to reach this node (default: the listen address).
     advertise: str = ""
+    # host:port of the Prometheus /metrics listener (empty: not served).
+    metrics: str = ""
 
     def resolved_node_id(self, port: int) -> str:
         return self.node_id or f"{socket.gethostname()}-{port}"

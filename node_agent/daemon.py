@@ -17,10 +17,12 @@ import grpc
 from grpc_health.v1 import health, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from edgefleet import telemetry
 from edgefleet.errors import EdgefleetError
 from edgefleet.v1 import node_pb2_grpc
 from node_agent.capacity import GpuProbe, HostProbe, ThroughputMeter
 from node_agent.config import NodeConfig
+from node_agent.metrics import NodeMetrics
 from node_agent.models import ModelManager
 from node_agent.registrar import Registrar
 from node_agent.runtime.llama_cpp import LlamaCppRuntime
@@ -58,6 +60,8 @@ async def serve(config: NodeConfig, store: ModelStore | None = None) -> int:
         log.error("cannot listen on %s", config.listen)
         return 2
     node_id = config.resolved_node_id(port)
+    telemetry.setup_tracing("edgefleet-node", node_id)
+    metrics = NodeMetrics()
     health_servicer = health.aio.HealthServicer()
     servicer = NodeServicer(
         node_id=node_id,
@@ -66,7 +70,12 @@ async def serve(config: NodeConfig, store: ModelStore | None = None) -> int:
         gpus=gpus,
         throughput=throughput,
         health_servicer=health_servicer,
+        metrics=metrics,
     )
+    metrics.watch(servicer)
+    if config.metrics:
+        metrics_port = metrics.serve(config.metrics)
+        log.info("metrics at http://%s:%d/metrics", config.metrics.rpartition(":")[0], metrics_port)
     node_pb2_grpc.add_NodeServiceServicer_to_server(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -115,6 +124,7 @@ async def serve(config: NodeConfig, store: ModelStore | None = None) -> int:
         await server.stop(config.shutdown_grace_s)
         await models.unload_all()
         gpus.close()
+        telemetry.shutdown_tracing()
     log.info("node %s stopped", node_id)
     return 0
 

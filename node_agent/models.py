@@ -8,6 +8,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from edgefleet import telemetry
 from edgefleet.errors import AlreadyExists, FailedPrecondition, InvalidArgument
 from node_agent.catalog import ModelRef, resolve
 from node_agent.runtime.base import ModelInstance, Runtime
@@ -75,13 +76,17 @@ class ModelManager:
                 context = min(context, ref.entry.trained_context)
             quantization = ref.entry.quantization if ref.entry else _quantization_from(path)
             log.info("loading %s (%s) with %d slot(s), context %d", ref.name, path, slots, context)
-            instance = await self._runtime.load(
-                path,
-                slots=slots,
-                context_length=context,
-                quantization=quantization,
-                chat_template=ref.entry.chat_template if ref.entry else None,
-            )
+            with telemetry.tracer().start_as_current_span(
+                "load_model",
+                attributes={"gen_ai.request.model": ref.name, "edgefleet.model.slots": slots},
+            ):
+                instance = await self._runtime.load(
+                    path,
+                    slots=slots,
+                    context_length=context,
+                    quantization=quantization,
+                    chat_template=ref.entry.chat_template if ref.entry else None,
+                )
             model = HostedModel(
                 name=ref.name,
                 ref=ref,

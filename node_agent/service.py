@@ -9,11 +9,14 @@ import time
 import uuid
 
 from grpc_health.v1 import health, health_pb2
+from opentelemetry import trace
 
+from edgefleet import telemetry
 from edgefleet.errors import EdgefleetError, Unavailable, abort_with
 from edgefleet.v1 import common_pb2, node_pb2, node_pb2_grpc
 from node_agent.capacity import GpuProbe, HostProbe, ThroughputMeter
 from node_agent.catalog import CATALOG
+from node_agent.metrics import NodeMetrics
 from node_agent.models import HostedModel, ModelManager
 from node_agent.requests import generation_request_from_proto
 from node_agent.runtime.base import Finish, FinishReason
@@ -32,6 +35,43 @@ FINISH_REASONS = {
 }
 
 
+def finish_reason_name(reason: int) -> str:
+    return common_pb2.FinishReason.Name(reason).removeprefix("FINISH_REASON_").lower()
+
+
+def request_attributes(request: node_pb2.GenerateRequest, node_id: str) -> dict:
+    """OpenTelemetry GenAI attributes of a generation request."""
+    attributes = {
+        "gen_ai.operation.name": "chat",
+        "gen_ai.request.model": request.model,
+        "edgefleet.node.id": node_id,
+    }
+    if request.session_id:
+        attributes["edgefleet.session.id"] = request.session_id
+    sampling = request.sampling
+    if sampling.HasField("max_tokens"):
+        attributes["gen_ai.request.max_tokens"] = sampling.max_tokens
+    if sampling.HasField("temperature"):
+        attributes["gen_ai.request.temperature"] = sampling.temperature
+    if sampling.HasField("top_p"):
+        attributes["gen_ai.request.top_p"] = sampling.top_p
+    if sampling.HasField("seed"):
+        attributes["gen_ai.request.seed"] = sampling.seed
+    if request.assistant_prefix:
+        attributes["edgefleet.continuation.prefix_chars"] = len(request.assistant_prefix)
+    if telemetry.record_content():
+        attributes["edgefleet.prompt"] = "\n".join(
+            f"{m.role}: {m.content}" for m in request.messages
+        )
+    return attributes
+
+
+def _child_span(name: str, start_ns: int, end_ns: int, attributes: dict | None = None) -> None:
+    """A finished child span of the current one, with measured start and end."""
+    span = telemetry.tracer().start_span(name, start_time=start_ns, attributes=attributes)
+    span.end(end_time=max(start_ns, end_ns))
+
+
 class NodeServicer(node_pb2_grpc.NodeServiceServicer):
     def __init__(
         self,
@@ -42,6 +82,7 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
         gpus: GpuProbe,
         throughput: ThroughputMeter,
         health_servicer: health.aio.HealthServicer,
+        metrics: NodeMetrics | None = None,
     ) -> None:
         self.node_id = node_id
         self._models = models
@@ -49,6 +90,7 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
         self._gpus = gpus
         self._throughput = throughput
         self._health = health_servicer
+        self._metrics = metrics
         self._draining = False
         self._active = 0
         # Set when slots are taken or given back, so a fresh report can go out
@@ -80,25 +122,85 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
     # --- generation ----------------------------------------------------------
     async def Generate(self, request: node_pb2.GenerateRequest, context):
         request_id = request.request_id or uuid.uuid4().hex
-        try:
-            if self._draining:
-                raise Unavailable("node is draining and takes no new generations")
-            model = self._models.get(request.model)
-            prepared = model.instance.prepare(generation_request_from_proto(request))
-            queued_at = time.perf_counter()
-            async with model.pool.acquire() as slot:
-                queue_ms = (time.perf_counter() - queued_at) * 1000
-                self._active += 1
-                self.capacity_changed.set()
-                try:
-                    async for chunk in self._stream(model, slot, prepared, queue_ms):
-                        yield chunk
-                finally:
-                    self._active -= 1
+        arrived_ns = time.time_ns()
+        status = "OK"
+        with telemetry.tracer().start_as_current_span(
+            f"chat {request.model}",
+            context=telemetry.incoming_context(context.invocation_metadata()),
+            kind=trace.SpanKind.SERVER,
+        ) as span:
+            if span.is_recording():
+                span.set_attributes(request_attributes(request, self.node_id))
+            try:
+                if self._draining:
+                    raise Unavailable("node is draining and takes no new generations")
+                model = self._models.get(request.model)
+                prepared = model.instance.prepare(generation_request_from_proto(request))
+                async with model.pool.acquire() as slot:
+                    admitted_ns = time.time_ns()
+                    if span.is_recording():
+                        _child_span("queue", arrived_ns, admitted_ns)
+                    self._active += 1
                     self.capacity_changed.set()
-        except EdgefleetError as error:
-            log.info("generate %s refused: %s %s", request_id, error.code.name, error.message)
-            await abort_with(context, error)
+                    try:
+                        async for chunk in self._stream(
+                            model, slot, prepared, (admitted_ns - arrived_ns) / 1e6
+                        ):
+                            if chunk.finish_reason:
+                                self._record_finish(span, model.name, chunk, admitted_ns)
+                            yield chunk
+                    finally:
+                        self._active -= 1
+                        self.capacity_changed.set()
+            except EdgefleetError as error:
+                status = error.code.name
+                span.set_status(trace.Status(trace.StatusCode.ERROR, error.message))
+                log.info("generate %s refused: %s %s", request_id, status, error.message)
+                await abort_with(context, error)
+            except asyncio.CancelledError:
+                status = "CANCELLED"
+                raise
+            finally:
+                if self._metrics is not None:
+                    self._metrics.requests.labels(request.model, status).inc()
+
+    def _record_finish(self, span, model: str, chunk, admitted_ns: int) -> None:
+        usage, timings = chunk.usage, chunk.timings
+        if self._metrics is not None:
+            self._metrics.time_to_first_token.labels(model).observe(
+                timings.time_to_first_token_ms / 1000
+            )
+            if usage.completion_tokens > 1:
+                self._metrics.time_per_output_token.labels(model).observe(
+                    timings.generation_ms / 1000 / (usage.completion_tokens - 1)
+                )
+            self._metrics.prompt_tokens.labels(model).inc(usage.prompt_tokens)
+            self._metrics.generation_tokens.labels(model).inc(usage.completion_tokens)
+        if span.is_recording():
+            first_token_ns = admitted_ns + int(timings.prompt_ms * 1e6)
+            _child_span(
+                "prompt_processing",
+                admitted_ns,
+                first_token_ns,
+                {
+                    "gen_ai.usage.input_tokens": usage.prompt_tokens,
+                    "edgefleet.usage.cached_input_tokens": usage.cached_prompt_tokens,
+                },
+            )
+            _child_span(
+                "generation",
+                first_token_ns,
+                first_token_ns + int(timings.generation_ms * 1e6),
+                {"gen_ai.usage.output_tokens": usage.completion_tokens},
+            )
+            span.set_attributes(
+                {
+                    "gen_ai.usage.input_tokens": usage.prompt_tokens,
+                    "gen_ai.usage.output_tokens": usage.completion_tokens,
+                    "gen_ai.response.finish_reasons": [finish_reason_name(chunk.finish_reason)],
+                    "edgefleet.time_to_first_token_ms": timings.time_to_first_token_ms,
+                }
+            )
 
     async def _stream(self, model: HostedModel, slot: int, prepared, queue_ms: float):
         seq = 0

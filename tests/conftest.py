@@ -124,7 +124,7 @@ class FleetFactory:
         self.coordinators: list[DaemonProcess] = []
         self.nodes = NodeFactory(log_dir)
 
-    def coordinator(self, *extra_args: str, wait: bool = True) -> DaemonProcess:
+    def coordinator(self, *extra_args: str, wait: bool = True, env=None) -> DaemonProcess:
         address = f"127.0.0.1:{free_port()}"
         index = len(self.coordinators)
         process = start_coordinator(
@@ -133,6 +133,7 @@ class FleetFactory:
             extra_args=("--id", f"coord-{index}", *extra_args),
             log_path=self.log_dir / f"coordinator-{index}.log",
             name=f"coordinator-{index}",
+            env=env,
         )
         self.coordinators.append(process)
         if wait:

@@ -1,0 +1,87 @@
+"""The coordinator's HTTP listener: health, readiness and Prometheus metrics.
+
+An ASGI app (Starlette) served by uvicorn inside the coordinator's event
+loop. The OpenAI-compatible API mounts here too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import uvicorn
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from coordinator.etcd import Etcd
+from coordinator.fleet import FleetView
+from coordinator.metrics import CoordinatorMetrics
+from edgefleet.errors import Unavailable
+
+
+def build_app(*, etcd: Etcd, fleet: FleetView, metrics: CoordinatorMetrics) -> Starlette:
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def readyz(request: Request) -> Response:
+        problems = []
+        try:
+            await etcd.ping()
+        except Unavailable as exc:
+            problems.append(exc.message)
+        ready_nodes = len(fleet.ready_nodes())
+        if not ready_nodes:
+            problems.append("no ready node in the fleet")
+        body = {"ready": not problems, "ready_nodes": ready_nodes, "problems": problems}
+        return JSONResponse(body, status_code=200 if not problems else 503)
+
+    async def prometheus(request: Request) -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return Starlette(
+        routes=[
+            Route("/healthz", healthz),
+            Route("/readyz", readyz),
+            Route("/metrics", prometheus),
+        ]
+    )
+
+
+class EmbeddedServer(uvicorn.Server):
+    """Uvicorn inside the daemon's own event loop: the daemon owns the signals,
+    and start/serve/stop are separate steps of the daemon's lifecycle."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        yield
+
+    async def start(self) -> bool:
+        """Bind and start; False when the address cannot be used."""
+        if not self.config.loaded:
+            self.config.load()
+        self.lifespan = self.config.lifespan_class(self.config)
+        try:
+            await self.startup()
+        except SystemExit:  # uvicorn exits on a bind error; the daemon decides
+            return False
+        return self.started
+
+    async def stop(self) -> None:
+        self.should_exit = True
+        if self.started:
+            await self.shutdown()
+
+
+def http_server(app: Starlette, address: str) -> EmbeddedServer:
+    host, _, port = address.rpartition(":")
+    config = uvicorn.Config(
+        app,
+        host=host or "127.0.0.1",
+        port=int(port),
+        log_level="warning",
+        lifespan="off",
+        access_log=False,
+    )
+    return EmbeddedServer(config)
