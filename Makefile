@@ -14,7 +14,7 @@ SESSION ?=
 NODE ?=
 UNDO ?=
 
-.PHONY: help install demo fleet status chat drain etcd test chaos lint format proto node bench bench-failover clean
+.PHONY: help install demo fleet status chat drain etcd traces test chaos lint format proto node bench bench-failover clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -40,6 +40,9 @@ chat: install  ## chat through the fleet (PROMPT="..."; SESSION=id to continue o
 drain: install  ## stop new sessions going to NODE=id (UNDO=1 to resume)
 	@test -n "$(NODE)" || (echo "usage: make drain NODE=node-id [UNDO=1]"; exit 2)
 	$(EDGEFLEET) drain $(NODE) $(if $(UNDO),--undo) $(if $(COORDINATOR),--coordinator $(COORDINATOR))
+
+traces: install  ## a local fleet with tracing: one chat, its span tree printed (saved to trace.json)
+	$(EDGEFLEET) traces
 
 etcd: install  ## a standalone local etcd server until Ctrl-C
 	$(EDGEFLEET) etcd

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import sys
 
-from bench import failover, fleet_placement, node_single_stream
+from bench import failover, fleet_placement, node_single_stream, tracing_overhead
 
 SCENARIOS = {
     "node-single": node_single_stream.main,
     "fleet-placement": fleet_placement.main,
     "failover": failover.main,
+    "tracing-overhead": tracing_overhead.main,
 }
 
 

@@ -582,6 +582,25 @@ def _drain(args) -> int:
     return 0
 
 
+def _add_traces(sub) -> None:
+    p = sub.add_parser(
+        "traces", help="run a local fleet with tracing, chat once, print the trace's span tree"
+    )
+    p.add_argument("prompt", nargs="?", default="Write a haiku about a lighthouse.")
+    p.add_argument("--nodes", type=int, default=2)
+    p.add_argument("--model", default=defaults.DEFAULT_MODEL)
+    p.add_argument("--out", default="trace.json", help="file for the spans as JSON")
+    p.set_defaults(func=_traces)
+
+
+def _traces(args) -> int:
+    from pathlib import Path
+
+    from edgefleet import up
+
+    return up.run_traces(nodes=args.nodes, model=args.model, prompt=args.prompt, out=Path(args.out))
+
+
 def _add_etcd(sub) -> None:
     p = sub.add_parser("etcd", help="run a standalone local etcd server (Ctrl-C to stop)")
     p.add_argument("--members", type=int, default=1)
@@ -623,6 +642,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_chat(sub)
     _add_drain(sub)
     _add_etcd(sub)
+    _add_traces(sub)
     return parser
 
 

@@ -192,3 +192,70 @@ def _chat_once(grpc_address: str, model: str, prompt: str) -> int:
             flush=True,
         )
     return 0
+
+
+TRACE_KEYS = (
+    "gen_ai.request.model",
+    "gen_ai.usage.input_tokens",
+    "gen_ai.usage.output_tokens",
+    "gen_ai.response.finish_reasons",
+    "edgefleet.node.id",
+    "edgefleet.placement.candidates",
+    "edgefleet.failover.attempt",
+    "edgefleet.time_to_first_token_ms",
+)
+
+
+def run_traces(*, nodes: int, model: str, prompt: str, out: Path) -> int:
+    """A local fleet exporting traces to an in-process OTLP receiver; one chat; its tree."""
+    import json
+    import os
+
+    from edgefleet.otlp_receiver import OtlpReceiver, render_tree, span_tree
+
+    receiver = OtlpReceiver().start()
+    os.environ.update(receiver.exporter_env())  # the fleet's processes inherit it
+    grpc_address = f"127.0.0.1:{free_port()}"
+    workdir = Path(tempfile.mkdtemp(prefix="edgefleet-traces-"))
+    try:
+        fleet = start_fleet(
+            nodes=nodes,
+            model=model,
+            grpc_address=grpc_address,
+            http_address=f"127.0.0.1:{free_port()}",
+            slots=2,
+            workdir=workdir,
+        )
+    except (RuntimeError, TimeoutError) as error:
+        print(f"error: the fleet did not come up: {error}", file=sys.stderr)
+        receiver.stop()
+        return 1
+    try:
+        _chat_once(grpc_address, model, prompt)
+
+        def whole_trace(spans):
+            roots = [s for s in spans if s.service == "edgefleet-coordinator" and s.kind == 2]
+            if not roots:
+                return None
+            mine = [s for s in spans if s.trace_id == roots[-1].trace_id]
+            return mine if any(s.name == "generation" for s in mine) else None
+
+        spans = receiver.wait_for(whole_trace, timeout_s=30)
+    finally:
+        fleet.stop()
+        receiver.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+    if not spans:
+        print("error: no complete trace arrived", file=sys.stderr)
+        return 1
+    print(f"\ntrace {spans[0].trace_id} ({len(spans)} spans):\n")
+    print(render_tree(span_tree(spans), TRACE_KEYS))
+    out.write_text(
+        json.dumps(
+            [{k: v for k, v in vars(s).items() if k != "children"} for s in spans],
+            indent=2,
+            default=str,
+        )
+    )
+    print(f"\nspans saved to {out}")
+    return 0
