@@ -30,3 +30,5 @@ class CoordinatorConfig:
     stall_timeout_s: float = 2.0
     first_token_timeout_s: float = 15.0
     max_failovers: int = 3
+    # Bearer keys the HTTP API accepts; empty: no authentication.
+    api_keys: tuple[str, ...] = ()

@@ -21,6 +21,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from coordinator.completions import Completions
 from coordinator.config import CoordinatorConfig
 from coordinator.etcd import Etcd
 from coordinator.fleet import FleetView
@@ -104,6 +105,16 @@ async def serve(config: CoordinatorConfig) -> int:
         lease_ttl_s=config.node_lease_ttl_s,
         heartbeat_interval_s=config.heartbeat_interval_s,
     )
+    router = Router(
+        fleet,
+        Placement(config.policy),
+        channels,
+        first_token_timeout_s=config.first_token_timeout_s,
+        stall_timeout_s=config.stall_timeout_s,
+        max_failovers=config.max_failovers,
+        metrics=metrics,
+    )
+    completions = Completions(router, metrics)
     servicer = CoordinatorServicer(
         coordinator_id=coordinator_id,
         etcd=etcd,
@@ -122,21 +133,21 @@ async def serve(config: CoordinatorConfig) -> int:
             replica_lease=lambda: replica.lease_id,
             coordinator_id=coordinator_id,
         ),
-        router=Router(
-            fleet,
-            Placement(config.policy),
-            channels,
-            first_token_timeout_s=config.first_token_timeout_s,
-            stall_timeout_s=config.stall_timeout_s,
-            max_failovers=config.max_failovers,
-            metrics=metrics,
-        ),
+        router=router,
+        completions=completions,
         metrics=metrics,
     )
     metrics.watch(fleet)
     http = None
     if config.http and config.http != "off":
-        http = http_server(build_app(etcd=etcd, fleet=fleet, metrics=metrics), config.http)
+        app = build_app(
+            etcd=etcd,
+            fleet=fleet,
+            metrics=metrics,
+            completions=completions,
+            api_keys=frozenset(config.api_keys),
+        )
+        http = http_server(app, config.http)
     health_servicer = health.aio.HealthServicer()
     coordinator_pb2_grpc.add_CoordinatorServiceServicer_to_server(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

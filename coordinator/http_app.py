@@ -1,7 +1,8 @@
-"""The coordinator's HTTP listener: health, readiness and Prometheus metrics.
+"""The coordinator's HTTP listener: the OpenAI-compatible API (``/v1``),
+health, readiness and Prometheus metrics.
 
-An ASGI app (Starlette) served by uvicorn inside the coordinator's event
-loop. The OpenAI-compatible API mounts here too.
+An ASGI app (FastAPI, on Starlette) served by uvicorn inside the
+coordinator's event loop.
 """
 
 from __future__ import annotations
@@ -9,19 +10,29 @@ from __future__ import annotations
 import contextlib
 
 import uvicorn
+from fastapi import FastAPI
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from coordinator.completions import Completions
 from coordinator.etcd import Etcd
 from coordinator.fleet import FleetView
 from coordinator.metrics import CoordinatorMetrics
+from coordinator.openai_api import add_openai_api
+from edgefleet import __version__
 from edgefleet.errors import Unavailable
 
 
-def build_app(*, etcd: Etcd, fleet: FleetView, metrics: CoordinatorMetrics) -> Starlette:
+def build_app(
+    *,
+    etcd: Etcd,
+    fleet: FleetView,
+    metrics: CoordinatorMetrics,
+    completions: Completions,
+    api_keys: frozenset[str] = frozenset(),
+) -> FastAPI:
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
@@ -40,13 +51,18 @@ def build_app(*, etcd: Etcd, fleet: FleetView, metrics: CoordinatorMetrics) -> S
     async def prometheus(request: Request) -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    return Starlette(
+    app = FastAPI(
+        title="edgefleet coordinator",
+        version=__version__,
+        description="OpenAI-compatible API over a fleet of edge devices",
         routes=[
-            Route("/healthz", healthz),
-            Route("/readyz", readyz),
-            Route("/metrics", prometheus),
-        ]
+            Route("/healthz", healthz, include_in_schema=False),
+            Route("/readyz", readyz, include_in_schema=False),
+            Route("/metrics", prometheus, include_in_schema=False),
+        ],
     )
+    add_openai_api(app, completions=completions, fleet=fleet, api_keys=api_keys)
+    return app
 
 
 class EmbeddedServer(uvicorn.Server):
@@ -74,7 +90,7 @@ class EmbeddedServer(uvicorn.Server):
             await self.shutdown()
 
 
-def http_server(app: Starlette, address: str) -> EmbeddedServer:
+def http_server(app: FastAPI, address: str) -> EmbeddedServer:
     host, _, port = address.rpartition(":")
     config = uvicorn.Config(
         app,

@@ -6,10 +6,8 @@ import asyncio
 import contextlib
 import logging
 import time
-import uuid
 
-from opentelemetry import trace
-
+from coordinator.completions import Completions, RequestTracker
 from coordinator.etcd import Etcd
 from coordinator.fleet import FleetView
 from coordinator.keys import Keys
@@ -19,9 +17,8 @@ from coordinator.metrics import CoordinatorMetrics
 from coordinator.placement import Ranking
 from coordinator.router import Router
 from coordinator.sessions import Sessions
-from edgefleet import telemetry
 from edgefleet.errors import EdgefleetError, InvalidArgument, NotFound, Unavailable, abort_with
-from edgefleet.generation import messages_from_proto, sampling_from_proto
+from edgefleet.generation import sampling_from_proto
 from edgefleet.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc, node_pb2
 
 log = logging.getLogger(__name__)
@@ -31,115 +28,6 @@ PLACEMENT_METADATA_KEY = "edgefleet-placement-us"
 MAX_TURN_BYTES = 256 * 1024
 # How long a finished turn waits for etcd to come back before giving up.
 COMMIT_RETRY_S = 10.0
-
-
-class RequestTracker:
-    """One client request: its server span, its metrics, and the reply chunks.
-
-    It turns the nodes' chunks into the client's (counting failovers as the
-    serving node changes) and records time to first token, time per output
-    token, token usage and the final status.
-    """
-
-    def __init__(self, method: str, context, metrics: CoordinatorMetrics | None, sampling):
-        self._method = method
-        self._metrics = metrics
-        self._context = context
-        self._sampling = sampling
-        self.model = ""
-        self.status = "OK"
-        self.failovers = 0
-        self._node_id = ""
-        self._started = time.perf_counter()
-        self._first_token: float | None = None
-        self._span_context = None
-        self.span = trace.INVALID_SPAN
-
-    def __enter__(self) -> RequestTracker:
-        self._span_context = telemetry.tracer().start_as_current_span(
-            f"chat {self._method}",
-            context=telemetry.incoming_context(self._context.invocation_metadata()),
-            kind=trace.SpanKind.SERVER,
-        )
-        self.span = self._span_context.__enter__()
-        if self.span.is_recording():
-            self.span.set_attribute("gen_ai.operation.name", "chat")
-            self.span.set_attribute("rpc.method", self._method)
-            if self._sampling.HasField("max_tokens"):
-                self.span.set_attribute("gen_ai.request.max_tokens", self._sampling.max_tokens)
-            if self._sampling.HasField("temperature"):
-                self.span.set_attribute("gen_ai.request.temperature", self._sampling.temperature)
-        return self
-
-    def describe(self, model: str, session_id: str, policy: str) -> None:
-        self.model = model
-        if self.span.is_recording():
-            self.span.update_name(f"chat {model}")
-            self.span.set_attribute("gen_ai.request.model", model)
-            self.span.set_attribute("edgefleet.placement.policy", policy)
-            if session_id:
-                self.span.set_attribute("edgefleet.session.id", session_id)
-
-    def relay(self, chunk, session_id: str) -> coordinator_pb2.ChatChunk:
-        if self._node_id and chunk.node_id and chunk.node_id != self._node_id:
-            self.failovers += 1
-        self._node_id = chunk.node_id or self._node_id
-        if chunk.text and self._first_token is None:
-            self._first_token = time.perf_counter()
-            ttft = self._first_token - self._started
-            if self._metrics is not None:
-                self._metrics.time_to_first_token.labels(self.model).observe(ttft)
-            if self.span.is_recording():
-                self.span.set_attribute("edgefleet.time_to_first_token_ms", ttft * 1000)
-        reply = coordinator_pb2.ChatChunk(
-            text=chunk.text,
-            node_id=self._node_id,
-            session_id=session_id,
-            failovers=self.failovers,
-            token_count=chunk.token_count,
-        )
-        if chunk.finish_reason:
-            reply.finish_reason = chunk.finish_reason
-            reply.usage.CopyFrom(chunk.usage)
-            reply.model = self.model
-            self._finished(chunk)
-        return reply
-
-    def _finished(self, chunk) -> None:
-        usage = chunk.usage
-        if self._metrics is not None:
-            self._metrics.prompt_tokens.labels(self.model).inc(usage.prompt_tokens)
-            self._metrics.generation_tokens.labels(self.model).inc(usage.completion_tokens)
-            if self._first_token is not None and usage.completion_tokens > 1:
-                self._metrics.time_per_output_token.labels(self.model).observe(
-                    (time.perf_counter() - self._first_token) / (usage.completion_tokens - 1)
-                )
-        if self.span.is_recording():
-            self.span.set_attributes(
-                {
-                    "gen_ai.usage.input_tokens": usage.prompt_tokens,
-                    "gen_ai.usage.output_tokens": usage.completion_tokens,
-                    "gen_ai.response.finish_reasons": [
-                        common_pb2.FinishReason.Name(chunk.finish_reason)
-                        .removeprefix("FINISH_REASON_")
-                        .lower()
-                    ],
-                    "edgefleet.node.id": self._node_id,
-                    "edgefleet.failovers": self.failovers,
-                }
-            )
-
-    def failed(self, error: EdgefleetError) -> None:
-        self.status = error.code.name
-        self.span.set_status(trace.Status(trace.StatusCode.ERROR, error.message))
-
-    def __exit__(self, exc_type, exc, tb) -> bool:
-        if exc_type is not None and self.status == "OK":
-            self.status = "CANCELLED" if exc_type is asyncio.CancelledError else "INTERNAL"
-        if self._metrics is not None:
-            self._metrics.requests.labels(self._method, self.status).inc()
-        self._span_context.__exit__(exc_type, exc, tb)
-        return False
 
 
 class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
@@ -154,6 +42,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         leadership: Leadership,
         sessions: Sessions,
         router: Router,
+        completions: Completions,
         metrics: CoordinatorMetrics | None = None,
     ) -> None:
         self.coordinator_id = coordinator_id
@@ -165,6 +54,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         self._sessions = sessions
         self._router = router
         self._metrics = metrics
+        self._completions = completions
 
     # --- node membership -------------------------------------------------------------
     async def Register(self, request, context):
@@ -211,7 +101,9 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
             await abort_with(context, error)
 
     async def Chat(self, request: coordinator_pb2.ChatRequest, context):
-        with RequestTracker("Chat", context, self._metrics, request.sampling) as tracker:
+        with RequestTracker(
+            "Chat", context.invocation_metadata(), self._metrics, request.sampling
+        ) as tracker:
             try:
                 if not request.content.strip():
                     raise InvalidArgument("content must not be empty")
@@ -296,32 +188,17 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
             await self._sessions.release(turn)
 
     async def Complete(self, request: coordinator_pb2.CompleteRequest, context):
-        with RequestTracker("Complete", context, self._metrics, request.sampling) as tracker:
-            tracker.describe(request.model, "", self._router.policy)
-            try:
-                messages_from_proto(request.messages)
-                sampling_from_proto(request.sampling)
-                generate = node_pb2.GenerateRequest(
-                    request_id=uuid.uuid4().hex,
-                    model=request.model,
-                    messages=request.messages,
-                    sampling=request.sampling,
-                    constraint=request.constraint,
-                    tools=request.tools,
-                    assistant_prefix=request.assistant_prefix,
-                )
-                ranking = self._router.rank(request.model)
-                async for chunk in self._router.generate(generate, ranking):
-                    reply = tracker.relay(chunk, "")
-                    if chunk.finish_reason:
-                        self._set_placement_trailer(context, ranking)
-                        yield reply
-                        return
-                    if chunk.text:
-                        yield reply
-            except EdgefleetError as error:
-                tracker.failed(error)
-                await abort_with(context, error)
+        try:
+            async for chunk, placement_us in self._completions.stream(
+                request, method="Complete", metadata=context.invocation_metadata()
+            ):
+                if chunk.finish_reason:
+                    context.set_trailing_metadata(
+                        ((PLACEMENT_METADATA_KEY, f"{placement_us:.1f}"),)
+                    )
+                yield chunk
+        except EdgefleetError as error:
+            await abort_with(context, error)
 
     @staticmethod
     def _set_placement_trailer(context, ranking: Ranking) -> None:

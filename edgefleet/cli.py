@@ -357,6 +357,13 @@ def _add_coordinator(sub) -> None:
         default=base.max_failovers,
         help="node failovers allowed per reply (0 = none)",
     )
+    p.add_argument(
+        "--api-key",
+        action="append",
+        default=[k for k in [_env("API_KEY", "")] if k],
+        help="require this Bearer key on the HTTP API (repeatable; env EDGEFLEET_API_KEY)",
+    )
+    p.add_argument("--api-key-file", default="", help="file with one accepted key per line")
     p.set_defaults(func=_run_coordinator)
 
 
@@ -368,6 +375,14 @@ def _run_coordinator(args) -> int:
     if not etcd:
         print("error: --etcd needs at least one host:port", file=sys.stderr)
         return 2
+    keys = list(args.api_key)
+    if args.api_key_file:
+        try:
+            with open(args.api_key_file) as handle:
+                keys += [line.strip() for line in handle if line.strip()]
+        except OSError as error:
+            print(f"error: cannot read --api-key-file: {error}", file=sys.stderr)
+            return 2
     if args.node_lease_ttl < 1 or args.heartbeat_interval <= 0:
         print("error: need --node-lease-ttl >= 1 and --heartbeat-interval > 0", file=sys.stderr)
         return 2
@@ -388,6 +403,7 @@ def _run_coordinator(args) -> int:
             stall_timeout_s=args.stall_timeout,
             first_token_timeout_s=args.first_token_timeout,
             max_failovers=args.max_failovers,
+            api_keys=tuple(keys),
         )
     )
 

@@ -276,3 +276,38 @@ def test_tracing_off_by_default(node_factory):
     node = node_factory.start()
     assert "tracing on" not in node.log_path.read_text()
     os.kill(node.pid, signal.SIGTERM)
+
+
+def test_an_http_request_with_traceparent_joins_the_callers_trace(fleet_factory, receiver):
+    import httpx
+
+    env = receiver.exporter_env()
+    coordinator = fleet_factory.coordinator(env=env)
+    fleet_factory.node("n1", env=env)
+    fleet_factory.wait_ready_nodes(1)
+    trace_id = "0af7651916cd43dd8448eb211c80319c"
+    reply = httpx.post(
+        f"http://{coordinator.extra['http']}/v1/chat/completions",
+        json={
+            "model": "smollm2-135m",
+            "messages": [{"role": "user", "content": "Hi"}],
+            "max_tokens": 4,
+        },
+        headers={"traceparent": f"00-{trace_id}-b7ad6b7169203331-01"},
+        timeout=60,
+    )
+    assert reply.status_code == 200
+    spans = receiver.wait_for(
+        lambda all_spans: (
+            (found := [s for s in all_spans if s.trace_id == trace_id])
+            and {s.service for s in found} == {"edgefleet-coordinator", "edgefleet-node"}
+            and any(s.kind == SERVER and s.service == "edgefleet-coordinator" for s in found)
+            and found
+        ),
+    )
+    assert spans, "the HTTP request's spans did not join the caller's trace"
+    root = next(s for s in spans if s.kind == SERVER and s.service == "edgefleet-coordinator")
+    assert root.parent_id == "b7ad6b7169203331"
+    assert (
+        root.attributes["gen_ai.usage.output_tokens"] == reply.json()["usage"]["completion_tokens"]
+    )

@@ -1,0 +1,208 @@
+"""Stateless chat completions over the fleet, shared by the gRPC and HTTP APIs.
+
+``RequestTracker`` is one client request's span, metrics and reply chunks.
+``Completions.stream`` validates a request, places it (with affinity: a key
+the client gives, else a hash of the conversation's start, so a continued
+conversation returns to the node that has its prefix cached) and streams it
+with failover.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import hashlib
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from opentelemetry import trace
+
+from coordinator.metrics import CoordinatorMetrics
+from coordinator.router import Router
+from edgefleet import telemetry
+from edgefleet.errors import EdgefleetError
+from edgefleet.generation import messages_from_proto, sampling_from_proto
+from edgefleet.v1 import common_pb2, coordinator_pb2, node_pb2
+
+
+class RequestTracker:
+    """One client request: its server span, its metrics, and the reply chunks.
+
+    It turns the nodes' chunks into the client's (counting failovers as the
+    serving node changes) and records time to first token, time per output
+    token, token usage and the final status.
+    """
+
+    def __init__(self, method: str, metadata, metrics: CoordinatorMetrics | None, sampling):
+        self._method = method
+        self._metrics = metrics
+        self._metadata = metadata  # the caller's request metadata or HTTP headers
+        self._sampling = sampling
+        self.model = ""
+        self.status = "OK"
+        self.failovers = 0
+        self._node_id = ""
+        self._started = time.perf_counter()
+        self._first_token: float | None = None
+        self._span_context = None
+        self.span = trace.INVALID_SPAN
+
+    def __enter__(self) -> RequestTracker:
+        self._span_context = telemetry.tracer().start_as_current_span(
+            f"chat {self._method}",
+            context=telemetry.incoming_context(self._metadata),
+            kind=trace.SpanKind.SERVER,
+        )
+        self.span = self._span_context.__enter__()
+        if self.span.is_recording():
+            self.span.set_attribute("gen_ai.operation.name", "chat")
+            self.span.set_attribute("rpc.method", self._method)
+            if self._sampling.HasField("max_tokens"):
+                self.span.set_attribute("gen_ai.request.max_tokens", self._sampling.max_tokens)
+            if self._sampling.HasField("temperature"):
+                self.span.set_attribute("gen_ai.request.temperature", self._sampling.temperature)
+        return self
+
+    def describe(self, model: str, session_id: str, policy: str) -> None:
+        self.model = model
+        if self.span.is_recording():
+            self.span.update_name(f"chat {model}")
+            self.span.set_attribute("gen_ai.request.model", model)
+            self.span.set_attribute("edgefleet.placement.policy", policy)
+            if session_id:
+                self.span.set_attribute("edgefleet.session.id", session_id)
+
+    def relay(self, chunk, session_id: str) -> coordinator_pb2.ChatChunk:
+        if self._node_id and chunk.node_id and chunk.node_id != self._node_id:
+            self.failovers += 1
+        self._node_id = chunk.node_id or self._node_id
+        if chunk.text and self._first_token is None:
+            self._first_token = time.perf_counter()
+            ttft = self._first_token - self._started
+            if self._metrics is not None:
+                self._metrics.time_to_first_token.labels(self.model).observe(ttft)
+            if self.span.is_recording():
+                self.span.set_attribute("edgefleet.time_to_first_token_ms", ttft * 1000)
+        reply = coordinator_pb2.ChatChunk(
+            text=chunk.text,
+            node_id=self._node_id,
+            session_id=session_id,
+            failovers=self.failovers,
+            token_count=chunk.token_count,
+        )
+        if chunk.finish_reason:
+            reply.finish_reason = chunk.finish_reason
+            reply.usage.CopyFrom(chunk.usage)
+            reply.model = self.model
+            self._finished(chunk)
+        return reply
+
+    def _finished(self, chunk) -> None:
+        usage = chunk.usage
+        if self._metrics is not None:
+            self._metrics.prompt_tokens.labels(self.model).inc(usage.prompt_tokens)
+            self._metrics.generation_tokens.labels(self.model).inc(usage.completion_tokens)
+            if self._first_token is not None and usage.completion_tokens > 1:
+                self._metrics.time_per_output_token.labels(self.model).observe(
+                    (time.perf_counter() - self._first_token) / (usage.completion_tokens - 1)
+                )
+        if self.span.is_recording():
+            self.span.set_attributes(
+                {
+                    "gen_ai.usage.input_tokens": usage.prompt_tokens,
+                    "gen_ai.usage.output_tokens": usage.completion_tokens,
+                    "gen_ai.response.finish_reasons": [
+                        common_pb2.FinishReason.Name(chunk.finish_reason)
+                        .removeprefix("FINISH_REASON_")
+                        .lower()
+                    ],
+                    "edgefleet.node.id": self._node_id,
+                    "edgefleet.failovers": self.failovers,
+                }
+            )
+
+    def failed(self, error: EdgefleetError) -> None:
+        self.status = error.code.name
+        self.span.set_status(trace.Status(trace.StatusCode.ERROR, error.message))
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is not None and self.status == "OK":
+            self.status = "CANCELLED" if exc_type is asyncio.CancelledError else "INTERNAL"
+        if self._metrics is not None:
+            self._metrics.requests.labels(self._method, self.status).inc()
+        self._span_context.__exit__(exc_type, exc, tb)
+        return False
+
+
+class AffinityTable:
+    """Which node last served a conversation (bounded, most recent kept)."""
+
+    def __init__(self, capacity: int = 10_000) -> None:
+        self._capacity = capacity
+        self._nodes: collections.OrderedDict[str, str] = collections.OrderedDict()
+
+    def get(self, key: str) -> str:
+        node = self._nodes.get(key, "")
+        if node:
+            self._nodes.move_to_end(key)
+        return node
+
+    def remember(self, key: str, node_id: str) -> None:
+        self._nodes[key] = node_id
+        self._nodes.move_to_end(key)
+        while len(self._nodes) > self._capacity:
+            self._nodes.popitem(last=False)
+
+
+def conversation_key(request: coordinator_pb2.CompleteRequest) -> str:
+    """The client's affinity key, else a hash of the conversation's opening
+    messages (through the first user message), which every later request of
+    the same conversation repeats."""
+    if request.affinity_key:
+        return "key:" + request.affinity_key
+    digest = hashlib.sha256(request.model.encode())
+    for message in request.messages:
+        digest.update(f"\0{message.role}\0{message.content}".encode())
+        if message.role == "user":
+            break
+    return "prefix:" + digest.hexdigest()
+
+
+class Completions:
+    def __init__(self, router: Router, metrics: CoordinatorMetrics | None = None) -> None:
+        self._router = router
+        self._metrics = metrics
+        self._affinity = AffinityTable()
+
+    async def stream(
+        self, request: coordinator_pb2.CompleteRequest, *, method: str, metadata=()
+    ) -> AsyncIterator[tuple[coordinator_pb2.ChatChunk, float]]:
+        """Yield (chunk, placement µs) for the reply; raises EdgefleetError."""
+        with RequestTracker(method, metadata, self._metrics, request.sampling) as tracker:
+            tracker.describe(request.model, "", self._router.policy)
+            try:
+                messages_from_proto(request.messages)
+                sampling_from_proto(request.sampling)
+                generate = node_pb2.GenerateRequest(
+                    request_id=uuid.uuid4().hex,
+                    model=request.model,
+                    messages=request.messages,
+                    sampling=request.sampling,
+                    constraint=request.constraint,
+                    tools=request.tools,
+                    assistant_prefix=request.assistant_prefix,
+                )
+                key = conversation_key(request)
+                ranking = self._router.rank(request.model, affinity_node=self._affinity.get(key))
+                async for chunk in self._router.generate(generate, ranking):
+                    reply = tracker.relay(chunk, "")
+                    if chunk.finish_reason:
+                        self._affinity.remember(key, reply.node_id)
+                        yield reply, ranking.decision_us
+                        return
+                    if chunk.text:
+                        yield reply, ranking.decision_us
+            except EdgefleetError as error:
+                tracker.failed(error)
+                raise

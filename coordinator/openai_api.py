@@ -1,0 +1,413 @@
+"""The OpenAI-compatible HTTP API: the whole fleet behind one base URL.
+
+``POST /v1/chat/completions`` (streaming as server-sent events, or not) and
+``GET /v1/models``. Requests are checked against pydantic models; every error
+is the OpenAI error shape with the matching HTTP status. Streams fail over
+between nodes like gRPC ones (the shared ``Completions`` path).
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import time
+import uuid
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, FastAPI, Header, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from coordinator.completions import Completions
+from coordinator.fleet import FleetView
+from edgefleet.errors import EdgefleetError, NotFound
+from edgefleet.v1 import common_pb2, coordinator_pb2
+
+MAX_BODY_BYTES = 4 * 1024 * 1024
+
+# gRPC status -> (HTTP status, OpenAI error type)
+HTTP_OF = {
+    "INVALID_ARGUMENT": (400, "invalid_request_error"),
+    "FAILED_PRECONDITION": (400, "invalid_request_error"),
+    "NOT_FOUND": (404, "not_found_error"),
+    "ALREADY_EXISTS": (409, "conflict_error"),
+    "ABORTED": (409, "conflict_error"),
+    "RESOURCE_EXHAUSTED": (429, "rate_limit_error"),
+    "UNAVAILABLE": (503, "service_unavailable_error"),
+}
+FINISH = {
+    common_pb2.FINISH_REASON_STOP: "stop",
+    common_pb2.FINISH_REASON_STOP_SEQUENCE: "stop",
+    common_pb2.FINISH_REASON_LENGTH: "length",
+    common_pb2.FINISH_REASON_CONTEXT_FULL: "length",
+    common_pb2.FINISH_REASON_TOOL_CALLS: "tool_calls",
+    common_pb2.FINISH_REASON_CANCELLED: "stop",
+}
+
+
+class ApiError(Exception):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type_: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = (
+            status,
+            message,
+            type_,
+            param,
+            code,
+        )
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+    @classmethod
+    def from_edgefleet(cls, error: EdgefleetError, param: str | None = None) -> ApiError:
+        status, type_ = HTTP_OF.get(error.code.name, (500, "server_error"))
+        code = {404: "model_not_found"}.get(status) if isinstance(error, NotFound) else None
+        headers = {}
+        if error.retry_after_s is not None and status in (429, 503):
+            headers["Retry-After"] = str(max(1, round(error.retry_after_s)))
+        return cls(status, error.message, type_=type_, param=param, code=code, headers=headers)
+
+
+# --- request models ------------------------------------------------------------------
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str
+
+
+class ToolCallIn(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+    tool_call_id: str | None = None
+    tool_calls: list[ToolCallIn] | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(part.text for part in self.content)
+        return self.content or ""
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class JsonSchemaFormat(BaseModel):
+    name: str = "response"
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+    description: str | None = None
+
+
+class ResponseFormat(BaseModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class ChatCompletionRequest(BaseModel):
+    # Unknown top-level fields are refused, as OpenAI does; known ones that
+    # edgefleet does not act on are accepted and ignored.
+    model_config = ConfigDict(extra="forbid")
+    model: str = Field(min_length=1)
+    messages: list[Message] = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    user: str | None = None
+    n: int | None = Field(default=None, ge=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    response_format: ResponseFormat | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    logit_bias: dict[str, float] | None = None
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    reasoning_effort: str | None = None
+    modalities: list[str] | None = None
+
+
+def to_complete_request(body: ChatCompletionRequest, session_header: str | None):
+    if body.n not in (None, 1):
+        raise ApiError(400, "n > 1 is not supported; ask for one choice", param="n")
+    if body.logprobs:
+        raise ApiError(400, "logprobs are not supported", param="logprobs")
+    if body.tools:
+        raise ApiError(400, "tools are not supported yet", param="tools")
+    tool_call_ids = set()
+    messages = []
+    for index, message in enumerate(body.messages):
+        if message.role == "assistant" and message.tool_calls:
+            tool_call_ids.update(call.id for call in message.tool_calls)
+        if message.role == "tool" and message.tool_call_id not in tool_call_ids:
+            raise ApiError(
+                400,
+                f"messages[{index}] answers tool_call_id "
+                f"{message.tool_call_id!r}, which no assistant message made",
+                param=f"messages.[{index}].tool_call_id",
+            )
+        messages.append(
+            common_pb2.ChatMessage(
+                role=message.role,
+                content=message.text(),
+                name=message.name or "",
+                tool_call_id=message.tool_call_id or "",
+            )
+        )
+    sampling = common_pb2.SamplingParams()
+    max_tokens = body.max_completion_tokens or body.max_tokens
+    if max_tokens is not None:
+        sampling.max_tokens = max_tokens
+    if body.temperature is not None:
+        sampling.temperature = body.temperature
+    if body.top_p is not None:
+        sampling.top_p = body.top_p
+    if body.seed is not None:
+        sampling.seed = body.seed
+    if body.presence_penalty is not None:
+        sampling.presence_penalty = body.presence_penalty
+    if body.frequency_penalty is not None:
+        sampling.frequency_penalty = body.frequency_penalty
+    if body.stop is not None:
+        sampling.stop.extend([body.stop] if isinstance(body.stop, str) else body.stop)
+    constraint = common_pb2.OutputConstraint()
+    if body.response_format is not None:
+        if body.response_format.type == "json_object":
+            constraint.json_object = True
+        elif body.response_format.type == "json_schema":
+            if body.response_format.json_schema is None:
+                raise ApiError(
+                    400,
+                    "response_format json_schema needs a json_schema",
+                    param="response_format.json_schema",
+                )
+            constraint.json_schema = json.dumps(body.response_format.json_schema.schema_)
+    return coordinator_pb2.CompleteRequest(
+        model=body.model,
+        messages=messages,
+        sampling=sampling,
+        constraint=constraint,
+        affinity_key=session_header or body.user or "",
+    )
+
+
+# --- app ---------------------------------------------------------------------------------
+
+
+def add_openai_api(
+    app: FastAPI, *, completions: Completions, fleet: FleetView, api_keys: frozenset[str]
+) -> None:
+    async def authorized(authorization: Annotated[str | None, Header()] = None) -> None:
+        if not api_keys:
+            return
+        token = (authorization or "").removeprefix("Bearer ").strip()
+        if not any(hmac.compare_digest(token, key) for key in api_keys):
+            raise ApiError(
+                401,
+                "missing or invalid API key (Authorization: Bearer ...)",
+                type_="authentication_error",
+                code="invalid_api_key",
+            )
+
+    router = APIRouter(prefix="/v1", dependencies=[Depends(authorized)])
+
+    @router.get("/models")
+    async def list_models() -> dict:
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": alias,
+                    "object": "model",
+                    "created": 0,
+                    "owned_by": "edgefleet",
+                    "ready_nodes": count,
+                }
+                for alias, count in sorted(fleet.models().items())
+            ],
+        }
+
+    @router.post("/chat/completions")
+    async def chat_completions(
+        body: ChatCompletionRequest,
+        request: Request,
+        x_session_id: Annotated[str | None, Header()] = None,
+    ):
+        complete = to_complete_request(body, x_session_id)
+        if body.model not in fleet.models():
+            raise ApiError(
+                404,
+                f"the model {body.model!r} does not exist in this fleet",
+                type_="not_found_error",
+                param="model",
+                code="model_not_found",
+            )
+        metadata = list(request.headers.items())
+        stream = completions.stream(complete, method="chat.completions", metadata=metadata)
+        completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+        created = int(time.time())
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            first = await _first(stream)
+            return StreamingResponse(
+                _sse(first, stream, completion_id, created, body.model, include_usage),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache"},
+            )
+        text, last = [], None
+        try:
+            async for chunk, _ in stream:
+                text.append(chunk.text)
+                last = chunk
+        except EdgefleetError as error:
+            raise ApiError.from_edgefleet(error) from None
+        return {
+            "id": completion_id,
+            "object": "chat.completion",
+            "created": created,
+            "model": body.model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": "".join(text)},
+                    "finish_reason": FINISH.get(last.finish_reason, "stop"),
+                    "logprobs": None,
+                }
+            ],
+            "usage": _usage(last.usage),
+            "system_fingerprint": f"edgefleet-{last.node_id}",
+        }
+
+    app.include_router(router)
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, error: ApiError) -> JSONResponse:
+        return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, error: RequestValidationError) -> JSONResponse:
+        problem = error.errors()[0]
+        location = [str(part) for part in problem.get("loc", ()) if part != "body"]
+        param = ".".join(location) or None
+        message = problem.get("msg", "invalid request")
+        if problem.get("type") == "json_invalid":
+            message, param = "the request body is not valid JSON", None
+        elif problem.get("type") == "extra_forbidden":
+            message = f"Unrecognized request argument supplied: {param}"
+        elif param:
+            message = f"{param}: {message}"
+        return JSONResponse(ApiError(400, message, param=param).body(), status_code=400)
+
+    @app.middleware("http")
+    async def limit_body(request: Request, call_next):
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > MAX_BODY_BYTES:
+            error = ApiError(
+                413, f"request body over {MAX_BODY_BYTES} bytes", code="request_too_large"
+            )
+            return JSONResponse(error.body(), status_code=413)
+        return await call_next(request)
+
+
+async def _first(stream):
+    """Start the reply, so errors before any token become a proper HTTP error."""
+    try:
+        return await anext(stream)
+    except StopAsyncIteration:
+        return None
+    except EdgefleetError as error:
+        raise ApiError.from_edgefleet(error) from None
+
+
+def _usage(usage) -> dict:
+    return {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.prompt_tokens + usage.completion_tokens,
+    }
+
+
+async def _sse(first, stream, completion_id: str, created: int, model: str, include_usage: bool):
+    def event(choices: list, **extra) -> str:
+        body = {
+            "id": completion_id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "choices": choices,
+            **extra,
+        }
+        return f"data: {json.dumps(body)}\n\n"
+
+    yield event(
+        [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]
+    )
+    pending = [first] if first is not None else []
+    try:
+        while True:
+            if pending:
+                chunk, _ = pending.pop()
+            else:
+                try:
+                    chunk, _ = await anext(stream)
+                except StopAsyncIteration:
+                    break
+            if chunk.text:
+                yield event([{"index": 0, "delta": {"content": chunk.text}, "finish_reason": None}])
+            if chunk.finish_reason:
+                yield event(
+                    [
+                        {
+                            "index": 0,
+                            "delta": {},
+                            "finish_reason": FINISH.get(chunk.finish_reason, "stop"),
+                        }
+                    ]
+                )
+                if include_usage:
+                    yield event([], usage=_usage(chunk.usage))
+    except EdgefleetError as error:
+        # Headers are gone: report in the stream, as OpenAI does.
+        yield f"data: {json.dumps(ApiError.from_edgefleet(error).body())}\n\n"
+    yield "data: [DONE]\n\n"

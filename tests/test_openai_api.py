@@ -1,0 +1,191 @@
+"""The OpenAI-compatible HTTP API, driven by the official openai SDK, on a real fleet."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import jsonschema
+import openai
+import pytest
+
+from tests.test_chaos import LONG
+
+API_KEY = "sk-edgefleet-test"
+
+
+@pytest.fixture
+def api(fleet_factory):
+    coordinator = fleet_factory.coordinator("--api-key", API_KEY)
+    fleet_factory.node("n1")
+    fleet_factory.wait_ready_nodes(1)
+    base_url = f"http://{coordinator.extra['http']}/v1"
+    client = openai.OpenAI(base_url=base_url, api_key=API_KEY, max_retries=0, timeout=120)
+    yield client, base_url
+    client.close()
+
+
+def test_models_and_non_streaming_chat(api):
+    client, _ = api
+    models = client.models.list()
+    assert [m.id for m in models.data] == ["smollm2-135m"]
+    reply = client.chat.completions.create(
+        model="smollm2-135m",
+        messages=[
+            {"role": "developer", "content": "You are terse."},
+            {"role": "user", "content": "Say hello."},
+        ],
+        max_completion_tokens=16,
+        temperature=0,
+        seed=3,
+        user="ada",
+    )
+    choice = reply.choices[0]
+    assert choice.message.role == "assistant" and choice.message.content
+    assert choice.finish_reason in ("stop", "length")
+    assert reply.usage.prompt_tokens > 5 and 0 < reply.usage.completion_tokens <= 16
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+    assert reply.model == "smollm2-135m"
+
+
+def test_streaming_chat_with_usage(api):
+    client, _ = api
+    stream = client.chat.completions.create(
+        model="smollm2-135m",
+        messages=[{"role": "user", "content": "Count to five."}],
+        max_tokens=24,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text.strip()
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert finishes[-1] in ("stop", "length") and all(f is None for f in finishes[:-1])
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens > 0
+    assert chunks[0].choices[0].delta.role == "assistant"
+
+
+def test_json_schema_reply_validates(api):
+    client, _ = api
+    schema = {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "maxLength": 24},
+            "age": {"type": "integer", "minimum": 0, "maximum": 150},
+        },
+        "required": ["name", "age"],
+        "additionalProperties": False,
+    }
+    reply = client.chat.completions.create(
+        model="smollm2-135m",
+        messages=[{"role": "user", "content": "Invent a person. Answer in JSON."}],
+        response_format={
+            "type": "json_schema",
+            "json_schema": {"name": "person", "schema": schema},
+        },
+        max_tokens=96,
+        temperature=0,
+    )
+    jsonschema.validate(json.loads(reply.choices[0].message.content), schema)
+    as_object = client.chat.completions.create(
+        model="smollm2-135m",
+        messages=[{"role": "user", "content": 'Reply with {"color": "<a colour>"} only.'}],
+        response_format={"type": "json_object"},
+        max_tokens=200,
+        temperature=0,
+    )
+    assert as_object.choices[0].finish_reason == "stop"
+    assert isinstance(json.loads(as_object.choices[0].message.content), dict)
+
+
+def test_errors_in_the_openai_shape(api):
+    client, base_url = api
+    with pytest.raises(openai.AuthenticationError) as unauthorized:
+        openai.OpenAI(base_url=base_url, api_key="wrong", max_retries=0).models.list()
+    assert unauthorized.value.status_code == 401
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.chat.completions.create(model="gpt-9", messages=[{"role": "user", "content": "x"}])
+    assert missing.value.body["code"] == "model_not_found"
+    bad_cases = [
+        ({"messages": []}, "messages"),
+        ({"temperature": -1}, "temperature"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"n": 2}, "n"),
+        ({"messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role"),
+        (
+            {"messages": [{"role": "tool", "content": "42", "tool_call_id": "call_1"}]},
+            "messages.[0].tool_call_id",
+        ),
+        ({"response_format": {"type": "json_schema"}}, "response_format.json_schema"),
+    ]
+    for override, param in bad_cases:
+        arguments = {
+            "model": "smollm2-135m",
+            "messages": [{"role": "user", "content": "x"}],
+            **override,
+        }
+        with pytest.raises(openai.BadRequestError) as bad:
+            client.chat.completions.create(**arguments)
+        assert bad.value.status_code == 400
+        assert bad.value.body["param"] == param, (override, bad.value.body)
+    with pytest.raises(openai.BadRequestError) as unknown:
+        client.chat.completions.create(
+            model="smollm2-135m",
+            messages=[{"role": "user", "content": "x"}],
+            extra_body={"frobnicate": True},
+        )
+    assert "frobnicate" in unknown.value.body["message"]
+    headers = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
+    with httpx.Client(base_url=base_url, headers=headers, timeout=30) as raw:
+        broken = raw.post("/chat/completions", content=b"{not json")
+        assert broken.status_code == 400 and broken.json()["error"]["type"]
+        huge = raw.post("/chat/completions", content=b"x" * (5 * 1024 * 1024))
+        assert huge.status_code == 413 and "error" in huge.json()
+    # Nothing broke: the API still answers.
+    assert (
+        client.chat.completions.create(
+            model="smollm2-135m", messages=[{"role": "user", "content": "hi"}], max_tokens=2
+        )
+        .choices[0]
+        .message.content
+        is not None
+    )
+
+
+def test_streaming_over_http_fails_over_when_the_node_dies(fleet_factory):
+    coordinator = fleet_factory.coordinator()
+    nodes = {n: fleet_factory.node(n) for n in ("n1", "n2")}
+    fleet_factory.wait_ready_nodes(2)
+    client = openai.OpenAI(
+        base_url=f"http://{coordinator.extra['http']}/v1",
+        api_key="none",
+        max_retries=0,
+        timeout=120,
+    )
+    stream = client.chat.completions.create(
+        model="smollm2-135m",
+        messages=[{"role": "user", "content": LONG}],
+        max_tokens=120,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    text = []
+    killed = None
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            text.append(chunk.choices[0].delta.content)
+        if killed is None and len("".join(text)) > 40:
+            with fleet_factory.client() as grpc_client:
+                busy = [
+                    n.node_id
+                    for n in grpc_client.status().nodes
+                    if n.capacity.slots_free < n.capacity.slots_total
+                ]
+            killed = busy[0] if busy else "n1"
+            nodes[killed].kill()
+        last = chunk
+    assert killed is not None
+    assert last.usage.completion_tokens == 120
+    assert len("".join(text)) > 100
