@@ -19,6 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from coordinator import tools
 from coordinator.completions import Completions
 from coordinator.fleet import FleetView
 from edgefleet.errors import EdgefleetError, NotFound
@@ -168,13 +169,11 @@ class ChatCompletionRequest(BaseModel):
     modalities: list[str] | None = None
 
 
-def to_complete_request(body: ChatCompletionRequest, session_header: str | None):
+def to_complete_request(body: ChatCompletionRequest, session_header: str | None, plan):
     if body.n not in (None, 1):
         raise ApiError(400, "n > 1 is not supported; ask for one choice", param="n")
     if body.logprobs:
         raise ApiError(400, "logprobs are not supported", param="logprobs")
-    if body.tools:
-        raise ApiError(400, "tools are not supported yet", param="tools")
     tool_call_ids = set()
     messages = []
     for index, message in enumerate(body.messages):
@@ -187,10 +186,13 @@ def to_complete_request(body: ChatCompletionRequest, session_header: str | None)
                 f"{message.tool_call_id!r}, which no assistant message made",
                 param=f"messages.[{index}].tool_call_id",
             )
+        content = message.text()
+        if message.role == "assistant" and message.tool_calls:
+            content = tools.history_text(message.tool_calls)
         messages.append(
             common_pb2.ChatMessage(
                 role=message.role,
-                content=message.text(),
+                content=content,
                 name=message.name or "",
                 tool_call_id=message.tool_call_id or "",
             )
@@ -223,6 +225,13 @@ def to_complete_request(body: ChatCompletionRequest, session_header: str | None)
                     param="response_format.json_schema",
                 )
             constraint.json_schema = json.dumps(body.response_format.json_schema.schema_)
+    if plan.forced and body.response_format is not None and body.response_format.type != "text":
+        raise ApiError(
+            400,
+            "a required tool call and response_format cannot be combined",
+            param="response_format",
+        )
+    messages = tools.apply(plan, messages, constraint)
     return coordinator_pb2.CompleteRequest(
         model=body.model,
         messages=messages,
@@ -274,7 +283,12 @@ def add_openai_api(
         request: Request,
         x_session_id: Annotated[str | None, Header()] = None,
     ):
-        complete = to_complete_request(body, x_session_id)
+        try:
+            plan = tools.parse_tools(body.tools, body.tool_choice)
+        except EdgefleetError as error:
+            param = "tool_choice" if "tool_choice" in error.message else "tools"
+            raise ApiError.from_edgefleet(error, param=param) from None
+        complete = to_complete_request(body, x_session_id, plan)
         if body.model not in fleet.models():
             raise ApiError(
                 404,
@@ -291,7 +305,7 @@ def add_openai_api(
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             first = await _first(stream)
             return StreamingResponse(
-                _sse(first, stream, completion_id, created, body.model, include_usage),
+                _sse(first, stream, completion_id, created, body.model, include_usage, plan),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache"},
             )
@@ -302,6 +316,13 @@ def add_openai_api(
                 last = chunk
         except EdgefleetError as error:
             raise ApiError.from_edgefleet(error) from None
+        reply = "".join(text)
+        message: dict[str, Any] = {"role": "assistant", "content": reply}
+        finish_reason = FINISH.get(last.finish_reason, "stop")
+        calls = tools.parse_reply(plan, reply)
+        if calls:
+            message = {"role": "assistant", "content": None, "tool_calls": calls}
+            finish_reason = "tool_calls"
         return {
             "id": completion_id,
             "object": "chat.completion",
@@ -310,8 +331,8 @@ def add_openai_api(
             "choices": [
                 {
                     "index": 0,
-                    "message": {"role": "assistant", "content": "".join(text)},
-                    "finish_reason": FINISH.get(last.finish_reason, "stop"),
+                    "message": message,
+                    "finish_reason": finish_reason,
                     "logprobs": None,
                 }
             ],
@@ -368,7 +389,15 @@ def _usage(usage) -> dict:
     }
 
 
-async def _sse(first, stream, completion_id: str, created: int, model: str, include_usage: bool):
+async def _sse(
+    first,
+    stream,
+    completion_id: str,
+    created: int,
+    model: str,
+    include_usage: bool,
+    plan: tools.ToolPlan,
+):
     def event(choices: list, **extra) -> str:
         body = {
             "id": completion_id,
@@ -380,10 +409,18 @@ async def _sse(first, stream, completion_id: str, created: int, model: str, incl
         }
         return f"data: {json.dumps(body)}\n\n"
 
+    def content(text: str) -> str:
+        return event([{"index": 0, "delta": {"content": text}, "finish_reason": None}])
+
     yield event(
         [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]
     )
     pending = [first] if first is not None else []
+    # With tools, a reply that opens with "{" may be a call: hold it back until
+    # it is complete, then send it as tool_calls (or as text if it is not one).
+    holding = plan.forced
+    decided = not plan.active or plan.forced
+    held: list[str] = []
     try:
         while True:
             if pending:
@@ -394,17 +431,41 @@ async def _sse(first, stream, completion_id: str, created: int, model: str, incl
                 except StopAsyncIteration:
                     break
             if chunk.text:
-                yield event([{"index": 0, "delta": {"content": chunk.text}, "finish_reason": None}])
+                if holding:
+                    held.append(chunk.text)
+                elif not decided:
+                    held.append(chunk.text)
+                    lead = "".join(held).lstrip()
+                    if lead:
+                        decided = True
+                        holding = lead.startswith(("{", "["))
+                        if not holding:
+                            yield content("".join(held))
+                            held = []
+                else:
+                    yield content(chunk.text)
             if chunk.finish_reason:
-                yield event(
-                    [
-                        {
-                            "index": 0,
-                            "delta": {},
-                            "finish_reason": FINISH.get(chunk.finish_reason, "stop"),
-                        }
-                    ]
-                )
+                finish_reason = FINISH.get(chunk.finish_reason, "stop")
+                if held:
+                    calls = tools.parse_reply(plan, "".join(held))
+                    if calls:
+                        yield event(
+                            [
+                                {
+                                    "index": 0,
+                                    "delta": {
+                                        "tool_calls": [
+                                            {"index": i, **call} for i, call in enumerate(calls)
+                                        ]
+                                    },
+                                    "finish_reason": None,
+                                }
+                            ]
+                        )
+                        finish_reason = "tool_calls"
+                    else:
+                        yield content("".join(held))
+                yield event([{"index": 0, "delta": {}, "finish_reason": finish_reason}])
                 if include_usage:
                     yield event([], usage=_usage(chunk.usage))
     except EdgefleetError as error:

@@ -189,3 +189,92 @@ def test_streaming_over_http_fails_over_when_the_node_dies(fleet_factory):
     assert killed is not None
     assert last.usage.completion_tokens == 120
     assert len("".join(text)) > 100
+
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather in a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string", "maxLength": 40},
+                "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+            },
+            "required": ["city", "unit"],
+            "additionalProperties": False,
+        },
+    },
+}
+
+
+def test_forced_tool_call_arguments_match_the_schema_and_the_tool_loop_works(api):
+    client, _ = api
+    messages = [{"role": "user", "content": "What is the weather in Paris?"}]
+    reply = client.chat.completions.create(
+        model="smollm2-135m",
+        messages=messages,
+        tools=[WEATHER],
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        max_tokens=80,
+        temperature=0,
+    )
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    [call] = choice.message.tool_calls
+    assert call.type == "function" and call.function.name == "get_weather" and call.id
+    arguments = json.loads(call.function.arguments)
+    jsonschema.validate(arguments, WEATHER["function"]["parameters"])
+    # The agent loop: the call and its result go back; the model answers in text.
+    messages += [
+        {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+        {"role": "tool", "tool_call_id": call.id, "content": '{"temperature": 21}'},
+    ]
+    final = client.chat.completions.create(
+        model="smollm2-135m",
+        messages=messages,
+        tools=[WEATHER],
+        tool_choice="none",
+        max_tokens=40,
+        temperature=0,
+    )
+    assert final.choices[0].message.content and not final.choices[0].message.tool_calls
+
+
+def test_required_tool_call_streams_as_tool_call_deltas(api):
+    client, _ = api
+    stream = client.chat.completions.create(
+        model="smollm2-135m",
+        messages=[{"role": "user", "content": "Weather in Oslo, in celsius?"}],
+        tools=[WEATHER],
+        tool_choice="required",
+        max_tokens=80,
+        temperature=0,
+        stream=True,
+    )
+    chunks = list(stream)
+    deltas = [c.choices[0].delta for c in chunks if c.choices and c.choices[0].delta.tool_calls]
+    assert deltas, "no tool_calls delta was streamed"
+    call = deltas[0].tool_calls[0]
+    assert call.function.name == "get_weather"
+    jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_bad_tool_requests(api):
+    client, _ = api
+    cases = [
+        ({"tools": [{"type": "retrieval"}]}, "tools"),
+        (
+            {"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+            "tool_choice",
+        ),
+        ({"tool_choice": "required"}, "tool_choice"),
+    ]
+    for override, param in cases:
+        with pytest.raises(openai.BadRequestError) as bad:
+            client.chat.completions.create(
+                model="smollm2-135m", messages=[{"role": "user", "content": "x"}], **override
+            )
+        assert bad.value.body["param"] == param, (override, bad.value.body)
