@@ -32,3 +32,5 @@ class CoordinatorConfig:
     max_failovers: int = 3
     # Bearer keys the HTTP API accepts; empty: no authentication.
     api_keys: tuple[str, ...] = ()
+    # "model": "auto" table, task class -> alias (see coordinator.auto_model).
+    auto_models: tuple[tuple[str, str], ...] = ()

@@ -146,6 +146,7 @@ async def serve(config: CoordinatorConfig) -> int:
             metrics=metrics,
             completions=completions,
             api_keys=frozenset(config.api_keys),
+            auto_models=dict(config.auto_models),
         )
         http = http_server(app, config.http)
     health_servicer = health.aio.HealthServicer()

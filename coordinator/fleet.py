@@ -170,6 +170,14 @@ class FleetView:
             and not self.is_suspect(entry.node_id)
         ]
 
+    def model_sizes(self) -> dict[str, int]:
+        """Models loaded on ready nodes, with their file size in bytes."""
+        sizes: dict[str, int] = {}
+        for entry in self.ready_nodes():
+            for model in entry.record.capacity.models:
+                sizes[model.alias] = max(sizes.get(model.alias, 0), model.file_size_bytes)
+        return sizes
+
     def models(self) -> dict[str, int]:
         """Every model alias in the fleet with the number of ready nodes serving it."""
         counts: dict[str, int] = {}

@@ -32,6 +32,7 @@ def build_app(
     metrics: CoordinatorMetrics,
     completions: Completions,
     api_keys: frozenset[str] = frozenset(),
+    auto_models: dict[str, str] | None = None,
 ) -> FastAPI:
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
@@ -61,7 +62,9 @@ def build_app(
             Route("/metrics", prometheus, include_in_schema=False),
         ],
     )
-    add_openai_api(app, completions=completions, fleet=fleet, api_keys=api_keys)
+    add_openai_api(
+        app, completions=completions, fleet=fleet, api_keys=api_keys, auto_models=auto_models
+    )
     return app
 
 

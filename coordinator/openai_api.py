@@ -12,6 +12,7 @@ import hmac
 import json
 import time
 import uuid
+from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, FastAPI, Header, Request
@@ -19,7 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from coordinator import tools
+from coordinator import auto_model, tools
 from coordinator.completions import Completions
 from coordinator.fleet import FleetView
 from edgefleet.errors import EdgefleetError, NotFound
@@ -245,8 +246,15 @@ def to_complete_request(body: ChatCompletionRequest, session_header: str | None,
 
 
 def add_openai_api(
-    app: FastAPI, *, completions: Completions, fleet: FleetView, api_keys: frozenset[str]
+    app: FastAPI,
+    *,
+    completions: Completions,
+    fleet: FleetView,
+    api_keys: frozenset[str],
+    auto_models: Mapping[str, str] | None = None,
 ) -> None:
+    auto_models = auto_models or {}
+
     async def authorized(authorization: Annotated[str | None, Header()] = None) -> None:
         if not api_keys:
             return
@@ -274,6 +282,15 @@ def add_openai_api(
                     "ready_nodes": count,
                 }
                 for alias, count in sorted(fleet.models().items())
+            ]
+            + [
+                {
+                    "id": "auto",
+                    "object": "model",
+                    "created": 0,
+                    "owned_by": "edgefleet",
+                    "ready_nodes": len(fleet.ready_nodes()),
+                }
             ],
         }
 
@@ -283,6 +300,18 @@ def add_openai_api(
         request: Request,
         x_session_id: Annotated[str | None, Header()] = None,
     ):
+        if body.model == "auto":
+            last_user = next((m.text() for m in reversed(body.messages) if m.role == "user"), "")
+            try:
+                body.model = auto_model.choose(
+                    last_user,
+                    len(body.messages),
+                    bool(body.tools),
+                    table=auto_models,
+                    model_sizes=fleet.model_sizes(),
+                )
+            except EdgefleetError as error:
+                raise ApiError.from_edgefleet(error) from None
         try:
             plan = tools.parse_tools(body.tools, body.tool_choice)
         except EdgefleetError as error:

@@ -364,6 +364,14 @@ def _add_coordinator(sub) -> None:
         help="require this Bearer key on the HTTP API (repeatable; env EDGEFLEET_API_KEY)",
     )
     p.add_argument("--api-key-file", default="", help="file with one accepted key per line")
+    p.add_argument(
+        "--auto-model",
+        action="append",
+        default=[],
+        metavar="CLASS=ALIAS",
+        help='model for "model": "auto" requests of a task class (simple, complex); '
+        "default: smallest / largest model served",
+    )
     p.set_defaults(func=_run_coordinator)
 
 
@@ -374,6 +382,12 @@ def _run_coordinator(args) -> int:
     etcd = _addresses(args.etcd)
     if not etcd:
         print("error: --etcd needs at least one host:port", file=sys.stderr)
+        return 2
+    if any(
+        item.count("=") != 1 or item.split("=")[0] not in ("simple", "complex")
+        for item in args.auto_model
+    ):
+        print("error: --auto-model takes simple=ALIAS or complex=ALIAS", file=sys.stderr)
         return 2
     keys = list(args.api_key)
     if args.api_key_file:
@@ -404,6 +418,7 @@ def _run_coordinator(args) -> int:
             first_token_timeout_s=args.first_token_timeout,
             max_failovers=args.max_failovers,
             api_keys=tuple(keys),
+            auto_models=tuple(tuple(item.split("=", 1)) for item in args.auto_model),
         )
     )
 

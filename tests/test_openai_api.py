@@ -278,3 +278,40 @@ def test_bad_tool_requests(api):
                 model="smollm2-135m", messages=[{"role": "user", "content": "x"}], **override
             )
         assert bad.value.body["param"] == param, (override, bad.value.body)
+
+
+def test_auto_model_picks_by_task_and_reports_the_choice(fleet_factory):
+    coordinator = fleet_factory.coordinator()
+    fleet_factory.node("both", models="smollm2-135m,gemma3-270m")
+    fleet_factory.wait_ready_nodes(1)
+    client = openai.OpenAI(
+        base_url=f"http://{coordinator.extra['http']}/v1",
+        api_key="none",
+        max_retries=0,
+        timeout=120,
+    )
+    assert "auto" in [m.id for m in client.models.list().data]
+    simple = client.chat.completions.create(
+        model="auto", messages=[{"role": "user", "content": "Hi there!"}], max_tokens=4
+    )
+    complex_ = client.chat.completions.create(
+        model="auto",
+        messages=[{"role": "user", "content": "Explain step by step why the sky is blue."}],
+        max_tokens=4,
+    )
+    assert simple.model == "smollm2-135m"  # the smallest model served
+    assert complex_.model == "gemma3-270m"  # the largest
+
+
+def test_task_complexity_heuristic():
+    from coordinator.auto_model import choose, complexity
+
+    assert complexity("Hi!", 1, False) == "simple"
+    assert complexity("Why is the sky blue?", 1, False) == "complex"
+    assert complexity("Fix this:\n```py\nx=1\n```", 1, False) == "complex"
+    assert complexity("ok", 12, False) == "complex"
+    assert complexity("ok", 1, True) == "complex"
+    sizes = {"small": 1, "big": 3}
+    assert choose("Hi", 1, False, table={}, model_sizes=sizes) == "small"
+    assert choose("Explain it", 1, False, table={}, model_sizes=sizes) == "big"
+    assert choose("Hi", 1, False, table={"simple": "big"}, model_sizes=sizes) == "big"
