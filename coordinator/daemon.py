@@ -147,6 +147,8 @@ async def serve(config: CoordinatorConfig) -> int:
             completions=completions,
             api_keys=frozenset(config.api_keys),
             auto_models=dict(config.auto_models),
+            keys=keys,
+            session_ttl_s=config.session_idle_ttl_s,
         )
         http = http_server(app, config.http)
     health_servicer = health.aio.HealthServicer()

@@ -19,8 +19,10 @@ from starlette.routing import Route
 from coordinator.completions import Completions
 from coordinator.etcd import Etcd
 from coordinator.fleet import FleetView
+from coordinator.keys import Keys
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.openai_api import add_openai_api
+from coordinator.responses_api import add_responses_api
 from edgefleet import __version__
 from edgefleet.errors import Unavailable
 
@@ -32,6 +34,8 @@ def build_app(
     metrics: CoordinatorMetrics,
     completions: Completions,
     api_keys: frozenset[str] = frozenset(),
+    keys: Keys,
+    session_ttl_s: float,
     auto_models: dict[str, str] | None = None,
 ) -> FastAPI:
     async def healthz(request: Request) -> Response:
@@ -64,6 +68,15 @@ def build_app(
     )
     add_openai_api(
         app, completions=completions, fleet=fleet, api_keys=api_keys, auto_models=auto_models
+    )
+    add_responses_api(
+        app,
+        completions=completions,
+        fleet=fleet,
+        etcd=etcd,
+        keys=keys,
+        api_keys=api_keys,
+        session_ttl_s=session_ttl_s,
     )
     return app
 

@@ -5,6 +5,7 @@
 <prefix>sessions/<session_id>          Session             lease: session idle TTL
 <prefix>session-node/<node>/<session>  ""                  lease: session idle TTL
 <prefix>turns/<session_id>             turn id             lease: the replica's
+    <prefix>responses/<response_id>        Session             lease: session idle TTL
 <prefix>coordinators/<coordinator_id>  CoordinatorRecord   lease: the replica's
 <prefix>leader/<task>                  coordinator id      lease: the replica's
 """
@@ -51,6 +52,9 @@ class Keys:
 
     def session_node(self, node_id: str, session_id: str) -> str:
         return f"{self.sessions_by_node}{node_id}/{session_id}"
+
+    def response(self, response_id: str) -> str:
+        return f"{self.prefix}responses/{response_id}"
 
     def turn(self, session_id: str) -> str:
         return f"{self.prefix}turns/{session_id}"

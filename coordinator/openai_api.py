@@ -245,17 +245,10 @@ def to_complete_request(body: ChatCompletionRequest, session_header: str | None,
 # --- app ---------------------------------------------------------------------------------
 
 
-def add_openai_api(
-    app: FastAPI,
-    *,
-    completions: Completions,
-    fleet: FleetView,
-    api_keys: frozenset[str],
-    auto_models: Mapping[str, str] | None = None,
-) -> None:
-    auto_models = auto_models or {}
+def authorizer(api_keys: frozenset[str]):
+    """Checks ``Authorization: Bearer KEY`` against the configured keys (none: open)."""
 
-    async def authorized(authorization: Annotated[str | None, Header()] = None) -> None:
+    async def check(authorization: str | None) -> None:
         if not api_keys:
             return
         token = (authorization or "").removeprefix("Bearer ").strip()
@@ -266,6 +259,23 @@ def add_openai_api(
                 type_="authentication_error",
                 code="invalid_api_key",
             )
+
+    return check
+
+
+def add_openai_api(
+    app: FastAPI,
+    *,
+    completions: Completions,
+    fleet: FleetView,
+    api_keys: frozenset[str],
+    auto_models: Mapping[str, str] | None = None,
+) -> None:
+    auto_models = auto_models or {}
+    check = authorizer(api_keys)
+
+    async def authorized(authorization: Annotated[str | None, Header()] = None) -> None:
+        await check(authorization)
 
     router = APIRouter(prefix="/v1", dependencies=[Depends(authorized)])
 

@@ -315,3 +315,80 @@ def test_task_complexity_heuristic():
     assert choose("Hi", 1, False, table={}, model_sizes=sizes) == "small"
     assert choose("Explain it", 1, False, table={}, model_sizes=sizes) == "big"
     assert choose("Hi", 1, False, table={"simple": "big"}, model_sizes=sizes) == "big"
+
+
+def test_responses_api_text_streaming_and_previous_response_id(api):
+    client, _ = api
+    first = client.responses.create(
+        model="smollm2-135m",
+        instructions="You are terse.",
+        input="My name is Ada. Say hello.",
+        max_output_tokens=16,
+        temperature=0,
+    )
+    assert first.status in ("completed", "incomplete") and first.output_text
+    assert first.usage.input_tokens > 5 and first.usage.output_tokens > 0
+    # The follow-up names only the new input; the stored conversation comes back.
+    second = client.responses.create(
+        model="smollm2-135m",
+        previous_response_id=first.id,
+        input="What is my name?",
+        max_output_tokens=16,
+        temperature=0,
+    )
+    assert second.output_text
+    assert second.usage.input_tokens > first.usage.input_tokens + first.usage.output_tokens
+    events = list(
+        client.responses.create(
+            model="smollm2-135m",
+            input="Count to three.",
+            max_output_tokens=16,
+            stream=True,
+        )
+    )
+    kinds = [e.type for e in events]
+    assert kinds[:2] == ["response.created", "response.in_progress"]
+    assert "response.output_text.delta" in kinds and kinds[-1] == "response.completed"
+    deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert deltas == events[-1].response.output_text
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    with pytest.raises(openai.BadRequestError) as unknown:
+        client.responses.create(model="smollm2-135m", previous_response_id="resp_nope", input="hi")
+    assert unknown.value.body["param"] == "previous_response_id"
+
+
+def test_responses_api_function_call_loop(api):
+    client, _ = api
+    tool = {
+        "type": "function",
+        "name": "get_weather",
+        "description": "Weather in a city.",
+        "parameters": WEATHER["function"]["parameters"],
+    }
+    first = client.responses.create(
+        model="smollm2-135m",
+        input="What is the weather in Rome?",
+        tools=[tool],
+        tool_choice="required",
+        max_output_tokens=80,
+        temperature=0,
+    )
+    [call] = [item for item in first.output if item.type == "function_call"]
+    assert call.name == "get_weather" and call.call_id
+    jsonschema.validate(json.loads(call.arguments), tool["parameters"])
+    final = client.responses.create(
+        model="smollm2-135m",
+        previous_response_id=first.id,
+        tools=[tool],
+        tool_choice="none",
+        max_output_tokens=32,
+        temperature=0,
+        input=[
+            {
+                "type": "function_call_output",
+                "call_id": call.call_id,
+                "output": '{"temperature": 25}',
+            }
+        ],
+    )
+    assert final.output_text

@@ -1,0 +1,432 @@
+"""``POST /v1/responses``: the subset of OpenAI's Responses API agent frameworks use.
+
+``input`` as text or items (messages, ``function_call`` and
+``function_call_output``), ``instructions``, function ``tools``, ``stream``
+with the standard event types, and ``previous_response_id``: every stored
+response keeps its whole conversation in etcd (the session store, under the
+session idle TTL), so a follow-up names only the new input.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from coordinator import tools
+from coordinator.completions import Completions
+from coordinator.etcd import Etcd
+from coordinator.fleet import FleetView
+from coordinator.keys import Keys
+from coordinator.openai_api import ApiError, authorizer
+from edgefleet.errors import EdgefleetError
+from edgefleet.v1 import common_pb2, coordinator_pb2
+
+
+class ResponsesRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str = Field(min_length=1)
+    input: str | list[dict[str, Any]]
+    instructions: str | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Any = None
+    stream: bool = False
+    previous_response_id: str | None = None
+    max_output_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    store: bool = True
+    metadata: dict[str, str] | None = None
+    user: str | None = None
+    parallel_tool_calls: bool | None = None
+    text: dict[str, Any] | None = None
+    truncation: Literal["auto", "disabled"] | None = None
+    reasoning: dict[str, Any] | None = None
+    include: list[str] | None = None
+    service_tier: str | None = None
+    top_logprobs: int | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
+
+
+def _text_of(content: Any, param: str) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") not in (
+                "input_text",
+                "output_text",
+                "text",
+            ):
+                raise ApiError(400, "only text content parts are supported", param=param)
+            parts.append(str(part.get("text", "")))
+        return "".join(parts)
+    raise ApiError(400, "content must be a string or a list of text parts", param=param)
+
+
+def input_messages(items: str | list[dict[str, Any]]) -> list[common_pb2.ChatMessage]:
+    if isinstance(items, str):
+        return [common_pb2.ChatMessage(role="user", content=items)]
+    messages = []
+    calls: set[str] = set()
+    for index, item in enumerate(items):
+        kind = item.get("type", "message")
+        param = f"input.[{index}]"
+        if kind == "message":
+            role = item.get("role")
+            if role not in ("user", "system", "developer", "assistant"):
+                raise ApiError(400, f"unknown role {role!r}", param=f"{param}.role")
+            messages.append(
+                common_pb2.ChatMessage(
+                    role=role, content=_text_of(item.get("content"), f"{param}.content")
+                )
+            )
+        elif kind == "function_call":
+            call_id, name = item.get("call_id"), item.get("name")
+            if not call_id or not name:
+                raise ApiError(400, "function_call items need call_id and name", param=param)
+            calls.add(call_id)
+            arguments = item.get("arguments") or "{}"
+            messages.append(
+                common_pb2.ChatMessage(
+                    role="assistant",
+                    content=json.dumps({"name": name, "arguments": _loads(arguments)}),
+                )
+            )
+        elif kind == "function_call_output":
+            call_id = item.get("call_id")
+            if not call_id:
+                raise ApiError(400, "function_call_output items need call_id", param=param)
+            output = item.get("output", "")
+            messages.append(
+                common_pb2.ChatMessage(
+                    role="tool",
+                    tool_call_id=call_id,
+                    content=output if isinstance(output, str) else json.dumps(output),
+                )
+            )
+        else:
+            raise ApiError(400, f"input item type {kind!r} is not supported", param=f"{param}.type")
+    return messages
+
+
+def _loads(text: str):
+    try:
+        return json.loads(text)
+    except (TypeError, json.JSONDecodeError):
+        return text
+
+
+def chat_tools(response_tools: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+    """Responses-style function tools in the chat-completions shape."""
+    if not response_tools:
+        return None
+    converted = []
+    for index, tool in enumerate(response_tools):
+        if tool.get("type") != "function":
+            raise ApiError(
+                400,
+                f"tool type {tool.get('type')!r} is not supported",
+                param=f"tools.[{index}].type",
+            )
+        converted.append(
+            {
+                "type": "function",
+                "function": {
+                    "name": tool.get("name"),
+                    "description": tool.get("description", ""),
+                    "parameters": tool.get("parameters"),
+                },
+            }
+        )
+    return converted
+
+
+def add_responses_api(
+    app: FastAPI,
+    *,
+    completions: Completions,
+    fleet: FleetView,
+    etcd: Etcd,
+    keys: Keys,
+    api_keys: frozenset[str],
+    session_ttl_s: float,
+) -> None:
+    authorized = authorizer(api_keys)
+
+    async def load(previous_id: str) -> list[common_pb2.ChatMessage]:
+        try:
+            kv = await etcd.get(keys.response(previous_id))
+        except EdgefleetError as error:
+            raise ApiError.from_edgefleet(error) from None
+        if kv is None:
+            raise ApiError(
+                400,
+                f"previous response {previous_id!r} not found (or expired)",
+                param="previous_response_id",
+                code="previous_response_not_found",
+            )
+        return list(coordinator_pb2.Session.FromString(kv.value).messages)
+
+    async def store(response_id: str, model: str, messages) -> None:
+        record = coordinator_pb2.Session(
+            session_id=response_id,
+            model=model,
+            messages=messages,
+            created_at=time.time(),
+            idle_ttl_seconds=session_ttl_s,
+        )
+        lease = await etcd.grant(session_ttl_s)
+        await etcd.put(keys.response(response_id), record.SerializeToString(), lease=lease)
+
+    @app.post("/v1/responses")
+    async def create_response(body: ResponsesRequest, request: Request):
+        await authorized(request.headers.get("authorization"))
+        if body.model not in fleet.models():
+            raise ApiError(
+                404,
+                f"the model {body.model!r} does not exist in this fleet",
+                type_="not_found_error",
+                param="model",
+                code="model_not_found",
+            )
+        try:
+            plan = tools.parse_tools(chat_tools(body.tools), body.tool_choice)
+        except EdgefleetError as error:
+            raise ApiError.from_edgefleet(error, param="tools") from None
+        history = await load(body.previous_response_id) if body.previous_response_id else []
+        new_messages = input_messages(body.input)
+        if not new_messages:
+            raise ApiError(400, "input must not be empty", param="input")
+        messages = list(history)
+        if body.instructions and not any(m.role in ("system", "developer") for m in history):
+            messages.insert(0, common_pb2.ChatMessage(role="system", content=body.instructions))
+        messages += new_messages
+        sampling = common_pb2.SamplingParams()
+        if body.max_output_tokens is not None:
+            sampling.max_tokens = body.max_output_tokens
+        if body.temperature is not None:
+            sampling.temperature = body.temperature
+        if body.top_p is not None:
+            sampling.top_p = body.top_p
+        constraint = common_pb2.OutputConstraint()
+        prompt = tools.apply(plan, messages, constraint)
+        complete = coordinator_pb2.CompleteRequest(
+            model=body.model,
+            messages=prompt,
+            sampling=sampling,
+            constraint=constraint,
+            affinity_key=body.previous_response_id or body.user or "",
+        )
+        response_id = f"resp_{uuid.uuid4().hex}"
+        base = {
+            "id": response_id,
+            "object": "response",
+            "created_at": int(time.time()),
+            "model": body.model,
+            "instructions": body.instructions,
+            "previous_response_id": body.previous_response_id,
+            "max_output_tokens": body.max_output_tokens,
+            "temperature": body.temperature,
+            "top_p": body.top_p,
+            "tools": body.tools or [],
+            "tool_choice": body.tool_choice or ("auto" if body.tools else "none"),
+            "parallel_tool_calls": False,
+            "text": {"format": {"type": "text"}},
+            "truncation": "disabled",
+            "metadata": body.metadata or {},
+            "store": body.store,
+            "error": None,
+            "incomplete_details": None,
+            "usage": None,
+        }
+        stream = completions.stream(
+            complete, method="responses", metadata=list(request.headers.items())
+        )
+
+        async def finish(text: str, last) -> dict:
+            calls = tools.parse_reply(plan, text)
+            if calls:
+                output = [
+                    {
+                        "type": "function_call",
+                        "id": f"fc_{uuid.uuid4().hex[:24]}",
+                        "call_id": call["id"],
+                        "name": call["function"]["name"],
+                        "arguments": call["function"]["arguments"],
+                        "status": "completed",
+                    }
+                    for call in calls
+                ]
+            else:
+                output = [
+                    {
+                        "type": "message",
+                        "id": f"msg_{uuid.uuid4().hex[:24]}",
+                        "status": "completed",
+                        "role": "assistant",
+                        "content": [{"type": "output_text", "text": text, "annotations": []}],
+                    }
+                ]
+            if body.store:
+                await store(
+                    response_id,
+                    body.model,
+                    [*messages, common_pb2.ChatMessage(role="assistant", content=text)],
+                )
+            usage = last.usage
+            incomplete = last.finish_reason in (
+                common_pb2.FINISH_REASON_LENGTH,
+                common_pb2.FINISH_REASON_CONTEXT_FULL,
+            )
+            return {
+                **base,
+                "status": "incomplete" if incomplete else "completed",
+                "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None,
+                "output": output,
+                "usage": {
+                    "input_tokens": usage.prompt_tokens,
+                    "output_tokens": usage.completion_tokens,
+                    "total_tokens": usage.prompt_tokens + usage.completion_tokens,
+                    "input_tokens_details": {"cached_tokens": usage.cached_prompt_tokens},
+                    "output_tokens_details": {"reasoning_tokens": 0},
+                },
+            }
+
+        if not body.stream:
+            text, last = [], None
+            try:
+                async for chunk, _ in stream:
+                    text.append(chunk.text)
+                    last = chunk
+            except EdgefleetError as error:
+                raise ApiError.from_edgefleet(error) from None
+            return await finish("".join(text), last)
+
+        try:
+            first = await anext(stream)
+        except EdgefleetError as error:
+            raise ApiError.from_edgefleet(error) from None
+
+        async def events():
+            sequence = 0
+
+            def event(kind: str, **fields) -> str:
+                nonlocal sequence
+                payload = {"type": kind, "sequence_number": sequence, **fields}
+                sequence += 1
+                return f"event: {kind}\ndata: {json.dumps(payload)}\n\n"
+
+            in_progress = {**base, "status": "in_progress", "output": []}
+            yield event("response.created", response=in_progress)
+            yield event("response.in_progress", response=in_progress)
+            item_id = f"msg_{uuid.uuid4().hex[:24]}"
+            # A forced tool call is not streamed as text: it is one function_call item.
+            as_text = not plan.forced
+            if as_text:
+                yield event(
+                    "response.output_item.added",
+                    output_index=0,
+                    item={
+                        "type": "message",
+                        "id": item_id,
+                        "status": "in_progress",
+                        "role": "assistant",
+                        "content": [],
+                    },
+                )
+                yield event(
+                    "response.content_part.added",
+                    item_id=item_id,
+                    output_index=0,
+                    content_index=0,
+                    part={"type": "output_text", "text": "", "annotations": []},
+                )
+            text, last, pending = [], None, [first]
+            try:
+                while True:
+                    if pending:
+                        chunk, _ = pending.pop()
+                    else:
+                        try:
+                            chunk, _ = await anext(stream)
+                        except StopAsyncIteration:
+                            break
+                    if chunk.text:
+                        text.append(chunk.text)
+                        if as_text:
+                            yield event(
+                                "response.output_text.delta",
+                                item_id=item_id,
+                                output_index=0,
+                                content_index=0,
+                                delta=chunk.text,
+                                logprobs=[],
+                            )
+                    last = chunk
+            except EdgefleetError as error:
+                yield event(
+                    "response.failed",
+                    response={
+                        **base,
+                        "status": "failed",
+                        "output": [],
+                        "error": ApiError.from_edgefleet(error).body()["error"],
+                    },
+                )
+                return
+            done = await finish("".join(text), last)
+            item = done["output"][0]
+            if as_text and item["type"] == "message":
+                full = "".join(text)
+                yield event(
+                    "response.output_text.done",
+                    item_id=item_id,
+                    output_index=0,
+                    content_index=0,
+                    text=full,
+                    logprobs=[],
+                )
+                yield event(
+                    "response.content_part.done",
+                    item_id=item_id,
+                    output_index=0,
+                    content_index=0,
+                    part=item["content"][0],
+                )
+                yield event(
+                    "response.output_item.done", output_index=0, item={**item, "id": item_id}
+                )
+                done["output"][0]["id"] = item_id
+            else:
+                for index, output in enumerate(done["output"]):
+                    yield event(
+                        "response.output_item.added",
+                        output_index=index,
+                        item={**output, "status": "in_progress", "arguments": ""},
+                    )
+                    yield event(
+                        "response.function_call_arguments.delta",
+                        item_id=output["id"],
+                        output_index=index,
+                        delta=output["arguments"],
+                    )
+                    yield event(
+                        "response.function_call_arguments.done",
+                        item_id=output["id"],
+                        output_index=index,
+                        arguments=output["arguments"],
+                    )
+                    yield event("response.output_item.done", output_index=index, item=output)
+            yield event("response.completed", response=done)
+
+        return StreamingResponse(
+            events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+        )
