@@ -28,7 +28,7 @@ def api(fleet_factory):
 def test_models_and_non_streaming_chat(api):
     client, _ = api
     models = client.models.list()
-    assert [m.id for m in models.data] == ["smollm2-135m"]
+    assert [m.id for m in models.data] == ["smollm2-135m", "auto"]
     reply = client.chat.completions.create(
         model="smollm2-135m",
         messages=[
