@@ -59,6 +59,7 @@ fi
 say "installing edgefleet[$EXTRAS]"
 "${PIP[@]}" install -q --find-links "$wheels" -e ".[$EXTRAS]"
 
-say "pulling the default model"
+say "pulling the models (the default, and gemma3-270m for model routing)"
 "$VENV/bin/edgefleet" --log-level WARNING models pull smollm2-135m
+"$VENV/bin/edgefleet" --log-level WARNING models pull gemma3-270m
 say "done: $VENV/bin/edgefleet is ready"

@@ -392,3 +392,123 @@ def test_responses_api_function_call_loop(api):
         ],
     )
     assert final.output_text
+
+
+def test_affinity_keeps_a_conversation_on_one_node(fleet_factory):
+    coordinator = fleet_factory.coordinator()
+    fleet_factory.node("n1")
+    fleet_factory.node("n2")
+    fleet_factory.wait_ready_nodes(2)
+    client = openai.OpenAI(
+        base_url=f"http://{coordinator.extra['http']}/v1",
+        api_key="none",
+        max_retries=0,
+        timeout=120,
+    )
+
+    def node_of(**arguments) -> str:
+        reply = client.chat.completions.create(model="smollm2-135m", max_tokens=2, **arguments)
+        return reply.system_fingerprint.removeprefix("edgefleet-")
+
+    hello = [{"role": "user", "content": "Hello"}]
+    for key in ("ada", "bob", "cy"):
+        by_user = {node_of(messages=hello, user=key) for _ in range(3)}
+        by_header = {
+            node_of(messages=hello, extra_headers={"X-Session-Id": key + "-h"}) for _ in range(3)
+        }
+        assert len(by_user) == 1 and len(by_header) == 1
+    # Without a key, a continued conversation lands where its prefix is cached.
+    opening = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Name a bird."},
+    ]
+    first = node_of(messages=opening)
+    continued = node_of(
+        messages=[
+            *opening,
+            {"role": "assistant", "content": "A robin."},
+            {"role": "user", "content": "Another?"},
+        ]
+    )
+    assert continued == first
+
+
+def test_saturated_and_unavailable_fleet_over_http(fleet_factory):
+    import httpx
+
+    coordinator = fleet_factory.coordinator()
+    base = f"http://{coordinator.extra['http']}"
+    assert httpx.get(f"{base}/readyz", timeout=10).status_code == 503  # no node yet
+    fleet_factory.node("n1", slots=1, queue=0)
+    fleet_factory.wait_ready_nodes(1)
+    assert httpx.get(f"{base}/readyz", timeout=10).json()["ready"]
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0, timeout=120)
+    busy = client.chat.completions.create(
+        model="smollm2-135m",
+        messages=[{"role": "user", "content": LONG}],
+        max_tokens=1500,
+        temperature=0,
+        stream=True,
+    )
+    next(iter(busy))
+    with fleet_factory.client() as grpc_client:
+        from tests.helpers import wait_until
+
+        wait_until(
+            lambda: grpc_client.status().nodes[0].capacity.slots_free == 0,
+            what="the slot to be busy",
+        )
+        with pytest.raises(openai.RateLimitError) as limited:
+            client.chat.completions.create(
+                model="smollm2-135m", messages=[{"role": "user", "content": "hi"}]
+            )
+        assert int(limited.value.response.headers["Retry-After"]) >= 1
+        busy.close()
+        grpc_client.drain("n1")
+        with pytest.raises(openai.InternalServerError) as unavailable:
+            client.chat.completions.create(
+                model="smollm2-135m", messages=[{"role": "user", "content": "hi"}]
+            )
+        assert unavailable.value.status_code == 503
+
+
+def test_sigstop_of_a_node_mid_stream_over_http(fleet_factory):
+    import os
+    import signal
+
+    coordinator = fleet_factory.coordinator("--stall-timeout", "1")
+    nodes = {n: fleet_factory.node(n) for n in ("n1", "n2")}
+    fleet_factory.wait_ready_nodes(2)
+    client = openai.OpenAI(
+        base_url=f"http://{coordinator.extra['http']}/v1",
+        api_key="none",
+        max_retries=0,
+        timeout=120,
+    )
+    stream = client.chat.completions.create(
+        model="smollm2-135m",
+        messages=[{"role": "user", "content": LONG}],
+        max_tokens=100,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    text, frozen = [], None
+    try:
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                text.append(chunk.choices[0].delta.content)
+            if frozen is None and len("".join(text)) > 40:
+                with fleet_factory.client() as grpc_client:
+                    busy = [
+                        n.node_id
+                        for n in grpc_client.status().nodes
+                        if n.capacity.slots_free < n.capacity.slots_total
+                    ]
+                frozen = nodes[busy[0] if busy else "n1"]
+                os.kill(frozen.pid, signal.SIGSTOP)
+            last = chunk
+    finally:
+        if frozen is not None:
+            os.kill(frozen.pid, signal.SIGCONT)
+    assert frozen is not None and last.usage.completion_tokens == 100
