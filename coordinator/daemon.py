@@ -13,13 +13,10 @@ import asyncio
 import contextlib
 import logging
 import os
-import signal
 import socket
 import time
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from coordinator.completions import Completions
 from coordinator.config import CoordinatorConfig
@@ -35,7 +32,7 @@ from coordinator.replica import ReplicaLease
 from coordinator.router import NodeChannels, Router
 from coordinator.service import SERVICE_NAME, CoordinatorServicer
 from coordinator.sessions import SessionLimits, Sessions
-from edgefleet import telemetry
+from edgefleet import serving, telemetry
 from edgefleet.errors import Unavailable
 from edgefleet.v1 import coordinator_pb2_grpc
 
@@ -151,26 +148,12 @@ async def serve(config: CoordinatorConfig) -> int:
             session_ttl_s=config.session_idle_ttl_s,
         )
         http = http_server(app, config.http)
-    health_servicer = health.aio.HealthServicer()
     coordinator_pb2_grpc.add_CoordinatorServiceServicer_to_server(servicer, server)
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-    )
+    health_servicer = serving.add_health_and_reflection(server, SERVICE_NAME)
+    stop = serving.stop_on_signals()
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-
-    async def set_serving(serving: bool) -> None:
-        status = (
-            health_pb2.HealthCheckResponse.SERVING
-            if serving
-            else health_pb2.HealthCheckResponse.NOT_SERVING
-        )
-        for service in ("", SERVICE_NAME):
-            await health_servicer.set(service, status)
+    async def set_serving(on: bool) -> None:
+        await serving.set_serving(health_servicer, SERVICE_NAME, on)
 
     await set_serving(False)
     try:

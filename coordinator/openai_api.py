@@ -342,9 +342,9 @@ def add_openai_api(
         created = int(time.time())
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            first = await _first(stream)
+            reply = await started(stream)
             return StreamingResponse(
-                _sse(first, stream, completion_id, created, body.model, include_usage, plan),
+                _sse(reply, completion_id, created, body.model, include_usage, plan),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache"},
             )
@@ -410,14 +410,24 @@ def add_openai_api(
         return await call_next(request)
 
 
-async def _first(stream):
-    """Start the reply, so errors before any token become a proper HTTP error."""
+async def started(stream):
+    """Begin a reply now, so that a failure before its first chunk becomes a
+    proper HTTP error rather than a broken event stream; returns an iterator
+    over the whole reply, first chunk included."""
     try:
-        return await anext(stream)
+        first = await anext(stream)
     except StopAsyncIteration:
-        return None
+        first = None
     except EdgefleetError as error:
         raise ApiError.from_edgefleet(error) from None
+
+    async def whole():
+        if first is not None:
+            yield first
+            async for item in stream:
+                yield item
+
+    return whole()
 
 
 def _usage(usage) -> dict:
@@ -429,8 +439,7 @@ def _usage(usage) -> dict:
 
 
 async def _sse(
-    first,
-    stream,
+    reply,
     completion_id: str,
     created: int,
     model: str,
@@ -454,21 +463,13 @@ async def _sse(
     yield event(
         [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]
     )
-    pending = [first] if first is not None else []
     # With tools, a reply that opens with "{" may be a call: hold it back until
     # it is complete, then send it as tool_calls (or as text if it is not one).
     holding = plan.forced
     decided = not plan.active or plan.forced
     held: list[str] = []
     try:
-        while True:
-            if pending:
-                chunk, _ = pending.pop()
-            else:
-                try:
-                    chunk, _ = await anext(stream)
-                except StopAsyncIteration:
-                    break
+        async for chunk, _ in reply:
             if chunk.text:
                 if holding:
                     held.append(chunk.text)

@@ -23,7 +23,7 @@ from coordinator.completions import Completions
 from coordinator.etcd import Etcd
 from coordinator.fleet import FleetView
 from coordinator.keys import Keys
-from coordinator.openai_api import ApiError, authorizer
+from coordinator.openai_api import ApiError, authorizer, started
 from edgefleet.errors import EdgefleetError
 from edgefleet.v1 import common_pb2, coordinator_pb2
 
@@ -310,10 +310,7 @@ def add_responses_api(
                 raise ApiError.from_edgefleet(error) from None
             return await finish("".join(text), last)
 
-        try:
-            first = await anext(stream)
-        except EdgefleetError as error:
-            raise ApiError.from_edgefleet(error) from None
+        reply = await started(stream)
 
         async def events():
             sequence = 0
@@ -349,16 +346,9 @@ def add_responses_api(
                     content_index=0,
                     part={"type": "output_text", "text": "", "annotations": []},
                 )
-            text, last, pending = [], None, [first]
+            text, last = [], None
             try:
-                while True:
-                    if pending:
-                        chunk, _ = pending.pop()
-                    else:
-                        try:
-                            chunk, _ = await anext(stream)
-                        except StopAsyncIteration:
-                            break
+                async for chunk, _ in reply:
                     if chunk.text:
                         text.append(chunk.text)
                         if as_text:

@@ -16,18 +16,20 @@ import json
 
 from openai import OpenAI
 
-TOOLS = [{
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "Current weather in a city.",
-        "parameters": {
-            "type": "object",
-            "properties": {"city": {"type": "string"}},
-            "required": ["city"],
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Current weather in a city.",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}},
+                "required": ["city"],
+            },
         },
-    },
-}]
+    }
+]
 
 
 def get_weather(city: str) -> dict:
@@ -45,7 +47,11 @@ def main() -> None:
     messages = [{"role": "user", "content": "What is the weather in Lisbon?"}]
     # 1. The model must call the tool (tool_choice: required).
     reply = client.chat.completions.create(
-        model=args.model, messages=messages, tools=TOOLS, tool_choice="required", max_tokens=80,
+        model=args.model,
+        messages=messages,
+        tools=TOOLS,
+        tool_choice="required",
+        max_tokens=80,
     )
     call = reply.choices[0].message.tool_calls[0]
     arguments = json.loads(call.function.arguments)
@@ -57,7 +63,11 @@ def main() -> None:
         {"role": "tool", "tool_call_id": call.id, "content": json.dumps(result)},
     ]
     final = client.chat.completions.create(
-        model=args.model, messages=messages, tools=TOOLS, tool_choice="none", max_tokens=60,
+        model=args.model,
+        messages=messages,
+        tools=TOOLS,
+        tool_choice="none",
+        max_tokens=60,
     )
     print(f"answer: {final.choices[0].message.content}")
 

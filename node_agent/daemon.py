@@ -10,14 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 import sys
 
 import grpc
-from grpc_health.v1 import health, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
-from edgefleet import telemetry
+from edgefleet import serving, telemetry
 from edgefleet.errors import EdgefleetError
 from edgefleet.v1 import node_pb2_grpc
 from node_agent.capacity import GpuProbe, HostProbe, ThroughputMeter
@@ -62,7 +59,7 @@ async def serve(config: NodeConfig, store: ModelStore | None = None) -> int:
     node_id = config.resolved_node_id(port)
     telemetry.setup_tracing("edgefleet-node", node_id)
     metrics = NodeMetrics()
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = serving.add_health_and_reflection(server, SERVICE_NAME)
     servicer = NodeServicer(
         node_id=node_id,
         models=models,
@@ -77,14 +74,7 @@ async def serve(config: NodeConfig, store: ModelStore | None = None) -> int:
         metrics_port = metrics.serve(config.metrics)
         log.info("metrics at http://%s:%d/metrics", config.metrics.rpartition(":")[0], metrics_port)
     node_pb2_grpc.add_NodeServiceServicer_to_server(servicer, server)
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-    )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
+    stop = serving.stop_on_signals()
 
     await servicer.set_serving(False)
     await server.start()

@@ -8,10 +8,10 @@ import logging
 import time
 import uuid
 
-from grpc_health.v1 import health, health_pb2
+from grpc_health.v1 import health
 from opentelemetry import trace
 
-from edgefleet import telemetry
+from edgefleet import serving, telemetry
 from edgefleet.errors import EdgefleetError, Unavailable, abort_with
 from edgefleet.v1 import common_pb2, node_pb2, node_pb2_grpc
 from node_agent.capacity import GpuProbe, HostProbe, ThroughputMeter
@@ -106,14 +106,8 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
     def active_generations(self) -> int:
         return self._active
 
-    async def set_serving(self, serving: bool) -> None:
-        status = (
-            health_pb2.HealthCheckResponse.SERVING
-            if serving
-            else health_pb2.HealthCheckResponse.NOT_SERVING
-        )
-        for service in ("", SERVICE_NAME):
-            await self._health.set(service, status)
+    async def set_serving(self, on: bool) -> None:
+        await serving.set_serving(self._health, SERVICE_NAME, on)
 
     async def set_draining(self, draining: bool) -> None:
         self._draining = draining
