@@ -38,6 +38,13 @@ HTTP_OF = {
     "RESOURCE_EXHAUSTED": (429, "rate_limit_error"),
     "UNAVAILABLE": (503, "service_unavailable_error"),
 }
+# Node error messages -> the OpenAI parameter (and error code) they are about.
+NODE_PARAMS = (
+    ("context window", "messages", "context_length_exceeded"),
+    ("constraint.json_schema", "response_format.json_schema", None),
+    ("sampling.stop", "stop", None),
+    ("grammar", "response_format", None),
+)
 FINISH = {
     common_pb2.FINISH_REASON_STOP: "stop",
     common_pb2.FINISH_REASON_STOP_SEQUENCE: "stop",
@@ -86,6 +93,10 @@ class ApiError(Exception):
         headers = {}
         if error.retry_after_s is not None and status in (429, 503):
             headers["Retry-After"] = str(max(1, round(error.retry_after_s)))
+        # Node-side checks name the gRPC fields; say which OpenAI parameter it was.
+        for needle, api_param, api_code in NODE_PARAMS:
+            if param is None and needle in error.message:
+                param, code = api_param, api_code or code
         return cls(status, error.message, type_=type_, param=param, code=code, headers=headers)
 
 

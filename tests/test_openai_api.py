@@ -512,3 +512,30 @@ def test_sigstop_of_a_node_mid_stream_over_http(fleet_factory):
         if frozen is not None:
             os.kill(frozen.pid, signal.SIGCONT)
     assert frozen is not None and last.usage.completion_tokens == 100
+
+
+def test_node_side_errors_name_the_openai_parameter(api):
+    client, _ = api
+    with pytest.raises(openai.BadRequestError) as too_long:
+        client.chat.completions.create(
+            model="smollm2-135m", messages=[{"role": "user", "content": "word " * 3000}]
+        )
+    assert too_long.value.body["param"] == "messages"
+    assert too_long.value.body["code"] == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError) as bad_schema:
+        client.chat.completions.create(
+            model="smollm2-135m",
+            messages=[{"role": "user", "content": "x"}],
+            response_format={
+                "type": "json_schema",
+                "json_schema": {"name": "x", "schema": {"type": "banana"}},
+            },
+        )
+    assert bad_schema.value.body["param"] == "response_format.json_schema"
+    with pytest.raises(openai.BadRequestError) as stops:
+        client.chat.completions.create(
+            model="smollm2-135m",
+            messages=[{"role": "user", "content": "x"}],
+            stop=[f"s{i}" for i in range(20)],
+        )
+    assert stops.value.body["param"] == "stop"
