@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -134,14 +133,14 @@ class FleetView:
             listener(node_id)
 
     # --- local knowledge ---------------------------------------------------------------
-    @contextlib.contextmanager
-    def dispatched(self, node_id: str):
-        """Count a generation this replica runs on ``node_id`` while the block lasts."""
+    def dispatch(self, node_id: str) -> None:
+        """Count a generation this replica sends to ``node_id``, from the moment
+        it is chosen (so requests placed in the same instant see each other)."""
         self._active[node_id] += 1
-        try:
-            yield
-        finally:
-            self._active[node_id] -= 1
+
+    def release(self, node_id: str) -> None:
+        """The generation counted by ``dispatch`` ended (or was refused)."""
+        self._active[node_id] -= 1
 
     def pending(self, node_id: str) -> int:
         """Generations started (+) or finished (-) here since the node's last report."""

@@ -210,19 +210,18 @@ class Router:
             node_id, epoch, call, first, span = await self._start(attempt, ranking, failures)
             carried = sent_tokens  # tokens of earlier attempts, now in the prompt as prefix
             try:
-                with self._fleet.dispatched(node_id):
-                    async for chunk in self._follow(call, node_id, epoch, first):
-                        if chunk.finish_reason:
-                            chunk.usage.completion_tokens += carried
-                            chunk.usage.prompt_tokens = max(0, chunk.usage.prompt_tokens - carried)
-                        elif chunk.text:
-                            sent.append(chunk.text)
-                            sent_tokens += chunk.token_count
-                        chunk.seq = seq
-                        seq += 1
-                        yield chunk
-                        if chunk.finish_reason:
-                            return
+                async for chunk in self._follow(call, node_id, epoch, first):
+                    if chunk.finish_reason:
+                        chunk.usage.completion_tokens += carried
+                        chunk.usage.prompt_tokens = max(0, chunk.usage.prompt_tokens - carried)
+                    elif chunk.text:
+                        sent.append(chunk.text)
+                        sent_tokens += chunk.token_count
+                    chunk.seq = seq
+                    seq += 1
+                    yield chunk
+                    if chunk.finish_reason:
+                        return
             except NodeFailed as failure:
                 cause = f"{node_id}: {failure}"
                 failures.append(node_id)
@@ -271,6 +270,7 @@ class Router:
             finally:
                 call.cancel()  # no-op when finished; stops the node when the client left
                 span.end()
+                self._fleet.release(node_id)
 
     @staticmethod
     def _continuation(
@@ -307,11 +307,17 @@ class Router:
                     "server.address": entry.record.address,
                 },
             )
+            self._fleet.dispatch(node_id)
             call = self._channels.stub(entry.record.address).Generate(
                 request, metadata=telemetry.outgoing_metadata(span)
             )
-            first = await self._admitted(call, node_id)
+            try:
+                first = await self._admitted(call, node_id)
+            except BaseException:
+                self._fleet.release(node_id)
+                raise
             if first is None:
+                self._fleet.release(node_id)
                 call.cancel()
                 span.set_status(trace.Status(trace.StatusCode.ERROR, "not admitted"))
                 span.end()
