@@ -130,7 +130,9 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
                     raise Unavailable("node is draining and takes no new generations")
                 model = self._models.get(request.model)
                 prepared = model.instance.prepare(generation_request_from_proto(request))
-                async with model.pool.acquire() as slot:
+                # A continued reply (its start was sent by a node that failed)
+                # has a user waiting mid-sentence: it goes to the head of the queue.
+                async with model.pool.acquire(first_in_line=bool(request.assistant_prefix)) as slot:
                     admitted_ns = time.time_ns()
                     if span.is_recording():
                         _child_span("queue", arrived_ns, admitted_ns)

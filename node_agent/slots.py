@@ -42,15 +42,21 @@ class SlotPool:
         return sum(1 for waiter in self._waiters if not waiter.done())
 
     @asynccontextmanager
-    async def acquire(self, retry_after_s: float = 1.0) -> AsyncIterator[int]:
-        """Hold one slot (its index) for the duration of the block."""
-        slot = await self._take(retry_after_s)
+    async def acquire(
+        self, retry_after_s: float = 1.0, *, first_in_line: bool = False
+    ) -> AsyncIterator[int]:
+        """Hold one slot (its index) for the duration of the block.
+
+        ``first_in_line`` queues ahead of everyone else: for a reply that is
+        already half-way to its user (continued after a failure elsewhere).
+        """
+        slot = await self._take(retry_after_s, first_in_line)
         try:
             yield slot
         finally:
             self._give_back(slot)
 
-    async def _take(self, retry_after_s: float) -> int:
+    async def _take(self, retry_after_s: float, first_in_line: bool = False) -> int:
         if self._closed:
             raise Unavailable("the model is being unloaded")
         if self._free and not self.queue_depth:
@@ -63,7 +69,10 @@ class SlotPool:
                 retry_after_s=retry_after_s,
             )
         waiter: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
+        if first_in_line:
+            self._waiters.appendleft(waiter)
+        else:
+            self._waiters.append(waiter)
         try:
             return await waiter
         except asyncio.CancelledError:

@@ -80,3 +80,23 @@ def test_wait_idle():
         assert await pool.wait_idle(0.01)
 
     run(scenario())
+
+
+def test_a_continued_reply_goes_to_the_head_of_the_queue():
+    async def scenario():
+        pool = SlotPool(slots=1, queue_limit=3)
+        order = []
+
+        async def wait(name, first):
+            async with pool.acquire(first_in_line=first):
+                order.append(name)
+
+        async with pool.acquire():
+            tasks = [asyncio.create_task(wait("a", False)), asyncio.create_task(wait("b", False))]
+            await asyncio.sleep(0.01)
+            tasks.append(asyncio.create_task(wait("continued", True)))
+            await asyncio.sleep(0.01)
+        await asyncio.gather(*tasks)
+        assert order == ["continued", "a", "b"]
+
+    run(scenario())
