@@ -45,16 +45,19 @@ class RequestTracker:
         self._node_id = ""
         self._started = time.perf_counter()
         self._first_token: float | None = None
-        self._span_context = None
         self.span = trace.INVALID_SPAN
+        # The context to create this request's child spans in. The span is not
+        # attached as "current": the handlers are async generators that may be
+        # closed from another context, where an attached one cannot detach.
+        self.context = None
 
     def __enter__(self) -> RequestTracker:
-        self._span_context = telemetry.tracer().start_as_current_span(
+        self.span = telemetry.tracer().start_span(
             f"chat {self._method}",
             context=telemetry.incoming_context(self._metadata),
             kind=trace.SpanKind.SERVER,
         )
-        self.span = self._span_context.__enter__()
+        self.context = trace.set_span_in_context(self.span)
         if self.span.is_recording():
             self.span.set_attribute("gen_ai.operation.name", "chat")
             self.span.set_attribute("rpc.method", self._method)
@@ -131,7 +134,9 @@ class RequestTracker:
             self.status = "CANCELLED" if exc_type is asyncio.CancelledError else "INTERNAL"
         if self._metrics is not None:
             self._metrics.requests.labels(self._method, self.status).inc()
-        self._span_context.__exit__(exc_type, exc, tb)
+        if exc is not None and not isinstance(exc, asyncio.CancelledError):
+            self.span.record_exception(exc)
+        self.span.end()
         return False
 
 
@@ -194,8 +199,10 @@ class Completions:
                     assistant_prefix=request.assistant_prefix,
                 )
                 key = conversation_key(request)
-                ranking = self._router.rank(request.model, affinity_node=self._affinity.get(key))
-                async for chunk in self._router.generate(generate, ranking):
+                ranking = self._router.rank(
+                    request.model, affinity_node=self._affinity.get(key), parent=tracker.context
+                )
+                async for chunk in self._router.generate(generate, ranking, parent=tracker.context):
                     reply = tracker.relay(chunk, "")
                     if chunk.finish_reason:
                         self._affinity.remember(key, reply.node_id)

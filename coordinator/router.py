@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 from opentelemetry import trace
+from opentelemetry.context import Context
 
 from coordinator.fleet import FleetView
 from coordinator.metrics import CoordinatorMetrics
@@ -119,10 +120,15 @@ class Router:
         return self._placement.policy
 
     def rank(
-        self, model: str, *, affinity_node: str = "", exclude: set[str] = frozenset()
+        self,
+        model: str,
+        *,
+        affinity_node: str = "",
+        exclude: set[str] = frozenset(),
+        parent: Context | None = None,
     ) -> Ranking:
         """Order the ready nodes serving ``model``; raise when none can take it."""
-        with telemetry.tracer().start_as_current_span("placement") as span:
+        with telemetry.tracer().start_as_current_span("placement", context=parent) as span:
             try:
                 ranking = self._rank(model, affinity_node, exclude)
             except EdgefleetError as error:
@@ -192,7 +198,7 @@ class Router:
         )
 
     async def generate(
-        self, request: node_pb2.GenerateRequest, ranking: Ranking
+        self, request: node_pb2.GenerateRequest, ranking: Ranking, *, parent: Context | None = None
     ) -> AsyncIterator[node_pb2.GenerateChunk]:
         """Stream a generation; if its node fails mid-reply, continue on another.
 
@@ -205,9 +211,11 @@ class Router:
         failures: list[str] = []
         seq = 0
         attempt = request
-        request_span = trace.get_current_span()
+        request_span = trace.get_current_span(parent)
         while True:
-            node_id, epoch, call, first, span = await self._start(attempt, ranking, failures)
+            node_id, epoch, call, first, span = await self._start(
+                attempt, ranking, failures, parent
+            )
             carried = sent_tokens  # tokens of earlier attempts, now in the prompt as prefix
             try:
                 async for chunk in self._follow(call, node_id, epoch, first):
@@ -261,7 +269,7 @@ class Router:
                     )
                     return
                 try:
-                    ranking = self.rank(request.model, exclude=set(failures))
+                    ranking = self.rank(request.model, exclude=set(failures), parent=parent)
                 except EdgefleetError as error:
                     raise Unavailable(
                         f"node {cause} failed mid-reply and no other node can take over: "
@@ -287,7 +295,7 @@ class Router:
             attempt.sampling.max_tokens = left
         return attempt
 
-    async def _start(self, request, ranking: Ranking, failures: list[str]):
+    async def _start(self, request, ranking: Ranking, failures: list[str], parent: Context | None):
         """Open the stream on the best node that admits it.
 
         Returns (node, epoch, call, first chunk, attempt span); the span is the
@@ -300,6 +308,7 @@ class Router:
                 continue
             span = telemetry.tracer().start_span(
                 f"attempt {node_id}",
+                context=parent,
                 kind=trace.SpanKind.CLIENT,
                 attributes={
                     "edgefleet.node.id": node_id,

@@ -147,8 +147,10 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
                 )
                 text = [request.assistant_prefix]
                 final = None
-                ranking = self._router.rank(session.model, affinity_node=session.node_id)
-                async for chunk in self._router.generate(generate, ranking):
+                ranking = self._router.rank(
+                    session.model, affinity_node=session.node_id, parent=tracker.context
+                )
+                async for chunk in self._router.generate(generate, ranking, parent=tracker.context):
                     reply = tracker.relay(chunk, session.session_id)
                     if chunk.finish_reason:
                         final = reply

@@ -66,9 +66,13 @@ def request_attributes(request: node_pb2.GenerateRequest, node_id: str) -> dict:
     return attributes
 
 
-def _child_span(name: str, start_ns: int, end_ns: int, attributes: dict | None = None) -> None:
-    """A finished child span of the current one, with measured start and end."""
-    span = telemetry.tracer().start_span(name, start_time=start_ns, attributes=attributes)
+def _child_span(
+    parent, name: str, start_ns: int, end_ns: int, attributes: dict | None = None
+) -> None:
+    """A finished child span of ``parent`` (a context), with measured start and end."""
+    span = telemetry.tracer().start_span(
+        name, context=parent, start_time=start_ns, attributes=attributes
+    )
     span.end(end_time=max(start_ns, end_ns))
 
 
@@ -118,11 +122,17 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
         request_id = request.request_id or uuid.uuid4().hex
         arrived_ns = time.time_ns()
         status = "OK"
-        with telemetry.tracer().start_as_current_span(
+        # The span is never attached as "current": this handler is an async
+        # generator that grpc may close from another context when the caller
+        # cancels, and a context attached here could not be detached there.
+        # Children and log lines name it explicitly.
+        span = telemetry.tracer().start_span(
             f"chat {request.model}",
             context=telemetry.incoming_context(context.invocation_metadata()),
             kind=trace.SpanKind.SERVER,
-        ) as span:
+        )
+        in_span = trace.set_span_in_context(span)
+        try:
             if span.is_recording():
                 span.set_attributes(request_attributes(request, self.node_id))
             try:
@@ -135,7 +145,7 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
                 async with model.pool.acquire(first_in_line=bool(request.assistant_prefix)) as slot:
                     admitted_ns = time.time_ns()
                     if span.is_recording():
-                        _child_span("queue", arrived_ns, admitted_ns)
+                        _child_span(in_span, "queue", arrived_ns, admitted_ns)
                     self._active += 1
                     self.capacity_changed.set()
                     try:
@@ -143,7 +153,7 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
                             model, slot, prepared, (admitted_ns - arrived_ns) / 1e6
                         ):
                             if chunk.finish_reason:
-                                self._record_finish(span, model.name, chunk, admitted_ns)
+                                self._record_finish(span, in_span, model.name, chunk, admitted_ns)
                             yield chunk
                     finally:
                         self._active -= 1
@@ -151,7 +161,8 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
             except EdgefleetError as error:
                 status = error.code.name
                 span.set_status(trace.Status(trace.StatusCode.ERROR, error.message))
-                log.info("generate %s refused: %s %s", request_id, status, error.message)
+                with trace.use_span(span):  # the log line carries the trace id
+                    log.info("generate %s refused: %s %s", request_id, status, error.message)
                 await abort_with(context, error)
             except asyncio.CancelledError:
                 status = "CANCELLED"
@@ -159,8 +170,10 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
             finally:
                 if self._metrics is not None:
                     self._metrics.requests.labels(request.model, status).inc()
+        finally:
+            span.end()
 
-    def _record_finish(self, span, model: str, chunk, admitted_ns: int) -> None:
+    def _record_finish(self, span, in_span, model: str, chunk, admitted_ns: int) -> None:
         usage, timings = chunk.usage, chunk.timings
         if self._metrics is not None:
             self._metrics.time_to_first_token.labels(model).observe(
@@ -175,6 +188,7 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
         if span.is_recording():
             first_token_ns = admitted_ns + int(timings.prompt_ms * 1e6)
             _child_span(
+                in_span,
                 "prompt_processing",
                 admitted_ns,
                 first_token_ns,
@@ -184,6 +198,7 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
                 },
             )
             _child_span(
+                in_span,
                 "generation",
                 first_token_ns,
                 first_token_ns + int(timings.generation_ms * 1e6),
