@@ -15,8 +15,9 @@ SCENARIOS = {
 
 
 def main(argv: list[str]) -> int:
-    names = [a for a in argv if not a.startswith("-")]
-    flags = [a for a in argv if a.startswith("-")]
+    # Leading names pick scenarios; everything from the first flag on is theirs.
+    first_flag = next((i for i, a in enumerate(argv) if a.startswith("-")), len(argv))
+    names, flags = argv[:first_flag], argv[first_flag:]
     selected = names or list(SCENARIOS)
     unknown = [n for n in selected if n not in SCENARIOS]
     if unknown:
