@@ -256,6 +256,18 @@ def to_complete_request(body: ChatCompletionRequest, session_header: str | None,
 # --- app ---------------------------------------------------------------------------------
 
 
+def require_model(fleet: FleetView, model: str) -> None:
+    """404 ``model_not_found`` unless some node in the fleet serves ``model``."""
+    if model not in fleet.models():
+        raise ApiError(
+            404,
+            f"the model {model!r} does not exist in this fleet",
+            type_="not_found_error",
+            param="model",
+            code="model_not_found",
+        )
+
+
 def authorizer(api_keys: frozenset[str]):
     """Checks ``Authorization: Bearer KEY`` against the configured keys (none: open)."""
 
@@ -339,14 +351,7 @@ def add_openai_api(
             param = "tool_choice" if "tool_choice" in error.message else "tools"
             raise ApiError.from_edgefleet(error, param=param) from None
         complete = to_complete_request(body, x_session_id, plan)
-        if body.model not in fleet.models():
-            raise ApiError(
-                404,
-                f"the model {body.model!r} does not exist in this fleet",
-                type_="not_found_error",
-                param="model",
-                code="model_not_found",
-            )
+        require_model(fleet, body.model)
         metadata = list(request.headers.items())
         stream = completions.stream(complete, method="chat.completions", metadata=metadata)
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"

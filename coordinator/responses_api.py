@@ -23,7 +23,7 @@ from coordinator.completions import Completions
 from coordinator.etcd import Etcd
 from coordinator.fleet import FleetView
 from coordinator.keys import Keys
-from coordinator.openai_api import ApiError, authorizer, started
+from coordinator.openai_api import ApiError, authorizer, require_model, started
 from edgefleet.errors import EdgefleetError
 from edgefleet.v1 import common_pb2, coordinator_pb2
 
@@ -189,14 +189,7 @@ def add_responses_api(
     @app.post("/v1/responses")
     async def create_response(body: ResponsesRequest, request: Request):
         await authorized(request.headers.get("authorization"))
-        if body.model not in fleet.models():
-            raise ApiError(
-                404,
-                f"the model {body.model!r} does not exist in this fleet",
-                type_="not_found_error",
-                param="model",
-                code="model_not_found",
-            )
+        require_model(fleet, body.model)
         try:
             plan = tools.parse_tools(chat_tools(body.tools), body.tool_choice)
         except EdgefleetError as error:

@@ -9,7 +9,6 @@ that cannot be reached is excluded from placement at once.
 from __future__ import annotations
 
 import asyncio
-import collections
 import dataclasses
 import logging
 import time
@@ -111,8 +110,6 @@ class Router:
         self._stall_timeout_s = stall_timeout_s
         self._max_failovers = max_failovers
         self._metrics = metrics
-        # (cause, node) of every failover, newest last (metrics read it).
-        self.failovers: collections.deque[tuple[str, str]] = collections.deque(maxlen=1000)
         self._retry_after_s = retry_after_s
 
     @property
@@ -234,7 +231,6 @@ class Router:
                 cause = f"{node_id}: {failure}"
                 failures.append(node_id)
                 self._fleet.suspect(node_id, str(failure))
-                self.failovers.append((failure.kind, node_id))
                 span.set_status(trace.Status(trace.StatusCode.ERROR, str(failure)))
                 request_span.add_event(
                     "failover",

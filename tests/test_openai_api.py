@@ -153,42 +153,54 @@ def test_errors_in_the_openai_shape(api):
     )
 
 
-def test_streaming_over_http_fails_over_when_the_node_dies(fleet_factory):
-    coordinator = fleet_factory.coordinator()
-    nodes = {n: fleet_factory.node(n) for n in ("n1", "n2")}
-    fleet_factory.wait_ready_nodes(2)
-    client = openai.OpenAI(
+def sdk(coordinator) -> openai.OpenAI:
+    """The official openai client pointed at a coordinator's HTTP listener."""
+    return openai.OpenAI(
         base_url=f"http://{coordinator.extra['http']}/v1",
         api_key="none",
         max_retries=0,
         timeout=120,
     )
-    stream = client.chat.completions.create(
+
+
+def stream_through_a_fault(fleet_factory, coordinator, nodes, fault, max_tokens: int):
+    """Stream a long reply over HTTP; once 40 characters arrived, apply ``fault``
+    to the node generating it. Returns (text, last chunk, the node faulted)."""
+    stream = sdk(coordinator).chat.completions.create(
         model="smollm2-135m",
         messages=[{"role": "user", "content": LONG}],
-        max_tokens=120,
+        max_tokens=max_tokens,
         temperature=0,
         stream=True,
         stream_options={"include_usage": True},
     )
-    text = []
-    killed = None
+    text, victim, last = [], None, None
     for chunk in stream:
         if chunk.choices and chunk.choices[0].delta.content:
             text.append(chunk.choices[0].delta.content)
-        if killed is None and len("".join(text)) > 40:
+        if victim is None and len("".join(text)) > 40:
             with fleet_factory.client() as grpc_client:
                 busy = [
                     n.node_id
                     for n in grpc_client.status().nodes
                     if n.capacity.slots_free < n.capacity.slots_total
                 ]
-            killed = busy[0] if busy else "n1"
-            nodes[killed].kill()
+            victim = nodes[busy[0] if busy else "n1"]
+            fault(victim)
         last = chunk
+    return "".join(text), last, victim
+
+
+def test_streaming_over_http_fails_over_when_the_node_dies(fleet_factory):
+    coordinator = fleet_factory.coordinator()
+    nodes = {n: fleet_factory.node(n) for n in ("n1", "n2")}
+    fleet_factory.wait_ready_nodes(2)
+    text, last, killed = stream_through_a_fault(
+        fleet_factory, coordinator, nodes, lambda node: node.kill(), 120
+    )
     assert killed is not None
     assert last.usage.completion_tokens == 120
-    assert len("".join(text)) > 100
+    assert len(text) > 100
 
 
 WEATHER = {
@@ -284,12 +296,7 @@ def test_auto_model_picks_by_task_and_reports_the_choice(fleet_factory):
     coordinator = fleet_factory.coordinator()
     fleet_factory.node("both", models="smollm2-135m,gemma3-270m")
     fleet_factory.wait_ready_nodes(1)
-    client = openai.OpenAI(
-        base_url=f"http://{coordinator.extra['http']}/v1",
-        api_key="none",
-        max_retries=0,
-        timeout=120,
-    )
+    client = sdk(coordinator)
     assert "auto" in [m.id for m in client.models.list().data]
     simple = client.chat.completions.create(
         model="auto", messages=[{"role": "user", "content": "Hi there!"}], max_tokens=4
@@ -399,12 +406,7 @@ def test_affinity_keeps_a_conversation_on_one_node(fleet_factory):
     fleet_factory.node("n1")
     fleet_factory.node("n2")
     fleet_factory.wait_ready_nodes(2)
-    client = openai.OpenAI(
-        base_url=f"http://{coordinator.extra['http']}/v1",
-        api_key="none",
-        max_retries=0,
-        timeout=120,
-    )
+    client = sdk(coordinator)
 
     def node_of(**arguments) -> str:
         reply = client.chat.completions.create(model="smollm2-135m", max_tokens=2, **arguments)
@@ -442,7 +444,7 @@ def test_saturated_and_unavailable_fleet_over_http(fleet_factory):
     fleet_factory.node("n1", slots=1, queue=0)
     fleet_factory.wait_ready_nodes(1)
     assert httpx.get(f"{base}/readyz", timeout=10).json()["ready"]
-    client = openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0, timeout=120)
+    client = sdk(coordinator)
     busy = client.chat.completions.create(
         model="smollm2-135m",
         messages=[{"role": "user", "content": LONG}],
@@ -479,39 +481,18 @@ def test_sigstop_of_a_node_mid_stream_over_http(fleet_factory):
     coordinator = fleet_factory.coordinator("--stall-timeout", "1")
     nodes = {n: fleet_factory.node(n) for n in ("n1", "n2")}
     fleet_factory.wait_ready_nodes(2)
-    client = openai.OpenAI(
-        base_url=f"http://{coordinator.extra['http']}/v1",
-        api_key="none",
-        max_retries=0,
-        timeout=120,
-    )
-    stream = client.chat.completions.create(
-        model="smollm2-135m",
-        messages=[{"role": "user", "content": LONG}],
-        max_tokens=100,
-        temperature=0,
-        stream=True,
-        stream_options={"include_usage": True},
-    )
-    text, frozen = [], None
+    frozen = []
+
+    def freeze(node):
+        os.kill(node.pid, signal.SIGSTOP)
+        frozen.append(node)
+
     try:
-        for chunk in stream:
-            if chunk.choices and chunk.choices[0].delta.content:
-                text.append(chunk.choices[0].delta.content)
-            if frozen is None and len("".join(text)) > 40:
-                with fleet_factory.client() as grpc_client:
-                    busy = [
-                        n.node_id
-                        for n in grpc_client.status().nodes
-                        if n.capacity.slots_free < n.capacity.slots_total
-                    ]
-                frozen = nodes[busy[0] if busy else "n1"]
-                os.kill(frozen.pid, signal.SIGSTOP)
-            last = chunk
+        _, last, victim = stream_through_a_fault(fleet_factory, coordinator, nodes, freeze, 100)
     finally:
-        if frozen is not None:
-            os.kill(frozen.pid, signal.SIGCONT)
-    assert frozen is not None and last.usage.completion_tokens == 100
+        for node in frozen:
+            os.kill(node.pid, signal.SIGCONT)
+    assert victim is not None and last.usage.completion_tokens == 100
 
 
 def test_node_side_errors_name_the_openai_parameter(api):
