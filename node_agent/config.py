@@ -13,8 +13,9 @@ from edgefleet import defaults
 class NodeConfig:
     listen: str = defaults.NODE_LISTEN
     models: tuple[str, ...] = (defaults.DEFAULT_MODEL,)
-    slots: int = 2
-    queue: int = 8
+    # Slots are sequences in one batched context: cheap (KV cache only).
+    slots: int = 4
+    queue: int = 16
     context_length: int = 2048
     threads: int = field(default_factory=lambda: os.cpu_count() or 1)
     gpu_layers: int = 0

@@ -23,7 +23,9 @@ class SlotPool:
             raise ValueError("queue limit must be >= 0")
         self.total = slots
         self.queue_limit = queue_limit
-        self._free: list[int] = list(range(slots - 1, -1, -1))
+        # Least recently used first: an idle slot's KV cache (a session's
+        # prefix) survives as long as possible.
+        self._free: collections.deque[int] = collections.deque(range(slots))
         self._waiters: collections.deque[asyncio.Future[int]] = collections.deque()
         self._closed = False
         self._idle = asyncio.Event()
@@ -61,7 +63,7 @@ class SlotPool:
             raise Unavailable("the model is being unloaded")
         if self._free and not self.queue_depth:
             self._idle.clear()
-            return self._free.pop()
+            return self._free.popleft()
         if self.queue_depth >= self.queue_limit:
             raise ResourceExhausted(
                 f"all {self.total} slots are busy and the queue is full "

@@ -1,32 +1,26 @@
 """llama.cpp runtime (llama-cpp-python): GGUF models on CPU, or GPU offload.
 
-Each slot of a model is its own llama.cpp context over the same memory-mapped
-weights, so slots generate truly in parallel and each keeps its own KV cache
-(a session's next turn on the same slot reuses its prefix). The CPU cores are
-shared out among the generations running at the moment: one stream gets all
-of them, several get a share each, which avoids oversubscribing the cores
-with llama.cpp's spinning worker threads.
+A loaded model is one llama.cpp context whose KV cache holds a sequence per
+slot; ``ContinuousBatcher`` decodes all running generations together (see
+continuous_batching.py). This module loads the weights, formats chat prompts
+and hands generations to the batcher.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
-import random
-import threading
-import time
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import llama_cpp
-from llama_cpp import Llama, LlamaGrammar
+import llama_cpp._logger as llama_cpp_logging
+from llama_cpp import LlamaGrammar
+from llama_cpp._internals import LlamaContext, LlamaModel
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from edgefleet.errors import FailedPrecondition, InvalidArgument
-from edgefleet.generation import Sampling
 from node_agent.capacity import ThroughputMeter
 from node_agent.runtime.base import (
     Finish,
@@ -35,9 +29,8 @@ from node_agent.runtime.base import (
     GenerationRequest,
     ModelInfo,
     PreparedPrompt,
-    TextDelta,
 )
-from node_agent.text_stream import StopStringFilter, TokenTextDecoder
+from node_agent.runtime.continuous_batching import ContinuousBatcher, Generation
 
 log = logging.getLogger(__name__)
 
@@ -51,27 +44,9 @@ CHATML_TEMPLATE = (
 # Roles templates know; "developer" is OpenAI's newer name for "system".
 TEMPLATE_ROLE = {"developer": "system"}
 
-
-class CpuShare:
-    """Splits the node's inference threads among the generations running now."""
-
-    def __init__(self, threads: int) -> None:
-        self.threads = max(1, threads)
-        self._active = 0
-        self._lock = threading.Lock()
-
-    @contextlib.contextmanager
-    def running(self):
-        with self._lock:
-            self._active += 1
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._active -= 1
-
-    def per_generation(self) -> int:
-        return max(1, self.threads // max(1, self._active))
+# Prompt tokens read per decode step, beside one token per generating stream:
+# small enough that a long prompt does not stall the others for long.
+PROMPT_CHUNK_TOKENS = 256
 
 
 class LlamaCppRuntime:
@@ -84,11 +59,15 @@ class LlamaCppRuntime:
         gpu_layers: int = 0,
         throughput: ThroughputMeter | None = None,
         rss: Callable[[], int] | None = None,
+        prompt_chunk: int = PROMPT_CHUNK_TOKENS,
     ) -> None:
-        self._cpu = CpuShare(threads or os.cpu_count() or 1)
+        llama_cpp.llama_backend_init()
+        llama_cpp_logging.set_verbose(False)  # llama.cpp logs debug lines per decode
+        self._threads = max(1, threads or os.cpu_count() or 1)
         self._gpu_layers = gpu_layers
         self._throughput = throughput or ThroughputMeter()
         self._rss = rss or (lambda: 0)
+        self._prompt_chunk = prompt_chunk
 
     async def load(
         self,
@@ -102,46 +81,59 @@ class LlamaCppRuntime:
         loop = asyncio.get_running_loop()
         rss_before = self._rss()
         file_size = os.path.getsize(path)
-        contexts = await loop.run_in_executor(
-            None, self._open_contexts, path, slots, context_length
-        )
+        model, context = await loop.run_in_executor(None, self._open, path, slots, context_length)
         info = ModelInfo(
             path=path,
             runtime=self.name,
-            context_length=contexts[0].n_ctx(),
+            context_length=context_length,
             slots=slots,
             file_size_bytes=file_size,
             memory_bytes=max(0, self._rss() - rss_before),
             quantization=quantization,
             gpu_layers=self._gpu_layers,
         )
-        return LlamaCppModel(
-            contexts,
-            info,
-            cpu=self._cpu,
-            throughput=self._throughput,
-            chat_template=chat_template,
+        batch_tokens = self._prompt_chunk + slots
+        batcher = ContinuousBatcher(
+            model,
+            context,
+            sequences=slots,
+            batch_tokens=batch_tokens,
+            prompt_chunk=self._prompt_chunk,
+            on_token=lambda: self._throughput.add(1),
         )
+        return LlamaCppModel(model, batcher, info, chat_template=chat_template)
 
-    def _open_contexts(self, path: Path, slots: int, context_length: int) -> list[Llama]:
-        contexts = []
+    def _open(self, path: Path, slots: int, context_length: int) -> tuple[LlamaModel, LlamaContext]:
+        model_params = llama_cpp.llama_model_default_params()
+        model_params.n_gpu_layers = self._gpu_layers
         try:
-            for _ in range(slots):
-                contexts.append(
-                    Llama(
-                        model_path=str(path),
-                        n_ctx=context_length,
-                        n_threads=self._cpu.threads,
-                        n_threads_batch=self._cpu.threads,
-                        n_gpu_layers=self._gpu_layers,
-                        verbose=False,
-                    )
-                )
+            model = LlamaModel(path_model=str(path), params=model_params, verbose=False)
         except (ValueError, RuntimeError) as exc:
-            for llm in contexts:
-                llm.close()
             raise FailedPrecondition(f"llama.cpp could not load {path}: {exc}") from exc
-        return contexts
+        params = llama_cpp.llama_context_default_params()
+        # A KV stream per slot, each a full context window. Separate streams
+        # (not one unified cache) plus flash attention keep every sequence's
+        # numerics independent of what else is in the batch: a stream's text
+        # at temperature 0 is the same alone or batched (tests/test_batching.py).
+        params.n_ctx = context_length * slots
+        params.n_seq_max = slots
+        params.kv_unified = False
+        params.flash_attn_type = (
+            llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+            if self._gpu_layers == 0
+            else llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO
+        )
+        params.n_batch = params.n_ubatch = self._prompt_chunk + slots
+        params.n_threads = params.n_threads_batch = self._threads
+        params.no_perf = True
+        try:
+            context = LlamaContext(model=model, params=params, verbose=False)
+        except (ValueError, RuntimeError) as exc:
+            model.close()
+            raise FailedPrecondition(
+                f"llama.cpp could not create a {params.n_ctx}-token context for {path}: {exc}"
+            ) from exc
+        return model, context
 
     def close(self) -> None:
         pass
@@ -150,34 +142,26 @@ class LlamaCppRuntime:
 class LlamaCppModel:
     def __init__(
         self,
-        contexts: list[Llama],
+        model: LlamaModel,
+        batcher: ContinuousBatcher,
         info: ModelInfo,
         *,
-        cpu: CpuShare,
-        throughput: ThroughputMeter,
         chat_template: str | None = None,
     ) -> None:
         self.info = info
-        self._contexts = contexts
-        self._cpu = cpu
-        self._throughput = throughput
-        self._executor = ThreadPoolExecutor(
-            max_workers=len(contexts), thread_name_prefix="llama-slot"
-        )
-        first = contexts[0]
-        self._vocab = first._model.vocab
-        self._running: set[threading.Event] = set()
-        self._formatter = self._chat_formatter(first, chat_template)
+        self._model = model
+        self._batcher = batcher
+        self._formatter = self._chat_formatter(model, chat_template)
 
     @staticmethod
-    def _chat_formatter(llm: Llama, fallback: str | None) -> Jinja2ChatFormatter:
+    def _chat_formatter(model: LlamaModel, fallback: str | None) -> Jinja2ChatFormatter:
         def token_text(token: int) -> str:
-            return llm._model.token_get_text(token) if token != -1 else ""
+            return model.token_get_text(token) if token != -1 else ""
 
         return Jinja2ChatFormatter(
-            template=llm.metadata.get("tokenizer.chat_template") or fallback or CHATML_TEMPLATE,
-            eos_token=token_text(llm.token_eos()),
-            bos_token=token_text(llm.token_bos()),
+            template=model.metadata().get("tokenizer.chat_template") or fallback or CHATML_TEMPLATE,
+            eos_token=token_text(model.token_eos()),
+            bos_token=token_text(model.token_bos()),
             add_generation_prompt=True,
         )
 
@@ -193,7 +177,9 @@ class LlamaCppModel:
                 f"the model's chat template rejected the messages: {exc}"
             ) from exc
         prompt += request.assistant_prefix
-        tokens = self._contexts[0].tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
+        tokens = self._model.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
+        if not tokens:
+            raise InvalidArgument("the prompt is empty")
         if len(tokens) >= self.info.context_length:
             raise InvalidArgument(
                 f"the prompt is {len(tokens)} tokens but the model's context window is "
@@ -206,15 +192,29 @@ class LlamaCppModel:
     async def stream(self, slot: int, prompt: PreparedPrompt) -> AsyncIterator[GenerationEvent]:
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[GenerationEvent | BaseException] = asyncio.Queue()
-        cancel = threading.Event()
-        self._running.add(cancel)
+        released = loop.create_future()
 
         def emit(event: GenerationEvent | BaseException) -> None:
             loop.call_soon_threadsafe(events.put_nowait, event)
 
-        worker = loop.run_in_executor(
-            self._executor, self._generate, self._contexts[slot], prompt, emit, cancel
+        def on_released() -> None:
+            loop.call_soon_threadsafe(_resolve, released)
+
+        sampling = prompt.request.sampling
+        tokens = list(prompt.tokens)
+        room = self.info.context_length - len(tokens)
+        fits = sampling.max_tokens is not None and sampling.max_tokens <= room
+        generation = Generation(
+            seq_id=slot,
+            prompt=tokens,
+            sampling=sampling,
+            grammar=_parse_grammar(prompt.request.grammar) if prompt.request.grammar else None,
+            limit=sampling.max_tokens if fits else room,
+            length_reason=FinishReason.LENGTH if fits else FinishReason.CONTEXT_FULL,
+            emit=emit,
+            on_released=on_released,
         )
+        self._batcher.submit(generation)
         try:
             while True:
                 event = await events.get()
@@ -224,128 +224,18 @@ class LlamaCppModel:
                 if isinstance(event, Finish):
                     return
         finally:
-            # Closing the stream (client gone, error) stops the worker at its
-            # next token; the slot is only reused once the worker has let go.
-            cancel.set()
-            await asyncio.shield(worker)
-            self._running.discard(cancel)
-
-    def _generate(
-        self,
-        llm: Llama,
-        prompt: PreparedPrompt,
-        emit: Callable[[GenerationEvent | BaseException], None],
-        cancel: threading.Event,
-    ) -> None:
-        try:
-            with self._cpu.running():
-                emit(self._generate_in_slot(llm, prompt, emit, cancel))
-        except BaseException as exc:  # surfaced to the awaiting coroutine
-            log.exception("generation failed")
-            emit(FailedPrecondition(f"generation failed: {exc}"))
-
-    def _generate_in_slot(
-        self,
-        llm: Llama,
-        prompt: PreparedPrompt,
-        emit: Callable[[GenerationEvent | BaseException], None],
-        cancel: threading.Event,
-    ) -> Finish:
-        sampling: Sampling = prompt.request.sampling
-        tokens = list(prompt.tokens)
-        room = self.info.context_length - len(tokens)
-        limit = room if sampling.max_tokens is None else min(sampling.max_tokens, room)
-        length_reason = (
-            FinishReason.CONTEXT_FULL
-            if sampling.max_tokens is None or sampling.max_tokens > room
-            else FinishReason.LENGTH
-        )
-        cached = _common_prefix(llm.input_ids[: llm.n_tokens], tokens)
-        seed = sampling.seed if sampling.seed is not None else random.getrandbits(32)
-        llm.set_seed(seed & 0xFFFFFFFF)
-        grammar = _parse_grammar(prompt.request.grammar) if prompt.request.grammar else None
-
-        decoder = TokenTextDecoder()
-        stops = StopStringFilter(list(sampling.stop))
-        threads = 0
-        completion = 0
-        reason = length_reason
-        started = time.perf_counter()
-        first_token_at: float | None = None
-        generator = llm.generate(
-            tokens,
-            top_k=sampling.top_k,
-            top_p=sampling.top_p,
-            min_p=sampling.min_p,
-            temp=sampling.temperature,
-            repeat_penalty=sampling.repeat_penalty,
-            frequency_penalty=sampling.frequency_penalty,
-            presence_penalty=sampling.presence_penalty,
-            grammar=grammar,
-        )
-        try:
-            while completion < limit:
-                wanted = self._cpu.per_generation()
-                if wanted != threads:
-                    llama_cpp.llama_set_n_threads(llm.ctx, wanted, wanted)
-                    threads = wanted
-                token = next(generator)
-                if first_token_at is None:
-                    first_token_at = time.perf_counter()
-                if cancel.is_set():
-                    reason = FinishReason.CANCELLED
-                    break
-                if llama_cpp.llama_vocab_is_eog(self._vocab, token):
-                    reason = FinishReason.STOP
-                    break
-                completion += 1
-                self._throughput.add(1)
-                text = stops.feed(decoder.feed(llm._model.detokenize([token], special=False)))
-                if stops.stopped:
-                    if text:
-                        emit(TextDelta(text, 1))
-                    reason = FinishReason.STOP_SEQUENCE
-                    break
-                emit(TextDelta(text, 1))
-        finally:
-            generator.close()
-        if reason is not FinishReason.STOP_SEQUENCE and reason is not FinishReason.CANCELLED:
-            tail = stops.feed(decoder.flush())
-            tail += stops.flush()
-            if stops.stopped:
-                reason = FinishReason.STOP_SEQUENCE
-            if tail:
-                emit(TextDelta(tail, 0))
-        finished = time.perf_counter()
-        first = first_token_at or finished
-        return Finish(
-            reason=reason,
-            prompt_tokens=len(tokens),
-            completion_tokens=completion,
-            cached_prompt_tokens=cached,
-            prompt_ms=(first - started) * 1000,
-            generation_ms=(finished - first) * 1000,
-            time_to_first_token_ms=(first - started) * 1000,
-        )
+            # Closing the stream (client gone, error) drops the sequence at the
+            # next decode step; the slot is only reused once the loop let go.
+            generation.cancel.set()
+            await asyncio.shield(released)
 
     async def unload(self) -> None:
-        for cancel in list(self._running):
-            cancel.set()
-        await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)
-        for llm in self._contexts:
-            llm.close()
-        self._contexts.clear()
+        await asyncio.to_thread(self._batcher.close)
 
 
-def _common_prefix(cached, tokens: list[int]) -> int:
-    """Prompt tokens llama.cpp will reuse from the slot's KV cache."""
-    count = 0
-    for a, b in zip(cached, tokens, strict=False):
-        if a != b:
-            break
-        count += 1
-    # llama-cpp-python re-evaluates the last prompt token to refresh logits.
-    return min(count, len(tokens) - 1) if count else 0
+def _resolve(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def _parse_grammar(gbnf: str) -> LlamaGrammar:

@@ -1,0 +1,317 @@
+"""Continuous batching: every generation of a model decoded in one llama.cpp context.
+
+One thread owns the context and runs the decode loop. Each slot is a
+sequence id with its own KV stream in the context. At every step the loop puts one token per
+generating sequence and a chunk of pending prompt tokens into a single batch,
+decodes it, and samples each sequence that asked for logits with that
+sequence's own sampler chain. A new request joins at the next step; a
+finished or cancelled one leaves at the next step; a long prompt is read a
+chunk per step so it never freezes the streams already generating.
+
+Prefix reuse: the loop remembers which tokens each sequence has in the cache.
+A new prompt keeps the longest matching prefix, from its own slot or, when
+another slot holds a much longer one, copied from there, and only the rest is
+read. A session's next turn therefore re-reads only the new messages,
+whichever slot it lands on.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import llama_cpp
+from llama_cpp import LlamaGrammar
+from llama_cpp._internals import LlamaContext, LlamaModel, LlamaSampler
+
+from edgefleet.errors import FailedPrecondition, Unavailable
+from edgefleet.generation import Sampling
+from node_agent.runtime.base import Finish, FinishReason, GenerationEvent, TextDelta
+from node_agent.text_stream import StopStringFilter, TokenTextDecoder
+
+log = logging.getLogger(__name__)
+
+# llama-cpp-python's own default: how many recent tokens the penalties see.
+PENALTY_LAST_N = 64
+
+# Copying another slot's cache moves a whole KV stream; below this many
+# tokens gained, reading them again is cheaper.
+MIN_COPY_TOKENS = 16
+
+Emit = Callable[[GenerationEvent | BaseException], None]
+
+
+@dataclass(eq=False)
+class Generation:
+    """One request in flight; owned by the decode loop once submitted."""
+
+    seq_id: int
+    prompt: list[int]
+    sampling: Sampling
+    grammar: LlamaGrammar | None
+    limit: int  # most tokens to generate
+    length_reason: FinishReason  # why we stop at ``limit``
+    emit: Emit  # called from the loop thread
+    on_released: Callable[[], None]  # the sequence no longer uses the context
+    cancel: threading.Event = field(default_factory=threading.Event)
+    submitted: float = field(default_factory=time.perf_counter)
+    # Loop-side state.
+    pending: list[int] = field(default_factory=list)  # prompt tokens not yet decoded
+    n_past: int = 0  # tokens of this sequence in the KV cache
+    cached_prompt_tokens: int = 0
+    next_token: int | None = None  # sampled, not yet decoded
+    completion: int = 0
+    first_token_at: float | None = None
+    sampler: LlamaSampler | None = None
+    decoder: TokenTextDecoder = field(default_factory=TokenTextDecoder)
+    stops: StopStringFilter | None = None
+
+
+class ContinuousBatcher:
+    """The decode loop of one loaded model (one thread, one context)."""
+
+    def __init__(
+        self,
+        model: LlamaModel,
+        context: LlamaContext,
+        *,
+        sequences: int,
+        batch_tokens: int,
+        prompt_chunk: int,
+        on_token: Callable[[], None] = lambda: None,
+    ) -> None:
+        self._model = model
+        self._ctx = context
+        self._memory = llama_cpp.llama_get_memory(context.ctx)
+        self._vocab = model.vocab
+        self._batch_tokens = batch_tokens
+        self._prompt_chunk = max(1, min(prompt_chunk, batch_tokens - sequences))
+        self._on_token = on_token
+        self._batch = llama_cpp.llama_batch_init(batch_tokens, 0, 1)
+        # What each sequence id holds in the KV cache, token by token.
+        self._cached: list[list[int]] = [[] for _ in range(sequences)]
+        self._incoming: collections.deque[Generation] = collections.deque()
+        self._active: list[Generation] = []
+        self._wake = threading.Condition()
+        self._closing = False
+        self._thread = threading.Thread(target=self._run, name="llama-batch", daemon=True)
+        self._thread.start()
+
+    # -- called from the event loop -------------------------------------
+
+    def submit(self, generation: Generation) -> None:
+        with self._wake:
+            if self._closing:
+                raise Unavailable("the model is being unloaded")
+            self._incoming.append(generation)
+            self._wake.notify()
+
+    def close(self) -> None:
+        """Cancel everything, stop the loop and free the context."""
+        with self._wake:
+            self._closing = True
+            self._wake.notify()
+        self._thread.join()
+        llama_cpp.llama_batch_free(self._batch)
+        self._ctx.close()
+        self._model.close()
+
+    # -- the loop thread -------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not (self._incoming or self._active or self._closing):
+                    self._wake.wait()
+                if self._closing:
+                    self._active.extend(self._incoming)
+                    self._incoming.clear()
+                    for generation in self._active:
+                        generation.cancel.set()
+                admitted = list(self._incoming)
+                self._incoming.clear()
+            for generation in admitted:
+                self._admit(generation)
+            for generation in [g for g in self._active if g.cancel.is_set()]:
+                self._finish(generation, FinishReason.CANCELLED)
+            if self._closing and not self._active:
+                return
+            try:
+                self._step()
+            except Exception as exc:  # a failed decode fails its sequences, not the node
+                log.exception("batched decode failed")
+                for generation in list(self._active):
+                    self._fail(generation, FailedPrecondition(f"generation failed: {exc}"))
+
+    def _admit(self, generation: Generation) -> None:
+        seq = generation.seq_id
+        prompt = generation.prompt
+        # Keep at least one prompt token to decode: its logits start the reply.
+        own = min(_common_prefix(self._cached[seq], prompt), len(prompt) - 1)
+        donor, shared = seq, own
+        for other, tokens in enumerate(self._cached):
+            if other != seq:
+                length = min(_common_prefix(tokens, prompt), len(prompt) - 1)
+                if length > shared and length - own >= MIN_COPY_TOKENS:
+                    donor, shared = other, length
+        if donor != seq:
+            # Each sequence has its own KV stream: copy the donor's stream
+            # whole (llama.cpp copies streams only whole), then cut it.
+            llama_cpp.llama_memory_seq_cp(self._memory, donor, seq, -1, -1)
+            llama_cpp.llama_memory_seq_rm(self._memory, seq, shared, -1)
+        elif not llama_cpp.llama_memory_seq_rm(self._memory, seq, shared, -1):
+            # Partial removal is not supported by every cache type.
+            llama_cpp.llama_memory_seq_rm(self._memory, seq, -1, -1)
+            shared = 0
+        self._cached[seq] = prompt[:shared]
+        generation.n_past = shared
+        generation.cached_prompt_tokens = shared
+        generation.pending = prompt[shared:]
+        generation.sampler = _sampler(self._model, generation)
+        generation.stops = StopStringFilter(list(generation.sampling.stop))
+        self._active.append(generation)
+
+    def _step(self) -> None:
+        """Decode one batch: a token per generating sequence, then prompt chunks."""
+        batch = self._batch
+        n = 0
+        outputs: list[tuple[Generation, int]] = []
+        for generation in self._active:
+            if generation.next_token is not None:
+                self._put(n, generation.next_token, generation, logits=True)
+                outputs.append((generation, n))
+                n += 1
+        budget = min(self._prompt_chunk, self._batch_tokens - n)
+        for generation in self._active:
+            if budget <= 0:
+                break
+            if not generation.pending:
+                continue
+            chunk = generation.pending[:budget]
+            del generation.pending[: len(chunk)]
+            budget -= len(chunk)
+            for i, token in enumerate(chunk):
+                last = not generation.pending and i == len(chunk) - 1
+                self._put(n, token, generation, logits=last)
+                if last:
+                    outputs.append((generation, n))
+                n += 1
+        if n == 0:
+            return
+        batch.n_tokens = n
+        status = llama_cpp.llama_decode(self._ctx.ctx, batch)
+        if status != 0:
+            raise RuntimeError(f"llama_decode returned {status}")
+        for generation, index in outputs:
+            self._sample(generation, index)
+
+    def _put(self, i: int, token: int, generation: Generation, *, logits: bool) -> None:
+        batch = self._batch
+        batch.token[i] = token
+        batch.pos[i] = generation.n_past
+        batch.n_seq_id[i] = 1
+        batch.seq_id[i][0] = generation.seq_id
+        batch.logits[i] = logits
+        generation.n_past += 1
+        self._cached[generation.seq_id].append(token)
+
+    def _sample(self, generation: Generation, index: int) -> None:
+        generation.next_token = None
+        token = llama_cpp.llama_sampler_sample(generation.sampler.sampler, self._ctx.ctx, index)
+        if generation.first_token_at is None:
+            generation.first_token_at = time.perf_counter()
+        if llama_cpp.llama_vocab_is_eog(self._vocab, token):
+            self._finish(generation, FinishReason.STOP)
+            return
+        generation.completion += 1
+        self._on_token()
+        text = generation.stops.feed(
+            generation.decoder.feed(self._model.detokenize([token], special=False))
+        )
+        if generation.stops.stopped:
+            if text:
+                generation.emit(TextDelta(text, 1))
+            self._finish(generation, FinishReason.STOP_SEQUENCE)
+            return
+        generation.emit(TextDelta(text, 1))
+        if generation.completion >= generation.limit:
+            self._finish(generation, generation.length_reason)
+            return
+        generation.next_token = token
+
+    def _finish(self, generation: Generation, reason: FinishReason) -> None:
+        stops = generation.stops
+        if reason not in (FinishReason.STOP_SEQUENCE, FinishReason.CANCELLED):
+            tail = stops.feed(generation.decoder.flush()) + stops.flush()
+            if stops.stopped:
+                reason = FinishReason.STOP_SEQUENCE
+            if tail:
+                generation.emit(TextDelta(tail, 0))
+        finished = time.perf_counter()
+        first = generation.first_token_at or finished
+        generation.emit(
+            Finish(
+                reason=reason,
+                prompt_tokens=len(generation.prompt),
+                completion_tokens=generation.completion,
+                cached_prompt_tokens=generation.cached_prompt_tokens,
+                prompt_ms=(first - generation.submitted) * 1000,
+                generation_ms=(finished - first) * 1000,
+                time_to_first_token_ms=(first - generation.submitted) * 1000,
+            )
+        )
+        self._release(generation)
+
+    def _fail(self, generation: Generation, error: BaseException) -> None:
+        # The cache of a failed sequence is unknown: forget it.
+        llama_cpp.llama_memory_seq_rm(self._memory, generation.seq_id, -1, -1)
+        self._cached[generation.seq_id] = []
+        generation.emit(error)
+        self._release(generation)
+
+    def _release(self, generation: Generation) -> None:
+        self._active.remove(generation)
+        if generation.pending:  # cancelled mid-prompt: the cache holds a partial prompt
+            generation.pending = []
+        if generation.sampler is not None:
+            generation.sampler.close()
+        generation.on_released()
+
+
+def _sampler(model: LlamaModel, generation: Generation) -> LlamaSampler:
+    """The same chain llama-cpp-python's ``Llama.generate`` builds."""
+    sampling = generation.sampling
+    sampler = LlamaSampler()
+    sampler.add_penalties(
+        n_vocab=model.n_vocab(),
+        penalty_last_n=PENALTY_LAST_N,
+        penalty_repeat=sampling.repeat_penalty,
+        penalty_freq=sampling.frequency_penalty,
+        penalty_present=sampling.presence_penalty,
+    )
+    if generation.grammar is not None:
+        sampler.add_grammar(model, generation.grammar)
+    if sampling.temperature == 0.0:
+        sampler.add_greedy()
+    else:
+        seed = sampling.seed if sampling.seed is not None else random.getrandbits(32)
+        sampler.add_top_k(sampling.top_k)
+        sampler.add_top_p(sampling.top_p, 1)
+        sampler.add_min_p(sampling.min_p, 1)
+        sampler.add_temp(sampling.temperature)
+        sampler.add_dist(seed & 0xFFFFFFFF)
+    return sampler
+
+
+def _common_prefix(cached: list[int], tokens: list[int]) -> int:
+    count = 0
+    for a, b in zip(cached, tokens, strict=False):
+        if a != b:
+            break
+        count += 1
+    return count
