@@ -4,13 +4,22 @@ from __future__ import annotations
 
 import sys
 
-from bench import failover, fleet_placement, node_single_stream, tracing_overhead
+from bench import (
+    balancing,
+    control_plane,
+    failover,
+    fleet_placement,
+    node_single_stream,
+    tracing_overhead,
+)
 
 SCENARIOS = {
     "node-single": node_single_stream.main,
     "fleet-placement": fleet_placement.main,
     "failover": failover.main,
     "tracing-overhead": tracing_overhead.main,
+    "control-plane": control_plane.main,
+    "balancing": balancing.main,
 }
 
 

@@ -68,3 +68,15 @@ def _fmt(value) -> str:
     if isinstance(value, float):
         return f"{value:.3f}" if abs(value) < 10 else f"{value:.1f}"
     return str(value)
+
+
+def target(name: str, value: float, op: str, bound: float) -> dict:
+    """One target from the issue, judged on a measured value."""
+    met = {"<": value < bound, "<=": value <= bound, ">=": value >= bound}[op]
+    return {"name": name, "value": value, "op": op, "bound": bound, "met": bool(met)}
+
+
+def print_targets(targets: list[dict]) -> None:
+    for t in targets:
+        verdict = "met" if t["met"] else "NOT met"
+        print(f"target {t['name']} {t['op']} {t['bound']:g}: {_fmt(t['value'])} -> {verdict}")

@@ -84,6 +84,25 @@ def _add_node(sub) -> None:
         default=_env("NODE_METRICS", ""),
         help="host:port for a Prometheus /metrics listener (default: none)",
     )
+    p.add_argument(
+        "--runtime",
+        choices=("llama.cpp", "simulated"),
+        default=_env("NODE_RUNTIME", base.runtime),
+        help="inference engine; 'simulated' emits fake tokens at a fixed rate and exists only "
+        "for control-plane benchmarks (the node reports itself as simulated)",
+    )
+    p.add_argument(
+        "--sim-tokens-per-s",
+        type=float,
+        default=base.sim_tokens_per_s,
+        help="simulated runtime: tokens per second per stream",
+    )
+    p.add_argument(
+        "--sim-cold-start-s",
+        type=float,
+        default=base.sim_cold_start_s,
+        help="simulated runtime: delay of the first generation (a cold model)",
+    )
     p.set_defaults(func=_run_node)
 
 
@@ -92,6 +111,9 @@ def _run_node(args) -> int:
     from node_agent.daemon import run
 
     models = tuple(m.strip() for m in args.models.split(",") if m.strip())
+    if args.sim_tokens_per_s <= 0 or args.sim_cold_start_s < 0:
+        print("error: need --sim-tokens-per-s > 0 and --sim-cold-start-s >= 0", file=sys.stderr)
+        return 2
     if args.slots < 1 or args.queue < 0 or args.context < 64 or args.threads < 1:
         print(
             "error: need --slots >= 1, --queue >= 0, --context >= 64, --threads >= 1",
@@ -112,6 +134,9 @@ def _run_node(args) -> int:
             coordinators=_addresses(args.coordinator),
             advertise=args.advertise,
             metrics=args.metrics,
+            runtime=args.runtime,
+            sim_tokens_per_s=args.sim_tokens_per_s,
+            sim_cold_start_s=args.sim_cold_start_s,
         )
     )
 
@@ -515,7 +540,7 @@ def _status(args) -> int:
                 node.address,
                 str(node.pid),
                 common_pb2.NodeState.Name(node.state).removeprefix("NODE_STATE_").lower(),
-                ",".join(node.models),
+                ",".join(node.models) + (" (SIMULATED)" if capacity.simulated else ""),
                 f"{capacity.cpu_percent:.0f}",
                 f"{capacity.process_rss_bytes / 2**20:.0f}MiB",
                 f"{capacity.slots_total - capacity.slots_free}/{capacity.slots_total}",

@@ -27,6 +27,11 @@ class NodeConfig:
     advertise: str = ""
     # host:port of the Prometheus /metrics listener (empty: not served).
     metrics: str = ""
+    # "llama.cpp", or "simulated": a token emitter for control-plane
+    # benchmarks only (no model; the node reports itself as simulated).
+    runtime: str = "llama.cpp"
+    sim_tokens_per_s: float = 20.0
+    sim_cold_start_s: float = 0.0
 
     def resolved_node_id(self, port: int) -> str:
         return self.node_id or f"{socket.gethostname()}-{port}"

@@ -22,7 +22,10 @@ from node_agent.config import NodeConfig
 from node_agent.metrics import NodeMetrics
 from node_agent.models import ModelManager
 from node_agent.registrar import Registrar
+from node_agent.runtime.base import Runtime
 from node_agent.runtime.llama_cpp import LlamaCppRuntime
+from node_agent.runtime.simulated import NAME as SIMULATED
+from node_agent.runtime.simulated import SimulatedRuntime
 from node_agent.service import SERVICE_NAME, NodeServicer
 from node_agent.store import ModelStore
 
@@ -41,9 +44,7 @@ async def serve(config: NodeConfig, store: ModelStore | None = None) -> int:
     host = HostProbe()
     gpus = GpuProbe()
     throughput = ThroughputMeter()
-    runtime = LlamaCppRuntime(
-        threads=config.threads, gpu_layers=config.gpu_layers, throughput=throughput, rss=host.rss
-    )
+    runtime = make_runtime(config, throughput, host)
     models = ModelManager(
         runtime,
         store or ModelStore(),
@@ -117,6 +118,20 @@ async def serve(config: NodeConfig, store: ModelStore | None = None) -> int:
         telemetry.shutdown_tracing()
     log.info("node %s stopped", node_id)
     return 0
+
+
+def make_runtime(config: NodeConfig, throughput: ThroughputMeter, host: HostProbe) -> Runtime:
+    if config.runtime == SIMULATED:
+        log.warning(
+            "SIMULATED runtime: no model, tokens at %.1f/s (benchmarks only)",
+            config.sim_tokens_per_s,
+        )
+        return SimulatedRuntime(
+            tokens_per_s=config.sim_tokens_per_s, cold_start_s=config.sim_cold_start_s
+        )
+    return LlamaCppRuntime(
+        threads=config.threads, gpu_layers=config.gpu_layers, throughput=throughput, rss=host.rss
+    )
 
 
 def run(config: NodeConfig) -> int:

@@ -69,7 +69,10 @@ class ModelManager:
         async with self._lock:
             if ref.name in self._models:
                 raise AlreadyExists(f"model {ref.name!r} is already loaded")
-            path, sha256 = await asyncio.to_thread(self._store.verified_path, ref)
+            if getattr(self._runtime, "needs_weights", True):
+                path, sha256 = await asyncio.to_thread(self._store.verified_path, ref)
+            else:  # the benchmark simulator
+                path, sha256 = Path(f"simulated/{ref.name}"), ""
             slots = slots or self._default_slots
             context = context_length or self._default_context
             if ref.entry is not None:

@@ -20,6 +20,7 @@ from node_agent.metrics import NodeMetrics
 from node_agent.models import HostedModel, ModelManager
 from node_agent.requests import generation_request_from_proto
 from node_agent.runtime.base import Finish, FinishReason
+from node_agent.runtime.simulated import NAME as SIMULATED
 
 log = logging.getLogger(__name__)
 
@@ -327,6 +328,7 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
             ],
             draining=self._draining,
             active_generations=self._active,
+            simulated=any(m.runtime == SIMULATED for m in models),
         )
 
     @staticmethod

@@ -142,6 +142,7 @@ class FleetFactory:
 
     def node(self, node_id: str, *, coordinators=None, extra_args=(), **kwargs) -> DaemonProcess:
         targets = coordinators or self.coordinators
+        kwargs.setdefault("slots", 2)  # small nodes: saturation scenarios stay cheap
         # Several nodes share this machine's cores: one inference thread each
         # keeps llama.cpp's spinning workers from starving one another.
         return self.nodes.start(
