@@ -3,6 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 EDGEFLEET := $(VENV)/bin/edgefleet
 STAMP := $(VENV)/.installed-stamp
+PEERS_STAMP := $(VENV)/.bench-peers-stamp
 PYTEST_ARGS ?=
 SCENARIO ?=
 FULL ?=
@@ -67,8 +68,12 @@ proto: install  ## regenerate the gRPC stubs in edgefleet/v1 from proto/
 node: install  ## run one node on the default model (Ctrl-C to stop)
 	$(EDGEFLEET) node $(NODE_ARGS)
 
-bench: install  ## benchmarks (SCENARIO=name for one, FULL=1 for the sizes quoted in notes)
+bench: $(PEERS_STAMP)  ## benchmark suite: JSON + PNG + table in bench-results/ (SCENARIO=name, FULL=1)
 	$(PY) -m bench $(SCENARIO) $(if $(FULL),--full)
+
+$(PEERS_STAMP): $(STAMP)
+	deploy/install.sh --bench-peers
+	touch $@
 
 bench-failover: install  ## failover under load: kill -9 / SIGSTOP nodes and a coordinator mid-stream (FULL=1)
 	$(PY) -m bench failover $(if $(FULL),--full)

@@ -70,9 +70,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--cold-start-s", type=float, default=5.0)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--full", action="store_true", help="16 nodes, 400 requests")
+    parser.add_argument("--smoke", action="store_true", help="tiny size: only checks it runs (CI)")
     args = parser.parse_args(argv)
     if args.full:
         args.nodes, args.requests = 16, 400
+    if args.smoke:
+        args.nodes, args.requests, args.max_tokens, args.cold_start_s = 4, 12, 10, 1.0
 
     groups = fleet_shape(args.nodes, args.cold_start_s)
     rate = args.load * capacity_tokens_per_s(groups) / args.max_tokens  # requests/s

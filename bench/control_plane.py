@@ -129,9 +129,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--tokens-per-s", type=float, default=2.0, help="per stream (simulated)")
     parser.add_argument("--stream-seconds", type=float, default=15.0)
     parser.add_argument("--full", action="store_true", help="1000 nodes, 2000 streams, 30 s")
+    parser.add_argument("--smoke", action="store_true", help="tiny size: only checks it runs (CI)")
     args = parser.parse_args(argv)
     if args.full:
         args.nodes, args.streams, args.stream_seconds = 1000, 2000, 30.0
+    if args.smoke:
+        args.nodes, args.streams, args.stream_seconds = 8, 16, 2.0
 
     workdir = Path(tempfile.mkdtemp(prefix="edgefleet-bench-scale-"))
     groups = []

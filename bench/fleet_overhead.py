@@ -136,9 +136,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--full", action="store_true", help="40 rounds of 128 tokens")
+    parser.add_argument("--smoke", action="store_true", help="tiny size: only checks it runs (CI)")
     args = parser.parse_args(argv)
     if args.full:
         args.rounds, args.max_tokens = 40, 128
+    if args.smoke:
+        args.rounds, args.max_tokens = 1, 8
 
     ModelStore().pull(CATALOG[MODEL], progress=False)
     workdir = Path(tempfile.mkdtemp(prefix="edgefleet-bench-overhead-"))

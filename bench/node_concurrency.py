@@ -177,9 +177,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--skip-peers", action="store_true", help="measure the node only")
     parser.add_argument("--full", action="store_true", help="3 rounds of 256 tokens")
+    parser.add_argument("--smoke", action="store_true", help="tiny size: only checks it runs (CI)")
     args = parser.parse_args(argv)
     if args.full:
         args.rounds, args.max_tokens = 3, 256
+    if args.smoke:
+        args.rounds, args.max_tokens, args.levels = 1, 8, "1,2"
     levels = [int(v) for v in args.levels.split(",")]
     slots = max(levels)
 
@@ -219,6 +222,10 @@ def main(argv: list[str] | None = None) -> dict:
                     threads,
                     "--n_threads_batch",
                     threads,
+                    # Its default cancels a running stream when the next
+                    # request arrives; queue them instead, as a user would.
+                    "--interrupt_requests",
+                    "False",
                 ],
                 port,
                 "/v1/models",

