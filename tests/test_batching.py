@@ -11,7 +11,7 @@ import grpc
 import pytest
 
 from edgefleet.v1 import common_pb2, node_pb2
-from tests.helpers import chat_request, collect, node_stub, wait_until
+from tests.helpers import chat_request, collect, node_stub, rpc_error, wait_until
 
 SLOTS = 8
 
@@ -143,3 +143,24 @@ def test_next_turn_reuses_the_cached_conversation(batching_node):
     assert usage.prompt_tokens > first_prompt
     # The whole first prompt came from the cache; only the new turn was read.
     assert usage.cached_prompt_tokens >= first_prompt
+
+
+def test_grammars_apply_per_stream_and_a_bad_one_is_refused(batching_node):
+    channel, stub = node_stub(batching_node.address)
+    yes_no = chat_request("Is the sea wet?", temperature=0, max_tokens=8)
+    yes_no.constraint.gbnf = 'root ::= "yes" | "no"'
+    free = chat_request("Describe the sea.", temperature=0, max_tokens=24)
+    bad = chat_request("Hi", max_tokens=4)
+    bad.constraint.gbnf = "root ::= ("
+    with channel:
+        with ThreadPoolExecutor(2) as pool:
+            constrained, unconstrained = pool.map(
+                lambda r: collect(stub.Generate(r))[0], [yes_no, free]
+            )
+        error = rpc_error(lambda: stub.Generate(bad))
+        after, _ = collect(stub.Generate(chat_request("Say hi.", temperature=0, max_tokens=4)))
+    assert constrained in ("yes", "no")
+    assert len(unconstrained.split()) > 3  # the other stream was not constrained
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "grammar" in error.details()
+    assert after.strip()

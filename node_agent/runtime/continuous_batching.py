@@ -26,7 +26,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import llama_cpp
-from llama_cpp import LlamaGrammar
 from llama_cpp._internals import LlamaContext, LlamaModel, LlamaSampler
 
 from edgefleet.errors import FailedPrecondition, Unavailable
@@ -53,7 +52,7 @@ class Generation:
     seq_id: int
     prompt: list[int]
     sampling: Sampling
-    grammar: LlamaGrammar | None
+    grammar: str | None  # GBNF, rule "root"
     limit: int  # most tokens to generate
     length_reason: FinishReason  # why we stop at ``limit``
     emit: Emit  # called from the loop thread
@@ -136,7 +135,13 @@ class ContinuousBatcher:
                 admitted = list(self._incoming)
                 self._incoming.clear()
             for generation in admitted:
-                self._admit(generation)
+                try:
+                    self._admit(generation)
+                except Exception as exc:  # e.g. a sampler llama.cpp refused: fail this one only
+                    log.exception("could not start a generation")
+                    generation.emit(FailedPrecondition(f"generation failed: {exc}"))
+                    self._forget(generation.seq_id)
+                    generation.on_released()
             for generation in [g for g in self._active if g.cancel.is_set()]:
                 self._finish(generation, FinishReason.CANCELLED)
             if self._closing and not self._active:
@@ -268,11 +273,13 @@ class ContinuousBatcher:
         self._release(generation)
 
     def _fail(self, generation: Generation, error: BaseException) -> None:
-        # The cache of a failed sequence is unknown: forget it.
-        llama_cpp.llama_memory_seq_rm(self._memory, generation.seq_id, -1, -1)
-        self._cached[generation.seq_id] = []
+        self._forget(generation.seq_id)  # its cache is in an unknown state
         generation.emit(error)
         self._release(generation)
+
+    def _forget(self, seq: int) -> None:
+        llama_cpp.llama_memory_seq_rm(self._memory, seq, -1, -1)
+        self._cached[seq] = []
 
     def _release(self, generation: Generation) -> None:
         self._active.remove(generation)
@@ -295,7 +302,11 @@ def _sampler(model: LlamaModel, generation: Generation) -> LlamaSampler:
         penalty_present=sampling.presence_penalty,
     )
     if generation.grammar is not None:
-        sampler.add_grammar(model, generation.grammar)
+        grammar = grammar_sampler(model, generation.grammar)
+        if grammar is None:
+            sampler.close()
+            raise ValueError("llama.cpp could not parse the grammar")
+        llama_cpp.llama_sampler_chain_add(sampler.sampler, grammar)  # the chain owns it now
     if sampling.temperature == 0.0:
         sampler.add_greedy()
     else:
@@ -306,6 +317,12 @@ def _sampler(model: LlamaModel, generation: Generation) -> LlamaSampler:
         sampler.add_temp(sampling.temperature)
         sampler.add_dist(seed & 0xFFFFFFFF)
     return sampler
+
+
+def grammar_sampler(model: LlamaModel, gbnf: str):
+    """A llama.cpp grammar sampler, or None when the grammar does not parse."""
+    sampler = llama_cpp.llama_sampler_init_grammar(model.vocab, gbnf.encode("utf-8"), b"root")
+    return sampler or None
 
 
 def _common_prefix(cached: list[int], tokens: list[int]) -> int:

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import llama_cpp
 import llama_cpp._logger as llama_cpp_logging
-from llama_cpp import LlamaGrammar
 from llama_cpp._internals import LlamaContext, LlamaModel
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
@@ -30,7 +29,11 @@ from node_agent.runtime.base import (
     ModelInfo,
     PreparedPrompt,
 )
-from node_agent.runtime.continuous_batching import ContinuousBatcher, Generation
+from node_agent.runtime.continuous_batching import (
+    ContinuousBatcher,
+    Generation,
+    grammar_sampler,
+)
 
 log = logging.getLogger(__name__)
 
@@ -185,8 +188,11 @@ class LlamaCppModel:
                 f"the prompt is {len(tokens)} tokens but the model's context window is "
                 f"{self.info.context_length} tokens"
             )
-        if request.grammar is not None:
-            _parse_grammar(request.grammar)  # fail before queueing, not in the slot
+        if request.grammar is not None:  # fail before queueing, not in the decode loop
+            checked = grammar_sampler(self._model, request.grammar)
+            if checked is None:
+                raise InvalidArgument("invalid grammar: llama.cpp could not parse it")
+            llama_cpp.llama_sampler_free(checked)
         return PreparedPrompt(request=request, tokens=tuple(tokens))
 
     async def stream(self, slot: int, prompt: PreparedPrompt) -> AsyncIterator[GenerationEvent]:
@@ -208,7 +214,7 @@ class LlamaCppModel:
             seq_id=slot,
             prompt=tokens,
             sampling=sampling,
-            grammar=_parse_grammar(prompt.request.grammar) if prompt.request.grammar else None,
+            grammar=prompt.request.grammar,
             limit=sampling.max_tokens if fits else room,
             length_reason=FinishReason.LENGTH if fits else FinishReason.CONTEXT_FULL,
             emit=emit,
@@ -236,10 +242,3 @@ class LlamaCppModel:
 def _resolve(future: asyncio.Future) -> None:
     if not future.done():
         future.set_result(None)
-
-
-def _parse_grammar(gbnf: str) -> LlamaGrammar:
-    try:
-        return LlamaGrammar.from_string(gbnf, verbose=False)
-    except Exception as exc:
-        raise InvalidArgument(f"invalid grammar: {exc}") from exc
