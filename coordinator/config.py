@@ -16,6 +16,7 @@ class CoordinatorConfig:
     http: str = defaults.COORDINATOR_HTTP
     coordinator_id: str = ""
     policy: str = "scored"
+    placement_sample: int = 64
     node_lease_ttl_s: float = 3.0
     heartbeat_interval_s: float = 1.0
     replica_lease_ttl_s: float = 5.0

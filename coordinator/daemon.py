@@ -104,7 +104,7 @@ async def serve(config: CoordinatorConfig) -> int:
     )
     router = Router(
         fleet,
-        Placement(config.policy),
+        Placement(config.policy, sample=config.placement_sample),
         channels,
         first_token_timeout_s=config.first_token_timeout_s,
         stall_timeout_s=config.stall_timeout_s,

@@ -57,10 +57,14 @@ class Ranking:
 
 
 class Placement:
-    def __init__(self, policy: str = "scored") -> None:
+    def __init__(self, policy: str = "scored", *, sample: int = 64) -> None:
         if policy not in POLICIES:
             raise ValueError(f"unknown placement policy {policy!r}; choose from {POLICIES}")
+        if sample < 1:
+            raise ValueError("the placement sample must be >= 1")
         self.policy = policy
+        # Above this many nodes the router ranks a random sample of this size.
+        self.sample = sample
         self._turn = itertools.count()
 
     def rank(self, candidates: list[Candidate]) -> Ranking:
@@ -71,7 +75,8 @@ class Placement:
         elif self.policy == "least_loaded":
             scores = {c.node_id: -c.busy_now / max(1, c.slots_total) for c in open_nodes}
         else:
-            scores = {c.node_id: scored(c, open_nodes) for c in open_nodes}
+            fastest = max((c.tokens_per_second for c in open_nodes), default=0.0)
+            scores = {c.node_id: scored(c, fastest) for c in open_nodes}
         order = tuple(sorted(scores, key=lambda node: (-scores[node], node)))
         return Ranking(policy=self.policy, order=order, scores=scores, saturated=saturated)
 
@@ -83,9 +88,10 @@ class Placement:
         return {c.node_id: float(len(rotated) - i) for i, c in enumerate(rotated)}
 
 
-def scored(candidate: Candidate, field: list[Candidate]) -> float:
+def scored(candidate: Candidate, fastest: float) -> float:
     """Higher is better. Weights are chosen so that a free slot beats a warm cache
-    on a busy node, and a warm cache beats a slightly faster cold node."""
+    on a busy node, and a warm cache beats a slightly faster cold node.
+    ``fastest``: the highest recent throughput among the candidates."""
     per_slot_load = candidate.busy_now / max(1, candidate.slots_total)
     score = 0.0
     if candidate.free_now > 0:
@@ -95,7 +101,6 @@ def scored(candidate: Candidate, field: list[Candidate]) -> float:
         queue_room = max(1, candidate.queue_limit)
         score -= 40.0 * (candidate.busy_now - candidate.slots_total + 1) / queue_room
     score -= 20.0 * per_slot_load
-    fastest = max((c.tokens_per_second for c in field), default=0.0)
     if fastest > 0:
         score += 10.0 * candidate.tokens_per_second / fastest
     if candidate.affinity and candidate.free_now > 0:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import random
 import time
 from collections.abc import AsyncIterator
 
@@ -155,11 +156,47 @@ class Router:
 
     def _rank(self, model: str, affinity_node: str, exclude: set[str]) -> Ranking:
         started = time.perf_counter()
-        if model not in self._fleet.models():
-            raise NotFound(f"no node in the fleet serves model {model!r}")
+        nodes = list(self._fleet.nodes.values())
         candidates = []
-        for entry in self._fleet.ready_nodes():
-            if entry.node_id in exclude:
+        sample_size = self._placement.sample
+        if len(nodes) > sample_size and self._placement.policy != "round_robin":
+            # A large fleet: rank a random sample plus the session's node (the
+            # "power of d choices"), so a decision costs the same at 1,000
+            # nodes as at the sample size. Only when no sampled node has a free slot is
+            # the whole fleet ranked.
+            sample = random.sample(nodes, sample_size)
+            affinity_entry = self._fleet.nodes.get(affinity_node)
+            if affinity_entry is not None and affinity_entry not in sample:
+                sample.append(affinity_entry)
+            candidates = self._candidates(sample, model, affinity_node, exclude)
+            if not any(c.free_now for c in candidates):
+                candidates = []
+        if not candidates:
+            candidates = self._candidates(nodes, model, affinity_node, exclude)
+        ranking = dataclasses.replace(
+            self._placement.rank(candidates), decision_us=(time.perf_counter() - started) * 1e6
+        )
+        if not candidates and model not in self._fleet.models():
+            raise NotFound(f"no node in the fleet serves model {model!r}")
+        if not candidates:
+            raise Unavailable(
+                f"no ready node serves model {model!r} (nodes may be draining or failed)",
+                retry_after_s=self._retry_after_s,
+            )
+        if not ranking.order:
+            raise self._saturated(model)
+        return ranking
+
+    def _candidates(
+        self, entries: list, model: str, affinity_node: str, exclude: set[str]
+    ) -> list[Candidate]:
+        candidates = []
+        for entry in entries:
+            if (
+                entry.node_id in exclude
+                or self._fleet.state_of(entry) != common_pb2.NODE_STATE_READY
+                or self._fleet.is_suspect(entry.node_id)
+            ):
                 continue
             loaded = entry.model(model)
             if loaded is None:
@@ -176,17 +213,7 @@ class Router:
                     affinity=entry.node_id == affinity_node,
                 )
             )
-        ranking = dataclasses.replace(
-            self._placement.rank(candidates), decision_us=(time.perf_counter() - started) * 1e6
-        )
-        if not candidates:
-            raise Unavailable(
-                f"no ready node serves model {model!r} (nodes may be draining or failed)",
-                retry_after_s=self._retry_after_s,
-            )
-        if not ranking.order:
-            raise self._saturated(model)
-        return ranking
+        return candidates
 
     def _saturated(self, model: str) -> ResourceExhausted:
         return ResourceExhausted(

@@ -344,6 +344,12 @@ def _add_coordinator(sub) -> None:
         "--policy", default=_env("POLICY", base.policy), choices=POLICIES, help="placement policy"
     )
     p.add_argument(
+        "--placement-sample",
+        type=int,
+        default=base.placement_sample,
+        help="in larger fleets, rank a random sample of this many nodes (plus the session's)",
+    )
+    p.add_argument(
         "--node-lease-ttl",
         type=float,
         default=base.node_lease_ttl_s,
@@ -422,8 +428,12 @@ def _run_coordinator(args) -> int:
         except OSError as error:
             print(f"error: cannot read --api-key-file: {error}", file=sys.stderr)
             return 2
-    if args.node_lease_ttl < 1 or args.heartbeat_interval <= 0:
-        print("error: need --node-lease-ttl >= 1 and --heartbeat-interval > 0", file=sys.stderr)
+    if args.node_lease_ttl < 1 or args.heartbeat_interval <= 0 or args.placement_sample < 1:
+        print(
+            "error: need --node-lease-ttl >= 1, --heartbeat-interval > 0 "
+            "and --placement-sample >= 1",
+            file=sys.stderr,
+        )
         return 2
     return run(
         CoordinatorConfig(
@@ -433,6 +443,7 @@ def _run_coordinator(args) -> int:
             http=args.http,
             coordinator_id=args.id,
             policy=args.policy,
+            placement_sample=args.placement_sample,
             node_lease_ttl_s=args.node_lease_ttl,
             heartbeat_interval_s=args.heartbeat_interval,
             session_idle_ttl_s=args.session_idle_ttl,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
@@ -279,3 +280,26 @@ def _try_create(client):
         return client.create_session("smollm2-135m")
     except Unavailable:
         return None
+
+
+def test_sampled_placement_still_finds_the_one_free_node(fleet_factory):
+    """With a placement sample smaller than the fleet, a node outside the
+    sample is still used when every sampled node is full: no false 429."""
+    coordinator = fleet_factory.coordinator("--placement-sample", "1")
+    for index in range(4):
+        fleet_factory.node(
+            f"sim-{index}",
+            slots=1,
+            queue=0,
+            extra_args=("--runtime", "simulated", "--sim-tokens-per-s", "20"),
+        )
+    fleet_factory.wait_ready_nodes(4)
+    client = fleet_factory.client(coordinator)
+
+    def served_by(_) -> str:
+        chunks = list(client.complete("smollm2-135m", [("user", "hi")], max_tokens=40))
+        return next(c.node_id for c in chunks if c.node_id)
+
+    with ThreadPoolExecutor(4) as pool:
+        nodes = sorted(pool.map(served_by, range(4)))
+    assert nodes == [f"sim-{i}" for i in range(4)]

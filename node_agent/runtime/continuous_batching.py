@@ -17,6 +17,7 @@ whichever slot it lands on.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import logging
 import random
@@ -55,8 +56,10 @@ class Generation:
     grammar: str | None  # GBNF, rule "root"
     limit: int  # most tokens to generate
     length_reason: FinishReason  # why we stop at ``limit``
-    emit: Emit  # called from the loop thread
+    # Both run on ``loop`` (the caller's event loop), never on the decode thread.
+    emit: Emit
     on_released: Callable[[], None]  # the sequence no longer uses the context
+    loop: asyncio.AbstractEventLoop
     cancel: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.perf_counter)
     # Loop-side state.
@@ -96,6 +99,9 @@ class ContinuousBatcher:
         self._cached: list[list[int]] = [[] for _ in range(sequences)]
         self._incoming: collections.deque[Generation] = collections.deque()
         self._active: list[Generation] = []
+        # Events for the callers' event loops, handed over once per step:
+        # one wake-up of the loop per step, not one per token per stream.
+        self._outbox: list[tuple[asyncio.AbstractEventLoop, Callable, tuple]] = []
         self._wake = threading.Condition()
         self._closing = False
         self._thread = threading.Thread(target=self._run, name="llama-batch", daemon=True)
@@ -127,24 +133,29 @@ class ContinuousBatcher:
             with self._wake:
                 while not (self._incoming or self._active or self._closing):
                     self._wake.wait()
+                refused: list[Generation] = []
                 if self._closing:
-                    self._active.extend(self._incoming)
+                    refused = list(self._incoming)
                     self._incoming.clear()
                     for generation in self._active:
                         generation.cancel.set()
                 admitted = list(self._incoming)
                 self._incoming.clear()
+            for generation in refused:  # never started: nothing to finish
+                self._emit(generation, Unavailable("the model is being unloaded"))
+                self._post(generation, generation.on_released)
             for generation in admitted:
                 try:
                     self._admit(generation)
                 except Exception as exc:  # e.g. a sampler llama.cpp refused: fail this one only
                     log.exception("could not start a generation")
-                    generation.emit(FailedPrecondition(f"generation failed: {exc}"))
+                    self._emit(generation, FailedPrecondition(f"generation failed: {exc}"))
                     self._forget(generation.seq_id)
-                    generation.on_released()
+                    self._post(generation, generation.on_released)
             for generation in [g for g in self._active if g.cancel.is_set()]:
                 self._finish(generation, FinishReason.CANCELLED)
             if self._closing and not self._active:
+                self._flush()
                 return
             try:
                 self._step()
@@ -152,6 +163,25 @@ class ContinuousBatcher:
                 log.exception("batched decode failed")
                 for generation in list(self._active):
                     self._fail(generation, FailedPrecondition(f"generation failed: {exc}"))
+            finally:
+                self._flush()
+
+    def _emit(self, generation: Generation, event: GenerationEvent | BaseException) -> None:
+        self._post(generation, generation.emit, event)
+
+    def _post(self, generation: Generation, callback: Callable, *args) -> None:
+        self._outbox.append((generation.loop, callback, args))
+
+    def _flush(self) -> None:
+        outbox, self._outbox = self._outbox, []
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for loop, callback, args in outbox:
+            by_loop.setdefault(loop, []).append((callback, args))
+        for loop, calls in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_run_all, calls)
+            except RuntimeError:  # that event loop is closed: nobody is listening
+                pass
 
     def _admit(self, generation: Generation) -> None:
         seq = generation.seq_id
@@ -240,10 +270,10 @@ class ContinuousBatcher:
         )
         if generation.stops.stopped:
             if text:
-                generation.emit(TextDelta(text, 1))
+                self._emit(generation, TextDelta(text, 1))
             self._finish(generation, FinishReason.STOP_SEQUENCE)
             return
-        generation.emit(TextDelta(text, 1))
+        self._emit(generation, TextDelta(text, 1))
         if generation.completion >= generation.limit:
             self._finish(generation, generation.length_reason)
             return
@@ -256,10 +286,11 @@ class ContinuousBatcher:
             if stops.stopped:
                 reason = FinishReason.STOP_SEQUENCE
             if tail:
-                generation.emit(TextDelta(tail, 0))
+                self._emit(generation, TextDelta(tail, 0))
         finished = time.perf_counter()
         first = generation.first_token_at or finished
-        generation.emit(
+        self._emit(
+            generation,
             Finish(
                 reason=reason,
                 prompt_tokens=len(generation.prompt),
@@ -268,13 +299,13 @@ class ContinuousBatcher:
                 prompt_ms=(first - generation.submitted) * 1000,
                 generation_ms=(finished - first) * 1000,
                 time_to_first_token_ms=(first - generation.submitted) * 1000,
-            )
+            ),
         )
         self._release(generation)
 
     def _fail(self, generation: Generation, error: BaseException) -> None:
         self._forget(generation.seq_id)  # its cache is in an unknown state
-        generation.emit(error)
+        self._emit(generation, error)
         self._release(generation)
 
     def _forget(self, seq: int) -> None:
@@ -287,7 +318,12 @@ class ContinuousBatcher:
             generation.pending = []
         if generation.sampler is not None:
             generation.sampler.close()
-        generation.on_released()
+        self._post(generation, generation.on_released)
+
+
+def _run_all(calls: list[tuple[Callable, tuple]]) -> None:
+    for callback, args in calls:
+        callback(*args)
 
 
 def _sampler(model: LlamaModel, generation: Generation) -> LlamaSampler:

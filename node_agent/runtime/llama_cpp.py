@@ -200,11 +200,9 @@ class LlamaCppModel:
         events: asyncio.Queue[GenerationEvent | BaseException] = asyncio.Queue()
         released = loop.create_future()
 
-        def emit(event: GenerationEvent | BaseException) -> None:
-            loop.call_soon_threadsafe(events.put_nowait, event)
-
         def on_released() -> None:
-            loop.call_soon_threadsafe(_resolve, released)
+            if not released.done():
+                released.set_result(None)
 
         sampling = prompt.request.sampling
         tokens = list(prompt.tokens)
@@ -217,8 +215,9 @@ class LlamaCppModel:
             grammar=prompt.request.grammar,
             limit=sampling.max_tokens if fits else room,
             length_reason=FinishReason.LENGTH if fits else FinishReason.CONTEXT_FULL,
-            emit=emit,
+            emit=events.put_nowait,
             on_released=on_released,
+            loop=loop,
         )
         self._batcher.submit(generation)
         try:
@@ -237,8 +236,3 @@ class LlamaCppModel:
 
     async def unload(self) -> None:
         await asyncio.to_thread(self._batcher.close)
-
-
-def _resolve(future: asyncio.Future) -> None:
-    if not future.done():
-        future.set_result(None)
