@@ -8,6 +8,7 @@ reconnecting watches). Every failure to reach etcd surfaces as
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 import grpc
 from etcd3aio import Etcd3Client, EtcdError, prefix_range_end
 from etcd3aio._protobuf import Compare as CompareProto
+from etcd3aio._protobuf import LeaseKeepAliveRequest
 from etcd3aio.kv import KVService
 
 from edgefleet.errors import Unavailable
@@ -63,6 +65,73 @@ class Delete:
     key: str
 
 
+class _SharedKeepAlive:
+    """Every lease refresh of this client over one LeaseKeepAlive stream.
+
+    etcd multiplexes leases on a keep-alive stream; opening a stream per
+    refresh (what etcd3aio's ``keep_alive`` does) costs a whole HTTP/2 stream
+    and two tasks per heartbeat, which dominated the coordinator's CPU with a
+    thousand nodes. Replies are matched to waiters by lease id, in order.
+    """
+
+    def __init__(self, client: Etcd3Client) -> None:
+        self._client = client
+        self._requests: asyncio.Queue | None = None
+        self._reader: asyncio.Task | None = None
+        self._waiters: dict[int, collections.deque[asyncio.Future[int]]] = {}
+
+    async def refresh(self, lease_id: int) -> int:
+        self._open()
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(lease_id, collections.deque()).append(waiter)
+        self._requests.put_nowait(LeaseKeepAliveRequest(ID=lease_id))
+        try:
+            return await waiter
+        finally:
+            queue = self._waiters.get(lease_id)
+            if queue is not None and waiter in queue:  # timed out or cancelled
+                queue.remove(waiter)
+
+    def _open(self) -> None:
+        if self._reader is not None and not self._reader.done():
+            return
+        requests: asyncio.Queue = asyncio.Queue()
+        self._requests = requests
+
+        async def outgoing():
+            while True:
+                yield await requests.get()
+
+        # etcd3aio exposes no multiplexed keep-alive; its lease stub does.
+        lease = self._client.lease
+        call = lease._stub.LeaseKeepAlive(outgoing(), metadata=lease._metadata or None)
+        self._reader = asyncio.create_task(self._read(call), name="etcd-lease-keepalive")
+
+    async def _read(self, call) -> None:
+        error: BaseException = EtcdError("the lease keep-alive stream ended")
+        try:
+            async for reply in call:
+                waiters = self._waiters.get(reply.ID)
+                while waiters:
+                    waiter = waiters.popleft()
+                    if not waiter.done():
+                        waiter.set_result(int(reply.TTL))
+                        break
+        except (grpc.aio.AioRpcError, EtcdError) as exc:
+            error = exc
+        finally:
+            call.cancel()
+            waiters, self._waiters = self._waiters, {}
+            for queue in waiters.values():
+                for waiter in queue:
+                    if not waiter.done():
+                        waiter.set_exception(error)
+
+    def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+
+
 def _kv(raw) -> KeyValue:
     return KeyValue(
         key=raw.key.decode(),
@@ -87,6 +156,7 @@ class Etcd:
         self.timeout_s = timeout_s
         self._observe = observe  # (operation, seconds, ok): metrics
         self._client = Etcd3Client(self.endpoints, rpc_max_attempts=2)
+        self._keepalive = _SharedKeepAlive(self._client)
         self._connected = False
 
     async def connect(self) -> None:
@@ -94,6 +164,7 @@ class Etcd:
         self._connected = True
 
     async def close(self) -> None:
+        self._keepalive.close()
         if self._connected:
             await self._client.close()
             self._connected = False
@@ -198,17 +269,7 @@ class Etcd:
 
     async def refresh(self, lease_id: int) -> int:
         """Keep a lease alive once; returns its remaining TTL (0: it has expired)."""
-
-        async def once() -> int:
-            stream = self._client.lease.keep_alive(lease_id)
-            try:
-                async for reply in stream:
-                    return int(reply.TTL)
-                return 0
-            finally:
-                stream.cancel()
-
-        return await self._call("lease keepalive", once())
+        return await self._call("lease keepalive", self._keepalive.refresh(lease_id))
 
     async def revoke(self, lease_id: int) -> None:
         try:
