@@ -87,7 +87,9 @@ def main(argv: list[str] | None = None) -> dict:
         extra_args=("--threads", str(args.threads), "--context", str(CONTEXT)),
         log_path=log_dir / "node.log",
     )
-    llm = Llama(str(path), n_ctx=CONTEXT, n_threads=args.threads, verbose=False)
+    # Flash attention on both sides (the node always uses it), so both
+    # compute the same tokens.
+    llm = Llama(str(path), n_ctx=CONTEXT, n_threads=args.threads, flash_attn=True, verbose=False)
     samples: dict[str, list[tuple[float, float, int]]] = {"direct": [], "node": []}
     try:
         node.wait_serving(timeout_s=120)

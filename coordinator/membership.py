@@ -147,7 +147,8 @@ class Membership:
                 try:
                     # A node that falls silent (frozen, cut off) is lost even
                     # though its connection looks open.
-                    beat = await asyncio.wait_for(anext(beats), self.silence_timeout_s)
+                    async with asyncio.timeout(self.silence_timeout_s):
+                        beat = await anext(beats)
                 except StopAsyncIteration:
                     break
                 except TimeoutError:

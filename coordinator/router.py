@@ -369,7 +369,9 @@ class Router:
         deadline = self._first_token_timeout_s
         while True:
             try:
-                chunk = await asyncio.wait_for(call.read(), deadline)
+                # asyncio.timeout, not wait_for: no extra task per token.
+                async with asyncio.timeout(deadline):
+                    chunk = await call.read()
             except TimeoutError:
                 raise NodeFailed("stall", f"no token for {deadline:g}s") from None
             except grpc.RpcError as error:

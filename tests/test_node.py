@@ -42,7 +42,7 @@ def test_max_tokens_and_length_finish(shared_node):
     channel, stub = node_stub(shared_node.address)
     with channel:
         _, chunks = collect(
-            stub.Generate(chat_request("Count from one to one hundred.", max_tokens=5))
+            stub.Generate(chat_request("Write a very long story.", max_tokens=5, temperature=0))
         )
     assert chunks[-1].usage.completion_tokens == 5
     assert chunks[-1].finish_reason == common_pb2.FINISH_REASON_LENGTH

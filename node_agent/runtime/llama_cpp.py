@@ -118,6 +118,9 @@ class LlamaCppRuntime:
         # (not one unified cache) plus flash attention keep every sequence's
         # numerics independent of what else is in the batch: a stream's text
         # at temperature 0 is the same alone or batched (tests/test_batching.py).
+        # Flash attention is also llama-server's default on CPU; its rounding
+        # differs from llama-cpp-python's default (no flash attention), so
+        # greedy text can differ from a plain ``Llama`` call on the same model.
         params.n_ctx = context_length * slots
         params.n_seq_max = slots
         params.kv_unified = False
