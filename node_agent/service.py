@@ -143,7 +143,11 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
                 prepared = model.instance.prepare(generation_request_from_proto(request))
                 # A continued reply (its start was sent by a node that failed)
                 # has a user waiting mid-sentence: it goes to the head of the queue.
-                async with model.pool.acquire(first_in_line=bool(request.assistant_prefix)) as slot:
+                # Among free slots, the one already holding most of this prompt.
+                async with model.pool.acquire(
+                    first_in_line=bool(request.assistant_prefix),
+                    prefer=lambda slot: model.instance.cached_prefix(slot, prepared),
+                ) as slot:
                     admitted_ns = time.time_ns()
                     if span.is_recording():
                         _child_span(in_span, "queue", arrived_ns, admitted_ns)

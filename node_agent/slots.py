@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from edgefleet.errors import ResourceExhausted, Unavailable
@@ -45,25 +45,40 @@ class SlotPool:
 
     @asynccontextmanager
     async def acquire(
-        self, retry_after_s: float = 1.0, *, first_in_line: bool = False
+        self,
+        retry_after_s: float = 1.0,
+        *,
+        first_in_line: bool = False,
+        prefer: Callable[[int], int] | None = None,
     ) -> AsyncIterator[int]:
         """Hold one slot (its index) for the duration of the block.
 
         ``first_in_line`` queues ahead of everyone else: for a reply that is
         already half-way to its user (continued after a failure elsewhere).
+        ``prefer`` scores free slots (e.g. prompt tokens already in a slot's
+        cache); the highest wins, least recently used among equals.
         """
-        slot = await self._take(retry_after_s, first_in_line)
+        slot = await self._take(retry_after_s, first_in_line, prefer)
         try:
             yield slot
         finally:
             self._give_back(slot)
 
-    async def _take(self, retry_after_s: float, first_in_line: bool = False) -> int:
+    async def _take(
+        self,
+        retry_after_s: float,
+        first_in_line: bool = False,
+        prefer: Callable[[int], int] | None = None,
+    ) -> int:
         if self._closed:
             raise Unavailable("the model is being unloaded")
         if self._free and not self.queue_depth:
             self._idle.clear()
-            return self._free.popleft()
+            if prefer is None or len(self._free) == 1:
+                return self._free.popleft()
+            best = max(self._free, key=prefer)  # max keeps the first (LRU) of equals
+            self._free.remove(best)
+            return best
         if self.queue_depth >= self.queue_limit:
             raise ResourceExhausted(
                 f"all {self.total} slots are busy and the queue is full "

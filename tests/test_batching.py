@@ -127,7 +127,8 @@ def test_next_turn_reuses_the_cached_conversation(batching_node):
         first_request = chat_request("Name a large animal.", temperature=0, max_tokens=20)
         reply, chunks = collect(stub.Generate(first_request))
         first_prompt = chunks[-1].usage.prompt_tokens
-        # Keep other slots busy meanwhile so the turn may land anywhere.
+        # Another request in between: the node still picks the slot holding
+        # this conversation for its next turn.
         collect(stub.Generate(chat_request("Say one word.", temperature=0, max_tokens=4)))
         second = node_pb2.GenerateRequest(
             model=first_request.model,
@@ -164,3 +165,46 @@ def test_grammars_apply_per_stream_and_a_bad_one_is_refused(batching_node):
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "grammar" in error.details()
     assert after.strip()
+
+
+def test_a_turn_whose_slot_is_busy_copies_the_cached_prefix(batching_node):
+    """The slot holding a long conversation is busy: the next turn lands on
+    another slot, which takes the conversation's cache instead of re-reading it."""
+    channel, stub = node_stub(batching_node.address)
+    facts = " ".join(
+        f"Fact {i}: the number {i} is {'even' if i % 2 == 0 else 'odd'}." for i in range(40)
+    )
+    history = [
+        common_pb2.ChatMessage(role="system", content=facts),
+        common_pb2.ChatMessage(role="user", content="Is 7 odd?"),
+    ]
+
+    def turn(question: str, max_tokens: int) -> node_pb2.GenerateRequest:
+        return node_pb2.GenerateRequest(
+            model="smollm2-135m",
+            messages=[
+                *history,
+                common_pb2.ChatMessage(role="assistant", content="Yes."),
+                common_pb2.ChatMessage(role="user", content=question),
+            ],
+            sampling=common_pb2.SamplingParams(temperature=0, max_tokens=max_tokens),
+        )
+
+    with channel:
+        _, chunks = collect(
+            stub.Generate(
+                node_pb2.GenerateRequest(
+                    model="smollm2-135m",
+                    messages=history,
+                    sampling=common_pb2.SamplingParams(temperature=0, max_tokens=8),
+                )
+            )
+        )
+        history_tokens = chunks[-1].usage.prompt_tokens
+        assert history_tokens > 300
+        # Occupy the conversation's slot with a long generation of its own.
+        busy = stub.Generate(turn("List every fact again, one per line.", 400))
+        next(busy)  # admitted: holds the slot
+        _, chunks = collect(stub.Generate(turn("Is 8 even?", 8)))
+        busy.cancel()
+    assert chunks[-1].usage.cached_prompt_tokens >= history_tokens - 8

@@ -84,6 +84,10 @@ class ModelInstance(Protocol):
         """Tokenize; raise InvalidArgument when the prompt does not fit."""
         ...
 
+    def cached_prefix(self, slot: int, prompt: PreparedPrompt) -> int:
+        """Prompt tokens ``slot`` (idle) already holds in its cache."""
+        ...
+
     def stream(self, slot: int, prompt: PreparedPrompt) -> AsyncIterator[GenerationEvent]:
         """Generate in ``slot``; closing the iterator cancels the generation."""
         ...

@@ -39,9 +39,11 @@ log = logging.getLogger(__name__)
 # llama-cpp-python's own default: how many recent tokens the penalties see.
 PENALTY_LAST_N = 64
 
-# Copying another slot's cache moves a whole KV stream; below this many
-# tokens gained, reading them again is cheaper.
-MIN_COPY_TOKENS = 16
+# Copying another slot's cache moves a whole KV stream (tens of MB); below
+# this many tokens gained, reading them again is about as fast. (The node
+# first picks the free slot that holds most of the prompt, so a copy is only
+# for when that slot is busy.)
+MIN_COPY_TOKENS = 128
 
 Emit = Callable[[GenerationEvent | BaseException], None]
 
@@ -115,6 +117,11 @@ class ContinuousBatcher:
                 raise Unavailable("the model is being unloaded")
             self._incoming.append(generation)
             self._wake.notify()
+
+    def cached_prefix(self, seq: int, tokens) -> int:
+        """Tokens of ``tokens`` sequence ``seq`` holds; for an idle sequence
+        (the loop does not touch those), e.g. to choose a slot."""
+        return _common_prefix(self._cached[seq], tokens)
 
     def close(self) -> None:
         """Cancel everything, stop the loop and free the context."""

@@ -198,6 +198,9 @@ class LlamaCppModel:
             llama_cpp.llama_sampler_free(checked)
         return PreparedPrompt(request=request, tokens=tuple(tokens))
 
+    def cached_prefix(self, slot: int, prompt: PreparedPrompt) -> int:
+        return self._batcher.cached_prefix(slot, prompt.tokens)
+
     async def stream(self, slot: int, prompt: PreparedPrompt) -> AsyncIterator[GenerationEvent]:
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[GenerationEvent | BaseException] = asyncio.Queue()

@@ -95,6 +95,9 @@ class SimulatedModel:
             )
         return PreparedPrompt(request=request, tokens=tuple(range(count)))
 
+    def cached_prefix(self, slot: int, prompt: PreparedPrompt) -> int:
+        return 0
+
     async def stream(self, slot: int, prompt: PreparedPrompt) -> AsyncIterator[GenerationEvent]:
         started = time.perf_counter()
         await self._warm_up()
