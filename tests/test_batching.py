@@ -124,7 +124,12 @@ def test_cancelling_one_stream_leaves_the_others_intact(batching_node):
 def test_next_turn_reuses_the_cached_conversation(batching_node):
     channel, stub = node_stub(batching_node.address)
     with channel:
-        first_request = chat_request("Name a large animal.", temperature=0, max_tokens=20)
+        first_request = chat_request(
+            "Name a large animal.",
+            system="You are a zoo guide. " + "Animals: elephant, giraffe, hippo, rhino. " * 8,
+            temperature=0,
+            max_tokens=20,
+        )
         reply, chunks = collect(stub.Generate(first_request))
         first_prompt = chunks[-1].usage.prompt_tokens
         # Another request in between: the node still picks the slot holding
