@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from edgefleet.errors import InvalidArgument
 from edgefleet.generation import Message, Sampling
 
 
@@ -43,6 +44,25 @@ class PreparedPrompt:
 
     request: GenerationRequest
     tokens: tuple[int, ...]
+
+
+def check_prompt_fits(prompt_tokens: int, context_length: int) -> None:
+    """Every runtime's rule: the prompt must leave room for a reply."""
+    if prompt_tokens >= context_length:
+        raise InvalidArgument(
+            f"the prompt is {prompt_tokens} tokens but the model's context window is "
+            f"{context_length} tokens"
+        )
+
+
+def generation_limit(
+    sampling: Sampling, prompt_tokens: int, context_length: int
+) -> tuple[int, FinishReason]:
+    """Most tokens to generate, and the finish reason when that many are."""
+    room = context_length - prompt_tokens
+    if sampling.max_tokens is not None and sampling.max_tokens <= room:
+        return sampling.max_tokens, FinishReason.LENGTH
+    return room, FinishReason.CONTEXT_FULL
 
 
 @dataclass(frozen=True)

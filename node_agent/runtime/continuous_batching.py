@@ -321,8 +321,6 @@ class ContinuousBatcher:
 
     def _release(self, generation: Generation) -> None:
         self._active.remove(generation)
-        if generation.pending:  # cancelled mid-prompt: the cache holds a partial prompt
-            generation.pending = []
         if generation.sampler is not None:
             generation.sampler.close()
         self._post(generation, generation.on_released)

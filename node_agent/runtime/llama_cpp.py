@@ -23,11 +23,12 @@ from edgefleet.errors import FailedPrecondition, InvalidArgument
 from node_agent.capacity import ThroughputMeter
 from node_agent.runtime.base import (
     Finish,
-    FinishReason,
     GenerationEvent,
     GenerationRequest,
     ModelInfo,
     PreparedPrompt,
+    check_prompt_fits,
+    generation_limit,
 )
 from node_agent.runtime.continuous_batching import (
     ContinuousBatcher,
@@ -84,7 +85,11 @@ class LlamaCppRuntime:
         loop = asyncio.get_running_loop()
         rss_before = self._rss()
         file_size = os.path.getsize(path)
-        model, context = await loop.run_in_executor(None, self._open, path, slots, context_length)
+        # A decode step holds a token per slot plus one prompt chunk.
+        batch_tokens = self._prompt_chunk + slots
+        model, context = await loop.run_in_executor(
+            None, self._open, path, slots, context_length, batch_tokens
+        )
         info = ModelInfo(
             path=path,
             runtime=self.name,
@@ -95,7 +100,6 @@ class LlamaCppRuntime:
             quantization=quantization,
             gpu_layers=self._gpu_layers,
         )
-        batch_tokens = self._prompt_chunk + slots
         batcher = ContinuousBatcher(
             model,
             context,
@@ -106,7 +110,9 @@ class LlamaCppRuntime:
         )
         return LlamaCppModel(model, batcher, info, chat_template=chat_template)
 
-    def _open(self, path: Path, slots: int, context_length: int) -> tuple[LlamaModel, LlamaContext]:
+    def _open(
+        self, path: Path, slots: int, context_length: int, batch_tokens: int
+    ) -> tuple[LlamaModel, LlamaContext]:
         model_params = llama_cpp.llama_model_default_params()
         model_params.n_gpu_layers = self._gpu_layers
         try:
@@ -129,7 +135,7 @@ class LlamaCppRuntime:
             if self._gpu_layers == 0
             else llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO
         )
-        params.n_batch = params.n_ubatch = self._prompt_chunk + slots
+        params.n_batch = params.n_ubatch = batch_tokens
         params.n_threads = params.n_threads_batch = self._threads
         params.no_perf = True
         try:
@@ -186,11 +192,7 @@ class LlamaCppModel:
         tokens = self._model.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
         if not tokens:
             raise InvalidArgument("the prompt is empty")
-        if len(tokens) >= self.info.context_length:
-            raise InvalidArgument(
-                f"the prompt is {len(tokens)} tokens but the model's context window is "
-                f"{self.info.context_length} tokens"
-            )
+        check_prompt_fits(len(tokens), self.info.context_length)
         if request.grammar is not None:  # fail before queueing, not in the decode loop
             checked = grammar_sampler(self._model, request.grammar)
             if checked is None:
@@ -211,16 +213,16 @@ class LlamaCppModel:
                 released.set_result(None)
 
         sampling = prompt.request.sampling
-        tokens = list(prompt.tokens)
-        room = self.info.context_length - len(tokens)
-        fits = sampling.max_tokens is not None and sampling.max_tokens <= room
+        limit, length_reason = generation_limit(
+            sampling, len(prompt.tokens), self.info.context_length
+        )
         generation = Generation(
             seq_id=slot,
-            prompt=tokens,
+            prompt=list(prompt.tokens),
             sampling=sampling,
             grammar=prompt.request.grammar,
-            limit=sampling.max_tokens if fits else room,
-            length_reason=FinishReason.LENGTH if fits else FinishReason.CONTEXT_FULL,
+            limit=limit,
+            length_reason=length_reason,
             emit=events.put_nowait,
             on_released=on_released,
             loop=loop,

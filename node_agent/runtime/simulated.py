@@ -20,15 +20,15 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from edgefleet.errors import InvalidArgument
 from node_agent.runtime.base import (
     Finish,
-    FinishReason,
     GenerationEvent,
     GenerationRequest,
     ModelInfo,
     PreparedPrompt,
     TextDelta,
+    check_prompt_fits,
+    generation_limit,
 )
 
 NAME = "simulated"
@@ -88,11 +88,7 @@ class SimulatedModel:
     def prepare(self, request: GenerationRequest) -> PreparedPrompt:
         text = " ".join(m.content for m in request.messages) + request.assistant_prefix
         count = max(1, len(text.split()))
-        if count >= self.info.context_length:
-            raise InvalidArgument(
-                f"the prompt is {count} tokens but the model's context window is "
-                f"{self.info.context_length} tokens"
-            )
+        check_prompt_fits(count, self.info.context_length)
         return PreparedPrompt(request=request, tokens=tuple(range(count)))
 
     def cached_prefix(self, slot: int, prompt: PreparedPrompt) -> int:
@@ -103,10 +99,9 @@ class SimulatedModel:
         await self._warm_up()
         runtime = self._runtime
         await asyncio.sleep(len(prompt.tokens) / runtime.prompt_tokens_per_s)
-        sampling = prompt.request.sampling
-        room = self.info.context_length - len(prompt.tokens)
-        fits = sampling.max_tokens is not None and sampling.max_tokens <= room
-        limit = sampling.max_tokens if fits else room
+        limit, length_reason = generation_limit(
+            prompt.request.sampling, len(prompt.tokens), self.info.context_length
+        )
         interval = 1.0 / runtime.tokens_per_s
         first = time.perf_counter()
         next_at = time.monotonic()
@@ -119,7 +114,7 @@ class SimulatedModel:
             yield TextDelta(f"{time.monotonic_ns()} ", 1)
         finished = time.perf_counter()
         yield Finish(
-            reason=FinishReason.LENGTH if fits else FinishReason.CONTEXT_FULL,
+            reason=length_reason,
             prompt_tokens=len(prompt.tokens),
             completion_tokens=limit,
             cached_prompt_tokens=0,
