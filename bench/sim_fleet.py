@@ -20,13 +20,12 @@ import time
 import grpc
 
 from edgefleet import serving
-from edgefleet.v1 import node_pb2_grpc
 from node_agent.capacity import GpuProbe, HostProbe, ThroughputMeter
+from node_agent.daemon import add_node_service
 from node_agent.metrics import NodeMetrics
 from node_agent.models import ModelManager
 from node_agent.registrar import Registrar
 from node_agent.runtime.simulated import SimulatedRuntime
-from node_agent.service import SERVICE_NAME, NodeServicer
 from node_agent.store import ModelStore
 
 MODEL = "smollm2-135m"
@@ -65,17 +64,15 @@ async def start_simulated_node(
     await models.load(MODEL)
     server = grpc.aio.server()
     port = server.add_insecure_port("127.0.0.1:0")
-    health = serving.add_health_and_reflection(server, SERVICE_NAME)
-    servicer = NodeServicer(
+    servicer = add_node_service(
+        server,
         node_id=node_id,
         models=models,
         host=host,
         gpus=gpus,
         throughput=throughput,
-        health_servicer=health,
         metrics=NodeMetrics(),
     )
-    node_pb2_grpc.add_NodeServiceServicer_to_server(servicer, server)
     await server.start()
     await servicer.set_serving(True)
     registrar = Registrar(

@@ -60,21 +60,19 @@ async def serve(config: NodeConfig, store: ModelStore | None = None) -> int:
     node_id = config.resolved_node_id(port)
     telemetry.setup_tracing("edgefleet-node", node_id)
     metrics = NodeMetrics()
-    health_servicer = serving.add_health_and_reflection(server, SERVICE_NAME)
-    servicer = NodeServicer(
+    servicer = add_node_service(
+        server,
         node_id=node_id,
         models=models,
         host=host,
         gpus=gpus,
         throughput=throughput,
-        health_servicer=health_servicer,
         metrics=metrics,
     )
     metrics.watch(servicer)
     if config.metrics:
         metrics_port = metrics.serve(config.metrics)
         log.info("metrics at http://%s:%d/metrics", config.metrics.rpartition(":")[0], metrics_port)
-    node_pb2_grpc.add_NodeServiceServicer_to_server(servicer, server)
     stop = serving.stop_on_signals()
 
     await servicer.set_serving(False)
@@ -118,6 +116,31 @@ async def serve(config: NodeConfig, store: ModelStore | None = None) -> int:
         telemetry.shutdown_tracing()
     log.info("node %s stopped", node_id)
     return 0
+
+
+def add_node_service(
+    server: grpc.aio.Server,
+    *,
+    node_id: str,
+    models: ModelManager,
+    host: HostProbe,
+    gpus: GpuProbe,
+    throughput: ThroughputMeter,
+    metrics: NodeMetrics,
+) -> NodeServicer:
+    """The node API, health and reflection on ``server`` (every node agent alike)."""
+    health_servicer = serving.add_health_and_reflection(server, SERVICE_NAME)
+    servicer = NodeServicer(
+        node_id=node_id,
+        models=models,
+        host=host,
+        gpus=gpus,
+        throughput=throughput,
+        health_servicer=health_servicer,
+        metrics=metrics,
+    )
+    node_pb2_grpc.add_NodeServiceServicer_to_server(servicer, server)
+    return servicer
 
 
 def make_runtime(config: NodeConfig, throughput: ThroughputMeter, host: HostProbe) -> Runtime:
