@@ -364,14 +364,7 @@ def add_openai_api(
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache"},
             )
-        text, last = [], None
-        try:
-            async for chunk, _ in stream:
-                text.append(chunk.text)
-                last = chunk
-        except EdgefleetError as error:
-            raise ApiError.from_edgefleet(error) from None
-        reply = "".join(text)
+        reply, last = await collected(stream)
         message: dict[str, Any] = {"role": "assistant", "content": reply}
         finish_reason = FINISH.get(last.finish_reason, "stop")
         calls = tools.parse_reply(plan, reply)
@@ -424,6 +417,18 @@ def add_openai_api(
             )
             return JSONResponse(error.body(), status_code=413)
         return await call_next(request)
+
+
+async def collected(stream) -> tuple[str, coordinator_pb2.ChatChunk | None]:
+    """A whole non-streaming reply: its text and its last chunk (usage, finish)."""
+    text, last = [], None
+    try:
+        async for chunk, _ in stream:
+            text.append(chunk.text)
+            last = chunk
+    except EdgefleetError as error:
+        raise ApiError.from_edgefleet(error) from None
+    return "".join(text), last
 
 
 async def started(stream):

@@ -23,7 +23,7 @@ from coordinator.completions import Completions
 from coordinator.etcd import Etcd
 from coordinator.fleet import FleetView
 from coordinator.keys import Keys
-from coordinator.openai_api import ApiError, authorizer, require_model, started
+from coordinator.openai_api import ApiError, authorizer, collected, require_model, started
 from edgefleet.errors import EdgefleetError
 from edgefleet.v1 import common_pb2, coordinator_pb2
 
@@ -294,14 +294,7 @@ def add_responses_api(
             }
 
         if not body.stream:
-            text, last = [], None
-            try:
-                async for chunk, _ in stream:
-                    text.append(chunk.text)
-                    last = chunk
-            except EdgefleetError as error:
-                raise ApiError.from_edgefleet(error) from None
-            return await finish("".join(text), last)
+            return await finish(*await collected(stream))
 
         reply = await started(stream)
 
