@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import tempfile
 import time
@@ -23,6 +22,7 @@ import grpc
 import httpx
 
 from bench import report
+from bench.streams import read_grpc_stream, read_sse_stream
 from edgefleet.etcd_server import EtcdCluster
 from edgefleet.processes import free_port, start_coordinator, start_node
 from edgefleet.v1 import (
@@ -44,16 +44,6 @@ def _messages():
     return [common_pb2.ChatMessage(role="user", content=PROMPT)]
 
 
-async def _grpc_stream(call, started: float) -> tuple[float, int]:
-    first, tokens = None, 0
-    async for chunk in call:
-        if chunk.text:
-            tokens += chunk.token_count
-            if first is None:
-                first = time.perf_counter()
-    return (first or time.perf_counter()) - started, tokens
-
-
 async def direct(channel, max_tokens: int) -> tuple[float, int]:
     stub = node_pb2_grpc.NodeServiceStub(channel)
     started = time.perf_counter()
@@ -64,7 +54,7 @@ async def direct(channel, max_tokens: int) -> tuple[float, int]:
             sampling=common_pb2.SamplingParams(max_tokens=max_tokens, temperature=0),
         )
     )
-    return await _grpc_stream(call, started)
+    return await read_grpc_stream(call, started)
 
 
 async def via_grpc(channel, max_tokens: int) -> tuple[float, int]:
@@ -77,7 +67,7 @@ async def via_grpc(channel, max_tokens: int) -> tuple[float, int]:
             sampling=common_pb2.SamplingParams(max_tokens=max_tokens, temperature=0),
         )
     )
-    return await _grpc_stream(call, started)
+    return await read_grpc_stream(call, started)
 
 
 async def via_http(client: httpx.AsyncClient, base: str, max_tokens: int) -> tuple[float, int]:
@@ -90,19 +80,10 @@ async def via_http(client: httpx.AsyncClient, base: str, max_tokens: int) -> tup
         "stream_options": {"include_usage": True},
     }
     started = time.perf_counter()
-    first, tokens = None, 0
     async with client.stream("POST", f"{base}/v1/chat/completions", json=body) as reply:
-        reply.raise_for_status()
-        async for line in reply.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            event = json.loads(line[6:])
-            if event.get("usage"):
-                tokens = event["usage"]["completion_tokens"]
-            choices = event.get("choices") or [{}]
-            if first is None and (choices[0].get("delta") or {}).get("content"):
-                first = time.perf_counter()
-    return (first or time.perf_counter()) - started, tokens
+        ttft, _, usage_tokens = await read_sse_stream(reply, started)
+    # Tokens as the coordinator counted them (include_usage).
+    return ttft, usage_tokens or 0
 
 
 async def run_rounds(node_address, coordinator_address, http_base, args, samples) -> None:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib.util
-import json
 import os
 import subprocess
 import sys
@@ -33,6 +32,7 @@ import grpc
 import httpx
 
 from bench import report
+from bench.streams import read_grpc_stream, read_sse_stream
 from edgefleet.processes import free_port, start_node
 from edgefleet.v1 import common_pb2, node_pb2, node_pb2_grpc
 from node_agent.catalog import CATALOG
@@ -100,19 +100,9 @@ class HttpServer:
             "stream": True,
         }
         started = time.perf_counter()
-        first, tokens = None, 0
         async with client.stream("POST", self.base + "/v1/chat/completions", json=body) as reply:
-            reply.raise_for_status()
-            async for line in reply.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                event = json.loads(line[6:])
-                choices = event.get("choices") or [{}]
-                if (choices[0].get("delta") or {}).get("content"):
-                    tokens += 1
-                    if first is None:
-                        first = time.perf_counter()
-        return (first or time.perf_counter()) - started, tokens
+            ttft, deltas, _ = await read_sse_stream(reply, started)
+        return ttft, deltas  # a delta per token, as these servers stream
 
     def stop(self) -> None:
         self.process.terminate()
@@ -132,19 +122,14 @@ class NodeTarget:
     async def stream(self, channel, i: int, max_tokens: int):
         stub = node_pb2_grpc.NodeServiceStub(channel)
         started = time.perf_counter()
-        first, tokens = None, 0
-        async for chunk in stub.Generate(
+        call = stub.Generate(
             node_pb2.GenerateRequest(
                 model="smollm2-135m",
                 messages=[common_pb2.ChatMessage(role="user", content=prompt(i))],
                 sampling=common_pb2.SamplingParams(max_tokens=max_tokens, temperature=0),
             )
-        ):
-            if chunk.text:
-                tokens += chunk.token_count
-                if first is None:
-                    first = time.perf_counter()
-        return (first or time.perf_counter()) - started, tokens
+        )
+        return await read_grpc_stream(call, started)
 
 
 async def measure_level(target, level: int, max_tokens: int) -> dict:
