@@ -161,13 +161,14 @@ class FleetView:
             return common_pb2.NODE_STATE_DRAINING
         return entry.record.state
 
+    def is_ready(self, entry: NodeEntry) -> bool:
+        """Placement may use it: ready in etcd, not drained, not suspected here."""
+        return self.state_of(entry) == common_pb2.NODE_STATE_READY and not self.is_suspect(
+            entry.node_id
+        )
+
     def ready_nodes(self) -> list[NodeEntry]:
-        return [
-            entry
-            for entry in self.nodes.values()
-            if self.state_of(entry) == common_pb2.NODE_STATE_READY
-            and not self.is_suspect(entry.node_id)
-        ]
+        return [entry for entry in self.nodes.values() if self.is_ready(entry)]
 
     def model_sizes(self) -> dict[str, int]:
         """Models loaded on ready nodes, with their file size in bytes."""

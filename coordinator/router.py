@@ -192,11 +192,7 @@ class Router:
     ) -> list[Candidate]:
         candidates = []
         for entry in entries:
-            if (
-                entry.node_id in exclude
-                or self._fleet.state_of(entry) != common_pb2.NODE_STATE_READY
-                or self._fleet.is_suspect(entry.node_id)
-            ):
+            if entry.node_id in exclude or not self._fleet.is_ready(entry):
                 continue
             loaded = entry.model(model)
             if loaded is None:
