@@ -24,6 +24,7 @@ from node_agent.capacity import GpuProbe, HostProbe, ThroughputMeter
 from node_agent.daemon import add_node_service
 from node_agent.metrics import NodeMetrics
 from node_agent.models import ModelManager
+from node_agent.node import Node
 from node_agent.registrar import Registrar
 from node_agent.runtime.simulated import SimulatedRuntime
 from node_agent.store import ModelStore
@@ -64,20 +65,11 @@ async def start_simulated_node(
     await models.load(MODEL)
     server = grpc.aio.server()
     port = server.add_insecure_port("127.0.0.1:0")
-    servicer = add_node_service(
-        server,
-        node_id=node_id,
-        models=models,
-        host=host,
-        gpus=gpus,
-        throughput=throughput,
-        metrics=NodeMetrics(),
-    )
+    node = Node(node_id=node_id, models=models, host=host, gpus=gpus, throughput=throughput)
+    await add_node_service(server, node, metrics=NodeMetrics())
     await server.start()
-    await servicer.set_serving(True)
-    registrar = Registrar(
-        coordinators, node_id=node_id, advertise=f"127.0.0.1:{port}", servicer=servicer
-    )
+    await node.started()
+    registrar = Registrar(coordinators, node_id=node_id, advertise=f"127.0.0.1:{port}", node=node)
     return server, asyncio.create_task(registrar.run(), name=f"membership-{node_id}")
 
 

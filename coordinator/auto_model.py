@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
-from edgefleet.errors import Unavailable
+from edgefleet.errors import Reason, Unavailable
 
 REASONING = re.compile(
     r"\b(explain|why|step[- ]by[- ]step|analy[sz]e|compare|prove|derive|debug|refactor|"
@@ -42,7 +42,7 @@ def choose(
 ) -> str:
     """The alias to serve the request with; ``model_sizes``: served alias -> bytes."""
     if not model_sizes:
-        raise Unavailable("no model is served by a ready node")
+        raise Unavailable("no model is served by a ready node", reason=Reason.NO_READY_NODE)
     task = complexity(last_user_message, message_count, has_tools)
     configured = table.get(task)
     if configured and configured in model_sizes:

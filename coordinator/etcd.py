@@ -20,7 +20,7 @@ from etcd3aio._protobuf import Compare as CompareProto
 from etcd3aio._protobuf import LeaseKeepAliveRequest
 from etcd3aio.kv import KVService
 
-from edgefleet.errors import Unavailable
+from edgefleet.errors import EdgefleetError, Reason, Unavailable, error_of
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +135,14 @@ class _SharedKeepAlive:
             self._reader.cancel()
 
 
+def _code_of(exc: BaseException) -> grpc.StatusCode | None:
+    """The gRPC status of an etcd failure, when it has one (also when wrapped)."""
+    for candidate in (exc, exc.__cause__, exc.__context__):
+        if isinstance(candidate, grpc.aio.AioRpcError):
+            return candidate.code()
+    return None
+
+
 def _kv(raw) -> KeyValue:
     return KeyValue(
         key=raw.key.decode(),
@@ -176,7 +184,10 @@ class Etcd:
             self._connected = False
 
     def _unavailable(self, operation: str, exc: BaseException) -> Unavailable:
-        return Unavailable(f"etcd unavailable ({operation} on {','.join(self.endpoints)}): {exc}")
+        return Unavailable(
+            f"etcd unavailable ({operation} on {','.join(self.endpoints)}): {exc}",
+            reason=Reason.ETCD_UNAVAILABLE,
+        )
 
     async def _call(self, operation: str, coroutine):
         started = time.perf_counter()
@@ -185,6 +196,8 @@ class Etcd:
         except (EtcdError, grpc.aio.AioRpcError, TimeoutError, OSError) as exc:
             if self._observe is not None:
                 self._observe(operation, time.perf_counter() - started, False)
+            if _code_of(exc) == grpc.StatusCode.OUT_OF_RANGE:
+                raise error_of(Reason.ETCD_COMPACTED, f"etcd {operation}: {exc}") from exc
             raise self._unavailable(operation, exc) from exc
         if self._observe is not None:
             self._observe(operation, time.perf_counter() - started, True)
@@ -263,8 +276,12 @@ class Etcd:
         return reply.header.revision
 
     async def compact(self, revision: int) -> None:
-        """Drop the history of every key before ``revision``."""
-        await self._call("compact", self._client.kv.compact(revision, timeout=self.timeout_s))
+        """Drop the history of every key before ``revision`` (done if it already was)."""
+        try:
+            await self._call("compact", self._client.kv.compact(revision, timeout=self.timeout_s))
+        except EdgefleetError as error:
+            if error.reason is not Reason.ETCD_COMPACTED:
+                raise
 
     # --- leases ----------------------------------------------------------------------
     async def grant(self, ttl_s: float) -> int:
@@ -302,7 +319,10 @@ class Etcd:
         )
         async for reply in stream:
             if reply.canceled:
-                raise Unavailable(f"etcd cancelled the watch on {prefix}: {reply.cancel_reason}")
+                raise Unavailable(
+                    f"etcd cancelled the watch on {prefix}: {reply.cancel_reason}",
+                    reason=Reason.ETCD_UNAVAILABLE,
+                )
             if reply.events:
                 yield [
                     WatchEvent(kind=DELETE if event.type == 1 else PUT, kv=_kv(event.kv))

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from coordinator.etcd import DELETE, Etcd, KeyValue
 from coordinator.keys import Keys
+from edgefleet.errors import Reason, error_of
 from edgefleet.v1 import common_pb2, coordinator_pb2
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,10 @@ class NodeEntry:
     @property
     def node_id(self) -> str:
         return self.record.node_id
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.record.capacity.tokens_per_second
 
     def model(self, alias: str) -> common_pb2.LoadedModel | None:
         for model in self.record.capacity.models:
@@ -188,3 +193,35 @@ class FleetView:
                 if entry.node_id in ready and entry.model(alias) is not None:
                     counts[alias] += 1
         return counts
+
+    # --- operations --------------------------------------------------------------------
+    async def set_drain(self, node_id: str, drain: bool) -> coordinator_pb2.NodeStatus:
+        """Mark a node draining (no new work) or undo it, for every replica."""
+        entry = self.nodes.get(node_id)
+        if entry is None:
+            raise error_of(Reason.NODE_NOT_FOUND, f"node {node_id!r} is not in the fleet")
+        if drain:
+            await self._etcd.put(self._keys.drain(node_id), b"1")
+        else:
+            await self._etcd.delete(self._keys.drain(node_id))
+        status = coordinator_pb2.NodeStatus()
+        status.CopyFrom(entry.record)
+        status.state = common_pb2.NODE_STATE_DRAINING if drain else common_pb2.NODE_STATE_READY
+        return status
+
+    def statuses(
+        self, last_beats: dict[str, float], sessions: dict[str, int], now: float
+    ) -> list[coordinator_pb2.NodeStatus]:
+        """Every node as an operator sees it: record, state, heartbeat age, sessions."""
+        statuses = []
+        for entry in sorted(self.nodes.values(), key=lambda e: e.node_id):
+            status = coordinator_pb2.NodeStatus()
+            status.CopyFrom(entry.record)
+            status.state = self.state_of(entry)
+            # The replica holding the node's stream knows its last beat; others
+            # know when its record was last written.
+            last_beat = max(last_beats.get(entry.node_id, 0.0), entry.record.heartbeat_at)
+            status.last_heartbeat_age_seconds = max(0.0, now - last_beat)
+            status.sessions = sessions.get(entry.node_id, 0)
+            statuses.append(status)
+        return statuses

@@ -8,6 +8,7 @@ coordinator's event loop.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Awaitable, Callable
 
 import uvicorn
 from fastapi import FastAPI
@@ -16,35 +17,25 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from coordinator.completions import Completions
-from coordinator.etcd import Etcd
-from coordinator.fleet import FleetView
-from coordinator.keys import Keys
+from coordinator import openai_api, responses_api
 from coordinator.metrics import CoordinatorMetrics
-from coordinator.openai_api import add_openai_api
-from coordinator.responses_api import add_responses_api
+from coordinator.openai_common import HttpServices
 from edgefleet import __version__
 from edgefleet.errors import Unavailable
 
 
 def build_app(
-    *,
-    etcd: Etcd,
-    fleet: FleetView,
-    metrics: CoordinatorMetrics,
-    completions: Completions,
-    api_keys: frozenset[str] = frozenset(),
-    keys: Keys,
-    session_ttl_s: float,
-    auto_models: dict[str, str] | None = None,
+    services: HttpServices, *, metrics: CoordinatorMetrics, etcd_ping: Callable[[], Awaitable[None]]
 ) -> FastAPI:
+    fleet = services.fleet
+
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
     async def readyz(request: Request) -> Response:
         problems = []
         try:
-            await etcd.ping()
+            await etcd_ping()
         except Unavailable as exc:
             problems.append(exc.message)
         ready_nodes = len(fleet.ready_nodes())
@@ -66,18 +57,9 @@ def build_app(
             Route("/metrics", prometheus, include_in_schema=False),
         ],
     )
-    add_openai_api(
-        app, completions=completions, fleet=fleet, api_keys=api_keys, auto_models=auto_models
-    )
-    add_responses_api(
-        app,
-        completions=completions,
-        fleet=fleet,
-        etcd=etcd,
-        keys=keys,
-        api_keys=api_keys,
-        session_ttl_s=session_ttl_s,
-    )
+    app.state.services = services
+    openai_api.register(app)
+    responses_api.register(app)
     return app
 
 

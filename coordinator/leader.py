@@ -74,9 +74,5 @@ class Leadership:
         revision = await self._etcd.revision()
         target = revision - self._keep_revisions
         if target > 0:
-            try:
-                await self._etcd.compact(target)
-                log.info("compacted etcd history before revision %d", target)
-            except Unavailable as exc:
-                if "compacted" not in exc.message:  # already compacted that far: fine
-                    raise
+            await self._etcd.compact(target)
+            log.info("compacted etcd history before revision %d", target)

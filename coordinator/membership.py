@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator
 from coordinator.etcd import Compare, Etcd, Put
 from coordinator.fleet import FleetView, NodeEntry
 from coordinator.keys import Keys
-from edgefleet.errors import AlreadyExists, FailedPrecondition, InvalidArgument, Unavailable
+from edgefleet.errors import AlreadyExists, FailedPrecondition, InvalidArgument, Reason, Unavailable
 from edgefleet.v1 import common_pb2, coordinator_pb2
 
 log = logging.getLogger(__name__)
@@ -34,7 +34,10 @@ Command = coordinator_pb2.HeartbeatResponse.Command
 def validate_address(address: str) -> None:
     match = HOST_PORT.match(address)
     if not match or not 0 < int(match.group(2)) < 65536:
-        raise InvalidArgument(f"address must be host:port with a port in 1-65535, got {address!r}")
+        raise InvalidArgument(
+            f"address must be host:port with a port in 1-65535, got {address!r}",
+            reason=Reason.INVALID_REQUEST,
+        )
 
 
 def placement_signature(capacity: common_pb2.Capacity, state: int) -> tuple:
@@ -85,19 +88,23 @@ class Membership:
         )
         if not NODE_ID.match(node_id):
             raise InvalidArgument(
-                f"node_id {node_id!r} must be 1-128 letters, digits, '.', '_' or '-'"
+                f"node_id {node_id!r} must be 1-128 letters, digits, '.', '_' or '-'",
+                reason=Reason.INVALID_REQUEST,
             )
         validate_address(request.address)
         models = [m for m in request.models if m.strip()]
         if not models:
-            raise InvalidArgument("a node must register with at least one model")
+            raise InvalidArgument(
+                "a node must register with at least one model", reason=Reason.INVALID_REQUEST
+            )
         key = self._keys.node(node_id)
         existing = await self._etcd.get(key)
         if existing is not None:
             current = coordinator_pb2.NodeStatus.FromString(existing.value)
             if current.address != request.address:
                 raise AlreadyExists(
-                    f"node id {node_id!r} is held by a live node at {current.address}"
+                    f"node id {node_id!r} is held by a live node at {current.address}",
+                    reason=Reason.NODE_ID_TAKEN,
                 )
             # The same node restarted before its old lease ran out: replace it.
             log.info(
@@ -122,7 +129,9 @@ class Membership:
         )
         if not created:
             await self._etcd.revoke(lease)
-            raise AlreadyExists(f"node id {node_id!r} was registered concurrently")
+            raise AlreadyExists(
+                f"node id {node_id!r} was registered concurrently", reason=Reason.NODE_ID_TAKEN
+            )
         log.info("node %s registered at %s (epoch %d)", node_id, request.address, revision)
         return coordinator_pb2.RegisterResponse(
             node_id=node_id,
@@ -251,7 +260,8 @@ class Membership:
             return
         if kv.create_revision != request.epoch:
             raise FailedPrecondition(
-                f"node {request.node_id} epoch {request.epoch} is not the current registration"
+                f"node {request.node_id} epoch {request.epoch} is not the current registration",
+                reason=Reason.STALE_EPOCH,
             )
         await self._etcd.revoke(kv.lease)  # deletes the record with it
         log.info("node %s deregistered", request.node_id)

@@ -1,18 +1,16 @@
-"""The OpenAI-compatible HTTP API: the whole fleet behind one base URL.
+"""``POST /v1/chat/completions`` and ``GET /v1/models``: the fleet behind one base URL.
 
-``POST /v1/chat/completions`` (streaming as server-sent events, or not) and
-``GET /v1/models``. Requests are checked against pydantic models; every error
-is the OpenAI error shape with the matching HTTP status. Streams fail over
-between nodes like gRPC ones (the shared ``Completions`` path).
+Requests are checked against pydantic models; every error is the OpenAI
+error shape with the matching HTTP status (``openai_common``). Replies come
+from ``Turns.complete``, so streams fail over between nodes like gRPC ones.
+The handlers are module-level functions; ``register`` adds them to an app.
 """
 
 from __future__ import annotations
 
-import hmac
 import json
 import time
 import uuid
-from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, FastAPI, Header, Request
@@ -20,31 +18,24 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from coordinator import auto_model, tools
-from coordinator.completions import Completions
-from coordinator.fleet import FleetView
-from edgefleet.errors import EdgefleetError, NotFound
+from coordinator import tools
+from coordinator.openai_common import (
+    ApiError,
+    api_error,
+    authorize,
+    collected,
+    list_models,
+    resolve_model,
+    services,
+    started,
+    usage_of,
+)
+from edgefleet.errors import EdgefleetError
+from edgefleet.generation import sampling_params
 from edgefleet.v1 import common_pb2, coordinator_pb2
 
 MAX_BODY_BYTES = 4 * 1024 * 1024
 
-# gRPC status -> (HTTP status, OpenAI error type)
-HTTP_OF = {
-    "INVALID_ARGUMENT": (400, "invalid_request_error"),
-    "FAILED_PRECONDITION": (400, "invalid_request_error"),
-    "NOT_FOUND": (404, "not_found_error"),
-    "ALREADY_EXISTS": (409, "conflict_error"),
-    "ABORTED": (409, "conflict_error"),
-    "RESOURCE_EXHAUSTED": (429, "rate_limit_error"),
-    "UNAVAILABLE": (503, "service_unavailable_error"),
-}
-# Node error messages -> the OpenAI parameter (and error code) they are about.
-NODE_PARAMS = (
-    ("context window", "messages", "context_length_exceeded"),
-    ("constraint.json_schema", "response_format.json_schema", None),
-    ("sampling.stop", "stop", None),
-    ("grammar", "response_format", None),
-)
 FINISH = {
     common_pb2.FINISH_REASON_STOP: "stop",
     common_pb2.FINISH_REASON_STOP_SEQUENCE: "stop",
@@ -53,51 +44,6 @@ FINISH = {
     common_pb2.FINISH_REASON_TOOL_CALLS: "tool_calls",
     common_pb2.FINISH_REASON_CANCELLED: "stop",
 }
-
-
-class ApiError(Exception):
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        *,
-        type_: str = "invalid_request_error",
-        param: str | None = None,
-        code: str | None = None,
-        headers: dict | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = (
-            status,
-            message,
-            type_,
-            param,
-            code,
-        )
-        self.headers = headers or {}
-
-    def body(self) -> dict:
-        return {
-            "error": {
-                "message": self.message,
-                "type": self.type,
-                "param": self.param,
-                "code": self.code,
-            }
-        }
-
-    @classmethod
-    def from_edgefleet(cls, error: EdgefleetError, param: str | None = None) -> ApiError:
-        status, type_ = HTTP_OF.get(error.code.name, (500, "server_error"))
-        code = {404: "model_not_found"}.get(status) if isinstance(error, NotFound) else None
-        headers = {}
-        if error.retry_after_s is not None and status in (429, 503):
-            headers["Retry-After"] = str(max(1, round(error.retry_after_s)))
-        # Node-side checks name the gRPC fields; say which OpenAI parameter it was.
-        for needle, api_param, api_code in NODE_PARAMS:
-            if param is None and needle in error.message:
-                param, code = api_param, api_code or code
-        return cls(status, error.message, type_=type_, param=param, code=code, headers=headers)
 
 
 # --- request models ------------------------------------------------------------------
@@ -209,22 +155,15 @@ def to_complete_request(body: ChatCompletionRequest, session_header: str | None,
                 tool_call_id=message.tool_call_id or "",
             )
         )
-    sampling = common_pb2.SamplingParams()
-    max_tokens = body.max_completion_tokens or body.max_tokens
-    if max_tokens is not None:
-        sampling.max_tokens = max_tokens
-    if body.temperature is not None:
-        sampling.temperature = body.temperature
-    if body.top_p is not None:
-        sampling.top_p = body.top_p
-    if body.seed is not None:
-        sampling.seed = body.seed
-    if body.presence_penalty is not None:
-        sampling.presence_penalty = body.presence_penalty
-    if body.frequency_penalty is not None:
-        sampling.frequency_penalty = body.frequency_penalty
-    if body.stop is not None:
-        sampling.stop.extend([body.stop] if isinstance(body.stop, str) else body.stop)
+    sampling = sampling_params(
+        max_tokens=body.max_completion_tokens or body.max_tokens,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        seed=body.seed,
+        presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty,
+        stop=body.stop,
+    )
     constraint = common_pb2.OutputConstraint()
     if body.response_format is not None:
         if body.response_format.type == "json_object":
@@ -253,210 +192,104 @@ def to_complete_request(body: ChatCompletionRequest, session_header: str | None,
     )
 
 
-# --- app ---------------------------------------------------------------------------------
+# --- handlers ----------------------------------------------------------------------------
 
 
-def require_model(fleet: FleetView, model: str) -> None:
-    """404 ``model_not_found`` unless some node in the fleet serves ``model``."""
-    if model not in fleet.models():
-        raise ApiError(
-            404,
-            f"the model {model!r} does not exist in this fleet",
-            type_="not_found_error",
-            param="model",
-            code="model_not_found",
+async def get_models(request: Request) -> dict:
+    return {"object": "list", "data": list_models(services(request).fleet)}
+
+
+async def chat_completions(
+    body: ChatCompletionRequest,
+    request: Request,
+    x_session_id: Annotated[str | None, Header()] = None,
+):
+    services_ = services(request)
+    body.model = resolve_model(
+        services_,
+        body.model,
+        last_user=next((m.text() for m in reversed(body.messages) if m.role == "user"), ""),
+        message_count=len(body.messages),
+        has_tools=bool(body.tools),
+    )
+    try:
+        plan = tools.parse_tools(body.tools, body.tool_choice)
+    except EdgefleetError as error:
+        raise api_error(error) from None
+    complete = to_complete_request(body, x_session_id, plan)
+    stream = services_.turns.complete(
+        complete, method="chat.completions", metadata=list(request.headers.items())
+    )
+    completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+    created = int(time.time())
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        reply = await started(stream)
+        return StreamingResponse(
+            _sse(reply, completion_id, created, body.model, include_usage, plan),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache"},
         )
-
-
-def authorizer(api_keys: frozenset[str]):
-    """Checks ``Authorization: Bearer KEY`` against the configured keys (none: open)."""
-
-    async def check(authorization: str | None) -> None:
-        if not api_keys:
-            return
-        token = (authorization or "").removeprefix("Bearer ").strip()
-        if not any(hmac.compare_digest(token, key) for key in api_keys):
-            raise ApiError(
-                401,
-                "missing or invalid API key (Authorization: Bearer ...)",
-                type_="authentication_error",
-                code="invalid_api_key",
-            )
-
-    return check
-
-
-def add_openai_api(
-    app: FastAPI,
-    *,
-    completions: Completions,
-    fleet: FleetView,
-    api_keys: frozenset[str],
-    auto_models: Mapping[str, str] | None = None,
-) -> None:
-    auto_models = auto_models or {}
-    check = authorizer(api_keys)
-
-    async def authorized(authorization: Annotated[str | None, Header()] = None) -> None:
-        await check(authorization)
-
-    router = APIRouter(prefix="/v1", dependencies=[Depends(authorized)])
-
-    @router.get("/models")
-    async def list_models() -> dict:
-        return {
-            "object": "list",
-            "data": [
-                {
-                    "id": alias,
-                    "object": "model",
-                    "created": 0,
-                    "owned_by": "edgefleet",
-                    "ready_nodes": count,
-                }
-                for alias, count in sorted(fleet.models().items())
-            ]
-            + [
-                {
-                    "id": "auto",
-                    "object": "model",
-                    "created": 0,
-                    "owned_by": "edgefleet",
-                    "ready_nodes": len(fleet.ready_nodes()),
-                }
-            ],
-        }
-
-    @router.post("/chat/completions")
-    async def chat_completions(
-        body: ChatCompletionRequest,
-        request: Request,
-        x_session_id: Annotated[str | None, Header()] = None,
-    ):
-        if body.model == "auto":
-            last_user = next((m.text() for m in reversed(body.messages) if m.role == "user"), "")
-            try:
-                body.model = auto_model.choose(
-                    last_user,
-                    len(body.messages),
-                    bool(body.tools),
-                    table=auto_models,
-                    model_sizes=fleet.model_sizes(),
-                )
-            except EdgefleetError as error:
-                raise ApiError.from_edgefleet(error) from None
-        try:
-            plan = tools.parse_tools(body.tools, body.tool_choice)
-        except EdgefleetError as error:
-            param = "tool_choice" if "tool_choice" in error.message else "tools"
-            raise ApiError.from_edgefleet(error, param=param) from None
-        complete = to_complete_request(body, x_session_id, plan)
-        require_model(fleet, body.model)
-        metadata = list(request.headers.items())
-        stream = completions.stream(complete, method="chat.completions", metadata=metadata)
-        completion_id = f"chatcmpl-{uuid.uuid4().hex}"
-        created = int(time.time())
-        if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            reply = await started(stream)
-            return StreamingResponse(
-                _sse(reply, completion_id, created, body.model, include_usage, plan),
-                media_type="text/event-stream",
-                headers={"Cache-Control": "no-cache"},
-            )
-        reply, last = await collected(stream)
-        message: dict[str, Any] = {"role": "assistant", "content": reply}
-        finish_reason = FINISH.get(last.finish_reason, "stop")
-        calls = tools.parse_reply(plan, reply)
-        if calls:
-            message = {"role": "assistant", "content": None, "tool_calls": calls}
-            finish_reason = "tool_calls"
-        return {
-            "id": completion_id,
-            "object": "chat.completion",
-            "created": created,
-            "model": body.model,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": message,
-                    "finish_reason": finish_reason,
-                    "logprobs": None,
-                }
-            ],
-            "usage": _usage(last.usage),
-            "system_fingerprint": f"edgefleet-{last.node_id}",
-        }
-
-    app.include_router(router)
-
-    @app.exception_handler(ApiError)
-    async def api_error(request: Request, error: ApiError) -> JSONResponse:
-        return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(request: Request, error: RequestValidationError) -> JSONResponse:
-        problem = error.errors()[0]
-        location = [str(part) for part in problem.get("loc", ()) if part != "body"]
-        param = ".".join(location) or None
-        message = problem.get("msg", "invalid request")
-        if problem.get("type") == "json_invalid":
-            message, param = "the request body is not valid JSON", None
-        elif problem.get("type") == "extra_forbidden":
-            message = f"Unrecognized request argument supplied: {param}"
-        elif param:
-            message = f"{param}: {message}"
-        return JSONResponse(ApiError(400, message, param=param).body(), status_code=400)
-
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > MAX_BODY_BYTES:
-            error = ApiError(
-                413, f"request body over {MAX_BODY_BYTES} bytes", code="request_too_large"
-            )
-            return JSONResponse(error.body(), status_code=413)
-        return await call_next(request)
-
-
-async def collected(stream) -> tuple[str, coordinator_pb2.ChatChunk | None]:
-    """A whole non-streaming reply: its text and its last chunk (usage, finish)."""
-    text, last = [], None
-    try:
-        async for chunk, _ in stream:
-            text.append(chunk.text)
-            last = chunk
-    except EdgefleetError as error:
-        raise ApiError.from_edgefleet(error) from None
-    return "".join(text), last
-
-
-async def started(stream):
-    """Begin a reply now, so that a failure before its first chunk becomes a
-    proper HTTP error rather than a broken event stream; returns an iterator
-    over the whole reply, first chunk included."""
-    try:
-        first = await anext(stream)
-    except StopAsyncIteration:
-        first = None
-    except EdgefleetError as error:
-        raise ApiError.from_edgefleet(error) from None
-
-    async def whole():
-        if first is not None:
-            yield first
-            async for item in stream:
-                yield item
-
-    return whole()
-
-
-def _usage(usage) -> dict:
+    reply, last = await collected(stream)
+    message: dict[str, Any] = {"role": "assistant", "content": reply}
+    finish_reason = FINISH.get(last.finish_reason, "stop")
+    calls = tools.parse_reply(plan, reply)
+    if calls:
+        message = {"role": "assistant", "content": None, "tool_calls": calls}
+        finish_reason = "tool_calls"
     return {
-        "prompt_tokens": usage.prompt_tokens,
-        "completion_tokens": usage.completion_tokens,
-        "total_tokens": usage.prompt_tokens + usage.completion_tokens,
+        "id": completion_id,
+        "object": "chat.completion",
+        "created": created,
+        "model": body.model,
+        "choices": [
+            {
+                "index": 0,
+                "message": message,
+                "finish_reason": finish_reason,
+                "logprobs": None,
+            }
+        ],
+        "usage": usage_of(last.usage),
+        "system_fingerprint": f"edgefleet-{last.node_id}",
     }
+
+
+async def on_api_error(request: Request, error: ApiError) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+
+async def on_invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
+    problem = error.errors()[0]
+    location = [str(part) for part in problem.get("loc", ()) if part != "body"]
+    param = ".".join(location) or None
+    message = problem.get("msg", "invalid request")
+    if problem.get("type") == "json_invalid":
+        message, param = "the request body is not valid JSON", None
+    elif problem.get("type") == "extra_forbidden":
+        message = f"Unrecognized request argument supplied: {param}"
+    elif param:
+        message = f"{param}: {message}"
+    return JSONResponse(ApiError(400, message, param=param).body(), status_code=400)
+
+
+async def limit_body(request: Request, call_next):
+    length = request.headers.get("content-length")
+    if length and length.isdigit() and int(length) > MAX_BODY_BYTES:
+        error = ApiError(413, f"request body over {MAX_BODY_BYTES} bytes", code="request_too_large")
+        return JSONResponse(error.body(), status_code=413)
+    return await call_next(request)
+
+
+def register(app: FastAPI) -> None:
+    """The chat-completions routes, the OpenAI error handlers and the body limit."""
+    router = APIRouter(prefix="/v1", dependencies=[Depends(authorize)])
+    router.add_api_route("/models", get_models, methods=["GET"])
+    router.add_api_route("/chat/completions", chat_completions, methods=["POST"])
+    app.include_router(router)
+    app.add_exception_handler(ApiError, on_api_error)
+    app.add_exception_handler(RequestValidationError, on_invalid_request)
+    app.middleware("http")(limit_body)
 
 
 async def _sse(
@@ -528,8 +361,8 @@ async def _sse(
                         yield content("".join(held))
                 yield event([{"index": 0, "delta": {}, "finish_reason": finish_reason}])
                 if include_usage:
-                    yield event([], usage=_usage(chunk.usage))
+                    yield event([], usage=usage_of(chunk.usage))
     except EdgefleetError as error:
         # Headers are gone: report in the stream, as OpenAI does.
-        yield f"data: {json.dumps(ApiError.from_edgefleet(error).body())}\n\n"
+        yield f"data: {json.dumps(api_error(error).body())}\n\n"
     yield "data: [DONE]\n\n"

@@ -66,6 +66,11 @@ class ReplicaLease:
             except Unavailable as exc:
                 log.warning("cannot refresh the replica lease: %s", exc.message)
 
+    async def replicas(self) -> list[coordinator_pb2.CoordinatorRecord]:
+        """Every live coordinator replica (this one included)."""
+        kvs, _ = await self._etcd.get_prefix(self._keys.coordinators)
+        return [coordinator_pb2.CoordinatorRecord.FromString(kv.value) for kv in kvs]
+
     async def release(self) -> None:
         if self.lease_id:
             await self._etcd.revoke(self.lease_id)

@@ -3,8 +3,9 @@
 ``input`` as text or items (messages, ``function_call`` and
 ``function_call_output``), ``instructions``, function ``tools``, ``stream``
 with the standard event types, and ``previous_response_id``: every stored
-response keeps its whole conversation in etcd (the session store, under the
-session idle TTL), so a follow-up names only the new input.
+response keeps its whole conversation (``Sessions.store_conversation``, under
+the session idle TTL), so a follow-up names only the new input. ``"model":
+"auto"`` works as on chat completions.
 """
 
 from __future__ import annotations
@@ -14,17 +15,23 @@ import time
 import uuid
 from typing import Any, Literal
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from coordinator import tools
-from coordinator.completions import Completions
-from coordinator.etcd import Etcd
-from coordinator.fleet import FleetView
-from coordinator.keys import Keys
-from coordinator.openai_api import ApiError, authorizer, collected, require_model, started
+from coordinator.openai_common import (
+    ApiError,
+    HttpServices,
+    api_error,
+    authorize,
+    collected,
+    resolve_model,
+    services,
+    started,
+)
 from edgefleet.errors import EdgefleetError
+from edgefleet.generation import sampling_params
 from edgefleet.v1 import common_pb2, coordinator_pb2
 
 
@@ -149,78 +156,80 @@ def chat_tools(response_tools: list[dict[str, Any]] | None) -> list[dict[str, An
     return converted
 
 
-def add_responses_api(
-    app: FastAPI,
-    *,
-    completions: Completions,
-    fleet: FleetView,
-    etcd: Etcd,
-    keys: Keys,
-    api_keys: frozenset[str],
-    session_ttl_s: float,
-) -> None:
-    authorized = authorizer(api_keys)
+async def create_response(body: ResponsesRequest, request: Request):
+    services_ = services(request)
+    new_messages = input_messages(body.input)
+    if not new_messages:
+        raise ApiError(400, "input must not be empty", param="input")
+    history = await _history(services_, body.previous_response_id)
+    body.model = resolve_model(
+        services_,
+        body.model,
+        last_user=next((m.content for m in reversed(new_messages) if m.role == "user"), ""),
+        message_count=len(history) + len(new_messages),
+        has_tools=bool(body.tools),
+    )
+    try:
+        plan = tools.parse_tools(chat_tools(body.tools), body.tool_choice)
+    except EdgefleetError as error:
+        raise api_error(error) from None
+    messages = list(history)
+    if body.instructions and not any(m.role in ("system", "developer") for m in history):
+        messages.insert(0, common_pb2.ChatMessage(role="system", content=body.instructions))
+    messages += new_messages
+    constraint = common_pb2.OutputConstraint()
+    prompt = tools.apply(plan, messages, constraint)
+    complete = coordinator_pb2.CompleteRequest(
+        model=body.model,
+        messages=prompt,
+        sampling=sampling_params(
+            max_tokens=body.max_output_tokens, temperature=body.temperature, top_p=body.top_p
+        ),
+        constraint=constraint,
+        affinity_key=body.previous_response_id or body.user or "",
+    )
+    response = ResponseBuilder(services_, body, plan, messages)
+    stream = services_.turns.complete(
+        complete, method="responses", metadata=list(request.headers.items())
+    )
+    if not body.stream:
+        return await response.finish(*await collected(stream))
+    reply = await started(stream)
+    return StreamingResponse(
+        response.events(reply),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache"},
+    )
 
-    async def load(previous_id: str) -> list[common_pb2.ChatMessage]:
-        try:
-            kv = await etcd.get(keys.response(previous_id))
-        except EdgefleetError as error:
-            raise ApiError.from_edgefleet(error) from None
-        if kv is None:
-            raise ApiError(
-                400,
-                f"previous response {previous_id!r} not found (or expired)",
-                param="previous_response_id",
-                code="previous_response_not_found",
-            )
-        return list(coordinator_pb2.Session.FromString(kv.value).messages)
 
-    async def store(response_id: str, model: str, messages) -> None:
-        record = coordinator_pb2.Session(
-            session_id=response_id,
-            model=model,
-            messages=messages,
-            created_at=time.time(),
-            idle_ttl_seconds=session_ttl_s,
+async def _history(services_: HttpServices, previous_id: str | None) -> list:
+    if not previous_id:
+        return []
+    try:
+        history = await services_.sessions.conversation(previous_id)
+    except EdgefleetError as error:
+        raise api_error(error) from None
+    if history is None:
+        raise ApiError(
+            400,
+            f"previous response {previous_id!r} not found (or expired)",
+            param="previous_response_id",
+            code="previous_response_not_found",
         )
-        lease = await etcd.grant(session_ttl_s)
-        await etcd.put(keys.response(response_id), record.SerializeToString(), lease=lease)
+    return history
 
-    @app.post("/v1/responses")
-    async def create_response(body: ResponsesRequest, request: Request):
-        await authorized(request.headers.get("authorization"))
-        require_model(fleet, body.model)
-        try:
-            plan = tools.parse_tools(chat_tools(body.tools), body.tool_choice)
-        except EdgefleetError as error:
-            raise ApiError.from_edgefleet(error, param="tools") from None
-        history = await load(body.previous_response_id) if body.previous_response_id else []
-        new_messages = input_messages(body.input)
-        if not new_messages:
-            raise ApiError(400, "input must not be empty", param="input")
-        messages = list(history)
-        if body.instructions and not any(m.role in ("system", "developer") for m in history):
-            messages.insert(0, common_pb2.ChatMessage(role="system", content=body.instructions))
-        messages += new_messages
-        sampling = common_pb2.SamplingParams()
-        if body.max_output_tokens is not None:
-            sampling.max_tokens = body.max_output_tokens
-        if body.temperature is not None:
-            sampling.temperature = body.temperature
-        if body.top_p is not None:
-            sampling.top_p = body.top_p
-        constraint = common_pb2.OutputConstraint()
-        prompt = tools.apply(plan, messages, constraint)
-        complete = coordinator_pb2.CompleteRequest(
-            model=body.model,
-            messages=prompt,
-            sampling=sampling,
-            constraint=constraint,
-            affinity_key=body.previous_response_id or body.user or "",
-        )
-        response_id = f"resp_{uuid.uuid4().hex}"
-        base = {
-            "id": response_id,
+
+class ResponseBuilder:
+    """One response: its fixed fields, its output, its stored conversation, its events."""
+
+    def __init__(self, services_: HttpServices, body: ResponsesRequest, plan, messages) -> None:
+        self._sessions = services_.sessions
+        self._body = body
+        self._plan = plan
+        self._messages = messages
+        self.response_id = f"resp_{uuid.uuid4().hex}"
+        self.base = {
+            "id": self.response_id,
             "object": "response",
             "created_at": int(time.time()),
             "model": body.model,
@@ -240,169 +249,164 @@ def add_responses_api(
             "incomplete_details": None,
             "usage": None,
         }
-        stream = completions.stream(
-            complete, method="responses", metadata=list(request.headers.items())
-        )
 
-        async def finish(text: str, last) -> dict:
-            calls = tools.parse_reply(plan, text)
-            if calls:
-                output = [
-                    {
-                        "type": "function_call",
-                        "id": f"fc_{uuid.uuid4().hex[:24]}",
-                        "call_id": call["id"],
-                        "name": call["function"]["name"],
-                        "arguments": call["function"]["arguments"],
-                        "status": "completed",
-                    }
-                    for call in calls
-                ]
-            else:
-                output = [
-                    {
-                        "type": "message",
-                        "id": f"msg_{uuid.uuid4().hex[:24]}",
-                        "status": "completed",
-                        "role": "assistant",
-                        "content": [{"type": "output_text", "text": text, "annotations": []}],
-                    }
-                ]
-            if body.store:
-                await store(
-                    response_id,
-                    body.model,
-                    [*messages, common_pb2.ChatMessage(role="assistant", content=text)],
-                )
-            usage = last.usage
-            incomplete = last.finish_reason in (
-                common_pb2.FINISH_REASON_LENGTH,
-                common_pb2.FINISH_REASON_CONTEXT_FULL,
+    async def finish(self, text: str, last) -> dict:
+        """The completed response for the reply ``text``; stores the conversation."""
+        calls = tools.parse_reply(self._plan, text)
+        if calls:
+            output = [
+                {
+                    "type": "function_call",
+                    "id": f"fc_{uuid.uuid4().hex[:24]}",
+                    "call_id": call["id"],
+                    "name": call["function"]["name"],
+                    "arguments": call["function"]["arguments"],
+                    "status": "completed",
+                }
+                for call in calls
+            ]
+        else:
+            output = [
+                {
+                    "type": "message",
+                    "id": f"msg_{uuid.uuid4().hex[:24]}",
+                    "status": "completed",
+                    "role": "assistant",
+                    "content": [{"type": "output_text", "text": text, "annotations": []}],
+                }
+            ]
+        if self._body.store:
+            await self._sessions.store_conversation(
+                self.response_id,
+                self._body.model,
+                [*self._messages, common_pb2.ChatMessage(role="assistant", content=text)],
             )
-            return {
-                **base,
-                "status": "incomplete" if incomplete else "completed",
-                "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None,
-                "output": output,
-                "usage": {
-                    "input_tokens": usage.prompt_tokens,
-                    "output_tokens": usage.completion_tokens,
-                    "total_tokens": usage.prompt_tokens + usage.completion_tokens,
-                    "input_tokens_details": {"cached_tokens": usage.cached_prompt_tokens},
-                    "output_tokens_details": {"reasoning_tokens": 0},
+        usage = last.usage
+        incomplete = last.finish_reason in (
+            common_pb2.FINISH_REASON_LENGTH,
+            common_pb2.FINISH_REASON_CONTEXT_FULL,
+        )
+        return {
+            **self.base,
+            "status": "incomplete" if incomplete else "completed",
+            "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None,
+            "output": output,
+            "usage": {
+                "input_tokens": usage.prompt_tokens,
+                "output_tokens": usage.completion_tokens,
+                "total_tokens": usage.prompt_tokens + usage.completion_tokens,
+                "input_tokens_details": {"cached_tokens": usage.cached_prompt_tokens},
+                "output_tokens_details": {"reasoning_tokens": 0},
+            },
+        }
+
+    async def events(self, reply):
+        """The reply as Responses-API server-sent events."""
+        sequence = 0
+
+        def event(kind: str, **fields) -> str:
+            nonlocal sequence
+            payload = {"type": kind, "sequence_number": sequence, **fields}
+            sequence += 1
+            return f"event: {kind}\ndata: {json.dumps(payload)}\n\n"
+
+        base = self.base
+        in_progress = {**base, "status": "in_progress", "output": []}
+        yield event("response.created", response=in_progress)
+        yield event("response.in_progress", response=in_progress)
+        item_id = f"msg_{uuid.uuid4().hex[:24]}"
+        # A forced tool call is not streamed as text: it is one function_call item.
+        as_text = not self._plan.forced
+        if as_text:
+            yield event(
+                "response.output_item.added",
+                output_index=0,
+                item={
+                    "type": "message",
+                    "id": item_id,
+                    "status": "in_progress",
+                    "role": "assistant",
+                    "content": [],
                 },
-            }
-
-        if not body.stream:
-            return await finish(*await collected(stream))
-
-        reply = await started(stream)
-
-        async def events():
-            sequence = 0
-
-            def event(kind: str, **fields) -> str:
-                nonlocal sequence
-                payload = {"type": kind, "sequence_number": sequence, **fields}
-                sequence += 1
-                return f"event: {kind}\ndata: {json.dumps(payload)}\n\n"
-
-            in_progress = {**base, "status": "in_progress", "output": []}
-            yield event("response.created", response=in_progress)
-            yield event("response.in_progress", response=in_progress)
-            item_id = f"msg_{uuid.uuid4().hex[:24]}"
-            # A forced tool call is not streamed as text: it is one function_call item.
-            as_text = not plan.forced
-            if as_text:
+            )
+            yield event(
+                "response.content_part.added",
+                item_id=item_id,
+                output_index=0,
+                content_index=0,
+                part={"type": "output_text", "text": "", "annotations": []},
+            )
+        text, last = [], None
+        try:
+            async for chunk, _ in reply:
+                if chunk.text:
+                    text.append(chunk.text)
+                    if as_text:
+                        yield event(
+                            "response.output_text.delta",
+                            item_id=item_id,
+                            output_index=0,
+                            content_index=0,
+                            delta=chunk.text,
+                            logprobs=[],
+                        )
+                last = chunk
+        except EdgefleetError as error:
+            yield event(
+                "response.failed",
+                response={
+                    **base,
+                    "status": "failed",
+                    "output": [],
+                    "error": api_error(error).body()["error"],
+                },
+            )
+            return
+        done = await self.finish("".join(text), last)
+        item = done["output"][0]
+        if as_text and item["type"] == "message":
+            full = "".join(text)
+            yield event(
+                "response.output_text.done",
+                item_id=item_id,
+                output_index=0,
+                content_index=0,
+                text=full,
+                logprobs=[],
+            )
+            yield event(
+                "response.content_part.done",
+                item_id=item_id,
+                output_index=0,
+                content_index=0,
+                part=item["content"][0],
+            )
+            yield event("response.output_item.done", output_index=0, item={**item, "id": item_id})
+            done["output"][0]["id"] = item_id
+        else:
+            for index, output in enumerate(done["output"]):
                 yield event(
                     "response.output_item.added",
-                    output_index=0,
-                    item={
-                        "type": "message",
-                        "id": item_id,
-                        "status": "in_progress",
-                        "role": "assistant",
-                        "content": [],
-                    },
+                    output_index=index,
+                    item={**output, "status": "in_progress", "arguments": ""},
                 )
                 yield event(
-                    "response.content_part.added",
-                    item_id=item_id,
-                    output_index=0,
-                    content_index=0,
-                    part={"type": "output_text", "text": "", "annotations": []},
-                )
-            text, last = [], None
-            try:
-                async for chunk, _ in reply:
-                    if chunk.text:
-                        text.append(chunk.text)
-                        if as_text:
-                            yield event(
-                                "response.output_text.delta",
-                                item_id=item_id,
-                                output_index=0,
-                                content_index=0,
-                                delta=chunk.text,
-                                logprobs=[],
-                            )
-                    last = chunk
-            except EdgefleetError as error:
-                yield event(
-                    "response.failed",
-                    response={
-                        **base,
-                        "status": "failed",
-                        "output": [],
-                        "error": ApiError.from_edgefleet(error).body()["error"],
-                    },
-                )
-                return
-            done = await finish("".join(text), last)
-            item = done["output"][0]
-            if as_text and item["type"] == "message":
-                full = "".join(text)
-                yield event(
-                    "response.output_text.done",
-                    item_id=item_id,
-                    output_index=0,
-                    content_index=0,
-                    text=full,
-                    logprobs=[],
+                    "response.function_call_arguments.delta",
+                    item_id=output["id"],
+                    output_index=index,
+                    delta=output["arguments"],
                 )
                 yield event(
-                    "response.content_part.done",
-                    item_id=item_id,
-                    output_index=0,
-                    content_index=0,
-                    part=item["content"][0],
+                    "response.function_call_arguments.done",
+                    item_id=output["id"],
+                    output_index=index,
+                    arguments=output["arguments"],
                 )
-                yield event(
-                    "response.output_item.done", output_index=0, item={**item, "id": item_id}
-                )
-                done["output"][0]["id"] = item_id
-            else:
-                for index, output in enumerate(done["output"]):
-                    yield event(
-                        "response.output_item.added",
-                        output_index=index,
-                        item={**output, "status": "in_progress", "arguments": ""},
-                    )
-                    yield event(
-                        "response.function_call_arguments.delta",
-                        item_id=output["id"],
-                        output_index=index,
-                        delta=output["arguments"],
-                    )
-                    yield event(
-                        "response.function_call_arguments.done",
-                        item_id=output["id"],
-                        output_index=index,
-                        arguments=output["arguments"],
-                    )
-                    yield event("response.output_item.done", output_index=index, item=output)
-            yield event("response.completed", response=done)
+                yield event("response.output_item.done", output_index=index, item=output)
+        yield event("response.completed", response=done)
 
-        return StreamingResponse(
-            events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
-        )
+
+def register(app: FastAPI) -> None:
+    router = APIRouter(prefix="/v1", dependencies=[Depends(authorize)])
+    router.add_api_route("/responses", create_response, methods=["POST"])
+    app.include_router(router)

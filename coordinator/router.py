@@ -1,15 +1,19 @@
 """Running one generation on the fleet: place it, stream it from a node.
 
-The router ranks candidate nodes (``placement``), opens the node's Generate
-stream and hands its chunks on. A node that refuses before admitting the
-request (full queue, stale view, gone) is skipped for the next one; a node
-that cannot be reached is excluded from placement at once.
+The router asks ``placement`` for the nodes to try, opens the best node's
+Generate stream and hands its chunks on. What happens when a node answers
+with an error is decided once, by the error's named reason (``verdict``): a
+node that cannot take the request now (full queue, stale view, draining) is
+skipped for the next one; a node that broke is excluded from placement at
+once and the reply continues elsewhere; a request that is itself at fault
+goes back to the client and never counts against a node.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import enum
 import logging
 import random
 import time
@@ -19,27 +23,28 @@ import grpc
 from opentelemetry import trace
 from opentelemetry.context import Context
 
+from coordinator import placement
 from coordinator.fleet import FleetView
 from coordinator.metrics import CoordinatorMetrics
-from coordinator.placement import Candidate, Placement, Ranking
+from coordinator.placement import Placement, PlacementRequest, Ranking
 from edgefleet import telemetry
 from edgefleet.errors import (
     EdgefleetError,
-    FailedPrecondition,
-    NotFound,
-    ResourceExhausted,
-    Unavailable,
+    Reason,
     error_from_rpc,
+    error_of,
+    reason_of,
 )
+from edgefleet.generation import continued, count_carried_tokens
 from edgefleet.v1 import common_pb2, node_pb2, node_pb2_grpc
 
 log = logging.getLogger(__name__)
 
 
 PLACEMENT_OUTCOMES = {
-    NotFound: "unknown_model",
-    Unavailable: "no_node",
-    ResourceExhausted: "saturated",
+    Reason.UNKNOWN_MODEL: "unknown_model",
+    Reason.NO_READY_NODE: "no_node",
+    Reason.FLEET_SATURATED: "saturated",
 }
 
 
@@ -51,14 +56,42 @@ class NodeFailed(Exception):
         self.kind = kind  # stall | stream_error | malformed | fenced
 
 
-# Codes that say "this node cannot serve now" rather than "the request is bad".
-NODE_FAULT_CODES = {
-    grpc.StatusCode.UNAVAILABLE,
-    grpc.StatusCode.DEADLINE_EXCEEDED,
-    grpc.StatusCode.INTERNAL,
-    grpc.StatusCode.UNKNOWN,
-    grpc.StatusCode.CANCELLED,
-}
+class Verdict(enum.Enum):
+    """What a node's error means for the request."""
+
+    NEXT_NODE = "next_node"  # the node cannot take it now; not a fault: try the next
+    NODE_FAULT = "node_fault"  # the node broke: exclude it, fail over
+    CALLER_ERROR = "caller_error"  # the request itself is at fault: tell the client
+
+
+# The node cannot take it, but another may (its view of itself is newer than ours).
+NOT_NOW = frozenset(
+    {
+        Reason.QUEUE_FULL,
+        Reason.MODEL_NOT_LOADED,
+        Reason.MODEL_UNLOADING,
+        Reason.NODE_DRAINING,
+        Reason.RUNTIME_UNSUPPORTED,
+    }
+)
+
+
+def verdict(code: grpc.StatusCode, reason: Reason | None) -> Verdict:
+    """Decide by the named reason; without one (a transport failure, or a peer
+    that is not an edgefleet node) by the code alone."""
+    if reason is not None and reason.code == code:
+        if reason in NOT_NOW:
+            return Verdict.NEXT_NODE
+        if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND):
+            return Verdict.CALLER_ERROR
+        return Verdict.NODE_FAULT
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return Verdict.NEXT_NODE
+    # No reason named: whatever else answered is not behaving like a node
+    # (UNAVAILABLE, DEADLINE_EXCEEDED, INTERNAL, UNIMPLEMENTED, ...).
+    return Verdict.NODE_FAULT
+
+
 CHANNEL_OPTIONS = [
     ("grpc.keepalive_time_ms", 10_000),
     ("grpc.keepalive_timeout_ms", 5_000),
@@ -100,8 +133,8 @@ class Router:
         first_token_timeout_s: float = 15.0,
         stall_timeout_s: float = 2.0,
         max_failovers: int = 3,
-        retry_after_s: float = 1.0,
         metrics: CoordinatorMetrics | None = None,
+        rng: random.Random | None = None,
     ) -> None:
         self._fleet = fleet
         self._placement = placement
@@ -111,7 +144,7 @@ class Router:
         self._stall_timeout_s = stall_timeout_s
         self._max_failovers = max_failovers
         self._metrics = metrics
-        self._retry_after_s = retry_after_s
+        self._rng = rng or random.Random()
 
     @property
     def policy(self) -> str:
@@ -122,17 +155,27 @@ class Router:
         model: str,
         *,
         affinity_node: str = "",
-        exclude: set[str] = frozenset(),
+        exclude: frozenset[str] = frozenset(),
         parent: Context | None = None,
     ) -> Ranking:
         """Order the ready nodes serving ``model``; raise when none can take it."""
         with telemetry.tracer().start_as_current_span("placement", context=parent) as span:
+            started = time.perf_counter()
             try:
-                ranking = self._rank(model, affinity_node, exclude)
+                ranking = placement.choose(
+                    self._fleet,
+                    PlacementRequest(model, affinity_node, frozenset(exclude)),
+                    self._placement,
+                    self._rng,
+                    turn=self._placement.next_turn() if self.policy == "round_robin" else 0,
+                )
             except EdgefleetError as error:
-                self._count_placement(PLACEMENT_OUTCOMES.get(type(error), "error"))
+                self._count_placement(PLACEMENT_OUTCOMES.get(error.reason, "error"))
                 span.set_status(trace.Status(trace.StatusCode.ERROR, error.message))
                 raise
+            ranking = dataclasses.replace(
+                ranking, decision_us=(time.perf_counter() - started) * 1e6
+            )
             self._count_placement("placed", ranking.decision_us)
             if span.is_recording():
                 span.set_attributes(
@@ -153,69 +196,6 @@ class Router:
             self._metrics.placements.labels(self._placement.policy, outcome).inc()
             if decision_us is not None:
                 self._metrics.placement_duration.observe(decision_us / 1e6)
-
-    def _rank(self, model: str, affinity_node: str, exclude: set[str]) -> Ranking:
-        started = time.perf_counter()
-        nodes = list(self._fleet.nodes.values())
-        candidates = []
-        sample_size = self._placement.sample
-        if len(nodes) > sample_size and self._placement.policy != "round_robin":
-            # A large fleet: rank a random sample plus the session's node (the
-            # "power of d choices"), so a decision costs the same at 1,000
-            # nodes as at the sample size. Only when no sampled node has a free slot is
-            # the whole fleet ranked.
-            sample = random.sample(nodes, sample_size)
-            affinity_entry = self._fleet.nodes.get(affinity_node)
-            if affinity_entry is not None and affinity_entry not in sample:
-                sample.append(affinity_entry)
-            candidates = self._candidates(sample, model, affinity_node, exclude)
-            if not any(c.free_now for c in candidates):
-                candidates = []
-        if not candidates:
-            candidates = self._candidates(nodes, model, affinity_node, exclude)
-        ranking = dataclasses.replace(
-            self._placement.rank(candidates), decision_us=(time.perf_counter() - started) * 1e6
-        )
-        if not candidates and model not in self._fleet.models():
-            raise NotFound(f"no node in the fleet serves model {model!r}")
-        if not candidates:
-            raise Unavailable(
-                f"no ready node serves model {model!r} (nodes may be draining or failed)",
-                retry_after_s=self._retry_after_s,
-            )
-        if not ranking.order:
-            raise self._saturated(model)
-        return ranking
-
-    def _candidates(
-        self, entries: list, model: str, affinity_node: str, exclude: set[str]
-    ) -> list[Candidate]:
-        candidates = []
-        for entry in entries:
-            if entry.node_id in exclude or not self._fleet.is_ready(entry):
-                continue
-            loaded = entry.model(model)
-            if loaded is None:
-                continue
-            candidates.append(
-                Candidate(
-                    node_id=entry.node_id,
-                    slots_total=loaded.slots_total,
-                    slots_free=loaded.slots_free,
-                    queue_depth=loaded.queue_depth,
-                    queue_limit=loaded.queue_limit,
-                    tokens_per_second=entry.record.capacity.tokens_per_second,
-                    pending=self._fleet.pending(entry.node_id),
-                    affinity=entry.node_id == affinity_node,
-                )
-            )
-        return candidates
-
-    def _saturated(self, model: str) -> ResourceExhausted:
-        return ResourceExhausted(
-            f"every node serving {model!r} is at capacity; retry in {self._retry_after_s:.0f}s",
-            retry_after_s=self._retry_after_s,
-        )
 
     async def generate(
         self, request: node_pb2.GenerateRequest, ranking: Ranking, *, parent: Context | None = None
@@ -240,8 +220,7 @@ class Router:
             try:
                 async for chunk in self._follow(call, node_id, epoch, first):
                     if chunk.finish_reason:
-                        chunk.usage.completion_tokens += carried
-                        chunk.usage.prompt_tokens = max(0, chunk.usage.prompt_tokens - carried)
+                        count_carried_tokens(chunk.usage, carried)
                     elif chunk.text:
                         sent.append(chunk.text)
                         sent_tokens += chunk.token_count
@@ -275,10 +254,11 @@ class Router:
                     sent_tokens,
                 )
                 if len(failures) > self._max_failovers:
-                    raise Unavailable(
-                        f"the generation failed on {len(failures)} nodes; last: {cause}"
+                    raise error_of(
+                        Reason.FAILOVER_EXHAUSTED,
+                        f"the generation failed on {len(failures)} nodes; last: {cause}",
                     ) from None
-                attempt = self._continuation(request, "".join(sent), sent_tokens)
+                attempt = continued(request, "".join(sent), sent_tokens)
                 if attempt is None:  # max_tokens already reached
                     yield node_pb2.GenerateChunk(
                         seq=seq,
@@ -288,31 +268,17 @@ class Router:
                     )
                     return
                 try:
-                    ranking = self.rank(request.model, exclude=set(failures), parent=parent)
+                    ranking = self.rank(request.model, exclude=frozenset(failures), parent=parent)
                 except EdgefleetError as error:
-                    raise Unavailable(
+                    raise error_of(
+                        Reason.FAILOVER_EXHAUSTED,
                         f"node {cause} failed mid-reply and no other node can take over: "
-                        f"{error.message}"
+                        f"{error.message}",
                     ) from None
             finally:
                 call.cancel()  # no-op when finished; stops the node when the client left
                 span.end()
                 self._fleet.release(node_id)
-
-    @staticmethod
-    def _continuation(
-        request: node_pb2.GenerateRequest, sent_text: str, sent_tokens: int
-    ) -> node_pb2.GenerateRequest | None:
-        """The same request, continuing after the text the client already has."""
-        attempt = node_pb2.GenerateRequest()
-        attempt.CopyFrom(request)
-        attempt.assistant_prefix = request.assistant_prefix + sent_text
-        if request.sampling.HasField("max_tokens"):
-            left = request.sampling.max_tokens - sent_tokens
-            if left <= 0:
-                return None
-            attempt.sampling.max_tokens = left
-        return attempt
 
     async def _start(self, request, ranking: Ranking, failures: list[str], parent: Context | None):
         """Open the stream on the best node that admits it.
@@ -343,6 +309,7 @@ class Router:
                 first = await self._admitted(call, node_id)
             except BaseException:
                 self._fleet.release(node_id)
+                span.end()
                 raise
             if first is None:
                 self._fleet.release(node_id)
@@ -353,10 +320,11 @@ class Router:
                 continue
             return node_id, entry.epoch, call, first, span
         if refused:
-            raise self._saturated(request.model)
-        raise Unavailable(
+            raise placement.saturated_error(request.model, self._placement.retry_after_s)
+        raise error_of(
+            Reason.NO_READY_NODE,
             f"no node could take the request for {request.model!r}",
-            retry_after_s=self._retry_after_s,
+            retry_after_s=self._placement.retry_after_s,
         )
 
     async def _follow(self, call, node_id: str, epoch: int, first: node_pb2.GenerateChunk):
@@ -371,7 +339,7 @@ class Router:
             except TimeoutError:
                 raise NodeFailed("stall", f"no token for {deadline:g}s") from None
             except grpc.RpcError as error:
-                if error.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                if verdict(error.code(), reason_of(error)) is Verdict.CALLER_ERROR:
                     raise error_from_rpc(error) from None  # the request's fault, not the node's
                 raise NodeFailed(
                     "stream_error", f"{error.code().name}: {error.details()}"
@@ -393,24 +361,22 @@ class Router:
                 return
 
     async def _admitted(self, call, node_id: str) -> node_pb2.GenerateChunk | None:
-        """The node's first message, or None when the node refused or failed."""
+        """The node's first message, or None when it did not admit the request
+        (refused for now, or failed: then it is also excluded from placement)."""
         try:
             first = await asyncio.wait_for(call.read(), self._admission_timeout_s)
         except grpc.RpcError as error:
-            code = error.code()
-            if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-                return None
-            if code in NODE_FAULT_CODES:
-                self._fleet.suspect(node_id, f"{code.name}: {error.details()}")
-                return None
-            if code == grpc.StatusCode.FAILED_PRECONDITION and "not loaded" in (
-                error.details() or ""
-            ):
-                return None  # our view was stale; another node may have it
-            raise error_from_rpc(error) from None
+            judged = verdict(error.code(), reason_of(error))
+            if judged is Verdict.CALLER_ERROR:
+                raise error_from_rpc(error) from None
+            if judged is Verdict.NODE_FAULT:
+                self._fleet.suspect(node_id, f"{error.code().name}: {error.details()}")
+            return None
         except TimeoutError:
             self._fleet.suspect(node_id, "no admission within the deadline")
             return None
         if first is grpc.aio.EOF:
-            raise FailedPrecondition(f"node {node_id} ended the stream without an answer")
+            raise error_of(
+                Reason.NODE_PROTOCOL, f"node {node_id} ended the stream without an answer"
+            )
         return first

@@ -5,6 +5,9 @@ a turn. A turn takes the session's turn lock (a key under this replica's
 lease, so a dead replica's lock goes with it), generates, then commits the
 user and assistant messages in one transaction that checks the session was
 not changed meanwhile: two replicas can never interleave turns of a session.
+
+Stored Responses-API conversations (``previous_response_id``) live here too:
+the same record, under the same idle TTL, in their own key space.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from dataclasses import dataclass
 
 from coordinator.etcd import Compare, Delete, Etcd, Put
 from coordinator.keys import Keys
-from edgefleet.errors import Aborted, InvalidArgument, NotFound, ResourceExhausted
+from edgefleet.errors import Aborted, InvalidArgument, NotFound, Reason, ResourceExhausted
 from edgefleet.v1 import common_pb2, coordinator_pb2
 
 log = logging.getLogger(__name__)
@@ -67,7 +70,8 @@ class Sessions:
         ttl = request.idle_ttl_seconds or self.limits.default_idle_ttl_s
         if not 1 <= ttl <= self.limits.max_idle_ttl_s:
             raise InvalidArgument(
-                f"idle_ttl_seconds must be in [1, {self.limits.max_idle_ttl_s:.0f}], got {ttl:g}"
+                f"idle_ttl_seconds must be in [1, {self.limits.max_idle_ttl_s:.0f}], got {ttl:g}",
+                reason=Reason.INVALID_REQUEST,
             )
         now = time.time()
         session = coordinator_pb2.Session(
@@ -92,10 +96,13 @@ class Sessions:
     async def get(self, session_id: str) -> tuple[coordinator_pb2.Session, int, int]:
         """(session, mod_revision, lease); NotFound when unknown or expired."""
         if not session_id:
-            raise InvalidArgument("session_id must not be empty")
+            raise InvalidArgument("session_id must not be empty", reason=Reason.INVALID_REQUEST)
         kv = await self._etcd.get(self._keys.session(session_id))
         if kv is None:
-            raise NotFound(f"session {session_id!r} not found (unknown, closed or expired)")
+            raise NotFound(
+                f"session {session_id!r} not found (unknown, closed or expired)",
+                reason=Reason.SESSION_NOT_FOUND,
+            )
         return coordinator_pb2.Session.FromString(kv.value), kv.mod_revision, kv.lease
 
     async def begin_turn(
@@ -111,7 +118,10 @@ class Sessions:
                 return Turn(session, revision, lease, turn_id, lock_value)
             held = await self._etcd.get(key)
             if held is not None and not held.value.startswith(f"{turn_id}@".encode()):
-                raise Aborted(f"another turn of session {session_id} is in progress")
+                raise Aborted(
+                    f"another turn of session {session_id} is in progress",
+                    reason=Reason.SESSION_BUSY,
+                )
             guard = Compare(key, value=held.value) if held else Compare(key, mod_revision=0)
         else:
             turn_id = uuid.uuid4().hex
@@ -125,7 +135,10 @@ class Sessions:
             [guard], [Put(key, lock_value, lease=self._replica_lease())]
         )
         if not locked:
-            raise Aborted(f"another turn of session {session_id} is in progress; retry after it")
+            raise Aborted(
+                f"another turn of session {session_id} is in progress; retry after it",
+                reason=Reason.SESSION_BUSY,
+            )
         return Turn(session, revision, lease, turn_id, lock_value)
 
     async def commit_turn(
@@ -159,7 +172,8 @@ class Sessions:
         if not committed:
             raise Aborted(
                 f"session {session.session_id} changed during the turn (closed, expired or "
-                "written by another replica); the turn was not stored"
+                "written by another replica); the turn was not stored",
+                reason=Reason.SESSION_CONFLICT,
             )
         await self._etcd.refresh(turn.lease)  # a turn is activity: restart the idle clock
         return session
@@ -181,16 +195,43 @@ class Sessions:
             counts[node_id] = counts.get(node_id, 0) + 1
         return counts
 
+    # --- stored conversations of the Responses API ----------------------------------
+    async def store_conversation(
+        self, response_id: str, model: str, messages: list[common_pb2.ChatMessage]
+    ) -> None:
+        """Keep a response's whole conversation for ``previous_response_id``."""
+        ttl = self.limits.default_idle_ttl_s
+        record = coordinator_pb2.Session(
+            session_id=response_id,
+            model=model,
+            messages=messages,
+            created_at=time.time(),
+            idle_ttl_seconds=ttl,
+        )
+        lease = await self._etcd.grant(ttl)
+        await self._etcd.put(
+            self._keys.response(response_id), record.SerializeToString(), lease=lease
+        )
+
+    async def conversation(self, response_id: str) -> list[common_pb2.ChatMessage] | None:
+        """The conversation stored with a response; None when unknown or expired."""
+        kv = await self._etcd.get(self._keys.response(response_id))
+        if kv is None:
+            return None
+        return list(coordinator_pb2.Session.FromString(kv.value).messages)
+
     def _check_size(self, session: coordinator_pb2.Session) -> None:
         # Room for the assistant's reply is checked again at commit by etcd's own limit.
         if len(session.messages) + 1 > self.limits.max_messages:
             raise ResourceExhausted(
                 f"session {session.session_id} has reached {self.limits.max_messages} "
-                "messages; start a new session"
+                "messages; start a new session",
+                reason=Reason.SESSION_FULL,
             )
         size = session.ByteSize()
         if size > self.limits.max_bytes:
             raise ResourceExhausted(
                 f"session {session.session_id or '(new)'} would be {size} bytes, over the "
-                f"limit of {self.limits.max_bytes} bytes; start a new session"
+                f"limit of {self.limits.max_bytes} bytes; start a new session",
+                reason=Reason.SESSION_FULL,
             )

@@ -15,7 +15,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from edgefleet.errors import InvalidArgument
+from edgefleet.errors import InvalidArgument, Reason
 from edgefleet.v1 import common_pb2
 
 
@@ -48,14 +48,21 @@ def parse_tools(tools: list[dict] | None, tool_choice: Any) -> ToolPlan:
     parsed = []
     for index, tool in enumerate(tools or []):
         if tool.get("type") != "function" or not isinstance(tool.get("function"), dict):
-            raise InvalidArgument(f"tools[{index}] must be {{'type': 'function', 'function': ...}}")
+            raise InvalidArgument(
+                f"tools[{index}] must be {{'type': 'function', 'function': ...}}",
+                reason=Reason.BAD_TOOLS,
+            )
         function = tool["function"]
         name = function.get("name")
         if not isinstance(name, str) or not name:
-            raise InvalidArgument(f"tools[{index}].function.name is required")
+            raise InvalidArgument(
+                f"tools[{index}].function.name is required", reason=Reason.BAD_TOOLS
+            )
         parameters = function.get("parameters") or {"type": "object", "properties": {}}
         if not isinstance(parameters, dict):
-            raise InvalidArgument(f"tools[{index}].function.parameters must be a JSON Schema")
+            raise InvalidArgument(
+                f"tools[{index}].function.parameters must be a JSON Schema", reason=Reason.BAD_TOOLS
+            )
         parsed.append(Tool(name, str(function.get("description") or ""), parameters))
     names = {tool.name for tool in parsed}
     if tool_choice is None:
@@ -65,11 +72,16 @@ def parse_tools(tools: list[dict] | None, tool_choice: Any) -> ToolPlan:
     elif isinstance(tool_choice, dict) and isinstance(tool_choice.get("function"), dict):
         mode, named = "named", str(tool_choice["function"].get("name", ""))
         if named not in names:
-            raise InvalidArgument(f"tool_choice names {named!r}, which is not in tools")
+            raise InvalidArgument(
+                f"tool_choice names {named!r}, which is not in tools", reason=Reason.BAD_TOOL_CHOICE
+            )
     else:
-        raise InvalidArgument("tool_choice must be none, auto, required or a named function")
+        raise InvalidArgument(
+            "tool_choice must be none, auto, required or a named function",
+            reason=Reason.BAD_TOOL_CHOICE,
+        )
     if mode in ("required", "named") and not parsed:
-        raise InvalidArgument(f"tool_choice {mode!r} needs tools")
+        raise InvalidArgument(f"tool_choice {mode!r} needs tools", reason=Reason.BAD_TOOL_CHOICE)
     return ToolPlan(tuple(parsed), mode, named)
 
 

@@ -10,7 +10,8 @@ from collections.abc import Iterator
 
 import grpc
 
-from edgefleet.errors import EdgefleetError, Unavailable, error_from_rpc
+from edgefleet.errors import EdgefleetError, Reason, error_from_rpc, error_of, reason_of
+from edgefleet.generation import continued, count_carried_tokens
 from edgefleet.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
 
 # Codes after which another replica may succeed.
@@ -91,13 +92,16 @@ class FleetClient:
     def _exhausted(self, last: grpc.RpcError | None) -> EdgefleetError:
         """Every replica failed; say why the last one did."""
         if last is None:
-            return Unavailable(f"no coordinator answered ({', '.join(self.addresses)})")
-        error = error_from_rpc(last)
-        if last.code() == grpc.StatusCode.UNAVAILABLE and "connect" in (last.details() or ""):
-            error.message = (
-                f"no coordinator answered ({', '.join(self.addresses)}): {error.message}"
+            return error_of(
+                Reason.NO_COORDINATOR, f"no coordinator answered ({', '.join(self.addresses)})"
             )
-        return error
+        if last.code() == grpc.StatusCode.UNAVAILABLE and reason_of(last) is None:
+            # No coordinator said why: the transport failed (nothing listening, unreachable).
+            return error_of(
+                Reason.NO_COORDINATOR,
+                f"no coordinator answered ({', '.join(self.addresses)}): {last.details()}",
+            )
+        return error_from_rpc(last)
 
     def _stream(self, method: str, request) -> ReplyStream:
         reply = ReplyStream()
@@ -135,10 +139,9 @@ class FleetClient:
                     turn_id = turn_id or chunk.turn_id
                     received.append(chunk.text)
                     received_tokens += chunk.token_count
-                    if chunk.finish_reason and carried:
+                    if chunk.finish_reason:
                         # Usage of the whole reply, not just the resumed part.
-                        chunk.usage.completion_tokens += carried
-                        chunk.usage.prompt_tokens = max(0, chunk.usage.prompt_tokens - carried)
+                        count_carried_tokens(chunk.usage, carried)
                     yield chunk
                 return
             except grpc.RpcError as error:
@@ -154,16 +157,9 @@ class FleetClient:
         """The request that resumes a reply after ``received``; None if it is complete."""
         if not turn_id and not received:
             return request
-        resumed = type(request)()
-        resumed.CopyFrom(request)
-        resumed.assistant_prefix = request.assistant_prefix + received
-        if turn_id and hasattr(resumed, "resume_turn_id"):
+        resumed = continued(request, received, received_tokens)
+        if resumed is not None and turn_id and hasattr(resumed, "resume_turn_id"):
             resumed.resume_turn_id = turn_id
-        if request.sampling.HasField("max_tokens"):
-            left = request.sampling.max_tokens - received_tokens
-            if left <= 0:
-                return None
-            resumed.sampling.max_tokens = left
         return resumed
 
     # --- API ------------------------------------------------------------------------

@@ -2,14 +2,17 @@
 
 Both daemons check requests with these functions: the coordinator before it
 places a request, the node before it queues one. Every rule answers
-INVALID_ARGUMENT with a message naming the field.
+INVALID_ARGUMENT with a named reason and a message naming the field.
+
+``continued`` is the one rule for resuming a reply elsewhere (the router after
+a node failed, the client after a coordinator replica failed).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from edgefleet.errors import InvalidArgument
+from edgefleet.errors import InvalidArgument, Reason
 from edgefleet.v1 import common_pb2
 
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
@@ -43,31 +46,47 @@ def sampling_from_proto(params: common_pb2.SamplingParams) -> Sampling:
     defaults = Sampling()
     max_tokens = params.max_tokens if params.HasField("max_tokens") else None
     if max_tokens is not None and max_tokens <= 0:
-        raise InvalidArgument(f"sampling.max_tokens must be > 0, got {max_tokens}")
+        raise InvalidArgument(
+            f"sampling.max_tokens must be > 0, got {max_tokens}", reason=Reason.BAD_SAMPLING
+        )
     temperature = params.temperature if params.HasField("temperature") else defaults.temperature
     if not 0.0 <= temperature <= 2.0:
-        raise InvalidArgument(f"sampling.temperature must be in [0, 2], got {temperature:g}")
+        raise InvalidArgument(
+            f"sampling.temperature must be in [0, 2], got {temperature:g}",
+            reason=Reason.BAD_SAMPLING,
+        )
     top_p = params.top_p if params.HasField("top_p") else defaults.top_p
     if not 0.0 < top_p <= 1.0:
-        raise InvalidArgument(f"sampling.top_p must be in (0, 1], got {top_p:g}")
+        raise InvalidArgument(
+            f"sampling.top_p must be in (0, 1], got {top_p:g}", reason=Reason.BAD_SAMPLING
+        )
     top_k = params.top_k if params.HasField("top_k") else defaults.top_k
     if top_k < 0:
-        raise InvalidArgument(f"sampling.top_k must be >= 0, got {top_k}")
+        raise InvalidArgument(
+            f"sampling.top_k must be >= 0, got {top_k}", reason=Reason.BAD_SAMPLING
+        )
     stops = tuple(params.stop)
     if len(stops) > MAX_STOP_STRINGS:
-        raise InvalidArgument(f"sampling.stop allows at most {MAX_STOP_STRINGS} strings")
+        raise InvalidArgument(
+            f"sampling.stop allows at most {MAX_STOP_STRINGS} strings", reason=Reason.BAD_STOP
+        )
     if any(not stop for stop in stops):
-        raise InvalidArgument("sampling.stop strings must not be empty")
+        raise InvalidArgument("sampling.stop strings must not be empty", reason=Reason.BAD_STOP)
     repeat_penalty = (
         params.repeat_penalty if params.HasField("repeat_penalty") else defaults.repeat_penalty
     )
     if repeat_penalty <= 0:
-        raise InvalidArgument(f"sampling.repeat_penalty must be > 0, got {repeat_penalty:g}")
+        raise InvalidArgument(
+            f"sampling.repeat_penalty must be > 0, got {repeat_penalty:g}",
+            reason=Reason.BAD_SAMPLING,
+        )
     penalties = {}
     for name in ("presence_penalty", "frequency_penalty"):
         value = getattr(params, name) if params.HasField(name) else 0.0
         if not -2.0 <= value <= 2.0:
-            raise InvalidArgument(f"sampling.{name} must be in [-2, 2], got {value:g}")
+            raise InvalidArgument(
+                f"sampling.{name} must be in [-2, 2], got {value:g}", reason=Reason.BAD_SAMPLING
+            )
         penalties[name] = value
     return Sampling(
         max_tokens=max_tokens,
@@ -83,14 +102,71 @@ def sampling_from_proto(params: common_pb2.SamplingParams) -> Sampling:
 
 def messages_from_proto(messages) -> tuple[Message, ...]:
     if not messages:
-        raise InvalidArgument("messages must not be empty")
+        raise InvalidArgument("messages must not be empty", reason=Reason.BAD_MESSAGES)
     if len(messages) > MAX_MESSAGES:
-        raise InvalidArgument(f"messages allows at most {MAX_MESSAGES} entries")
+        raise InvalidArgument(
+            f"messages allows at most {MAX_MESSAGES} entries", reason=Reason.BAD_MESSAGES
+        )
     converted = []
     for index, message in enumerate(messages):
         if message.role not in ROLES:
             raise InvalidArgument(
-                f"messages[{index}].role {message.role!r} is not one of {', '.join(sorted(ROLES))}"
+                f"messages[{index}].role {message.role!r} is not one of {', '.join(sorted(ROLES))}",
+                reason=Reason.BAD_MESSAGES,
             )
         converted.append(Message(role=message.role, content=message.content))
     return tuple(converted)
+
+
+def continued(request, sent_text: str, sent_tokens: int):
+    """The same request, continuing after the reply text the client already has.
+
+    Works on any request message with ``assistant_prefix`` and ``sampling``
+    (GenerateRequest, ChatRequest, CompleteRequest): the text sent so far
+    becomes part of the assistant prefix (so it is neither lost nor repeated)
+    and ``max_tokens`` shrinks by the tokens sent. None when no token is left.
+    """
+    resumed = type(request)()
+    resumed.CopyFrom(request)
+    resumed.assistant_prefix = request.assistant_prefix + sent_text
+    if request.sampling.HasField("max_tokens"):
+        left = request.sampling.max_tokens - sent_tokens
+        if left <= 0:
+            return None
+        resumed.sampling.max_tokens = left
+    return resumed
+
+
+def count_carried_tokens(usage: common_pb2.Usage, carried_tokens: int) -> None:
+    """Make a resumed attempt's final usage cover the whole reply: tokens
+    generated by earlier attempts came back as prompt (prefix) tokens."""
+    if carried_tokens:
+        usage.completion_tokens += carried_tokens
+        usage.prompt_tokens = max(0, usage.prompt_tokens - carried_tokens)
+
+
+def sampling_params(
+    *,
+    max_tokens: int | None = None,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    presence_penalty: float | None = None,
+    frequency_penalty: float | None = None,
+    stop: str | list[str] | tuple[str, ...] | None = None,
+) -> common_pb2.SamplingParams:
+    """SamplingParams with only the settings a client gave (None: the default)."""
+    params = common_pb2.SamplingParams()
+    for name, value in (
+        ("max_tokens", max_tokens),
+        ("temperature", temperature),
+        ("top_p", top_p),
+        ("seed", seed),
+        ("presence_penalty", presence_penalty),
+        ("frequency_penalty", frequency_penalty),
+    ):
+        if value is not None:
+            setattr(params, name, value)
+    if stop is not None:
+        params.stop.extend([stop] if isinstance(stop, str) else stop)
+    return params

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgefleet.errors import InvalidArgument, NotFound
+from edgefleet.errors import InvalidArgument, NotFound, Reason
 
 
 @dataclass(frozen=True)
@@ -107,17 +107,22 @@ def resolve(name: str) -> ModelRef:
     """Resolve an alias or a path; raise NotFound/InvalidArgument otherwise."""
     name = name.strip()
     if not name:
-        raise InvalidArgument("model must not be empty")
+        raise InvalidArgument("model must not be empty", reason=Reason.INVALID_REQUEST)
     if name in CATALOG:
         return ModelRef(name=name, entry=CATALOG[name], local_path=None)
     looks_like_path = name.endswith(".gguf") or "/" in name or name.startswith(".")
     if not looks_like_path:
         known = ", ".join(sorted(CATALOG))
-        raise NotFound(f"unknown model alias {name!r}; known aliases: {known}, or a .gguf path")
+        raise NotFound(
+            f"unknown model alias {name!r}; known aliases: {known}, or a .gguf path",
+            reason=Reason.UNKNOWN_MODEL,
+        )
     path = Path(name).expanduser().resolve()
     if not path.is_file():
-        raise NotFound(f"model file not found: {path}")
+        raise NotFound(f"model file not found: {path}", reason=Reason.UNKNOWN_MODEL)
     with path.open("rb") as f:
         if f.read(4) != GGUF_MAGIC:
-            raise InvalidArgument(f"{path} is not a GGUF file (bad magic bytes)")
+            raise InvalidArgument(
+                f"{path} is not a GGUF file (bad magic bytes)", reason=Reason.NOT_GGUF
+            )
     return ModelRef(name=str(path), entry=None, local_path=path)

@@ -53,9 +53,9 @@ class NodeMetrics:
             registry=self.registry,
         )
 
-    def watch(self, servicer) -> None:
-        """Live gauges (slots, queue, models) read from the servicer at scrape time."""
-        self.registry.register(_NodeStateCollector(servicer))
+    def watch(self, node) -> None:
+        """Live gauges (slots, queue, models) read from the node at scrape time."""
+        self.registry.register(_NodeStateCollector(node))
 
     def serve(self, address: str) -> int:
         host, _, port = address.rpartition(":")
@@ -66,11 +66,11 @@ class NodeMetrics:
 
 
 class _NodeStateCollector:
-    def __init__(self, servicer) -> None:
-        self._servicer = servicer
+    def __init__(self, node) -> None:
+        self._node = node
 
     def collect(self):
-        capacity = self._servicer.capacity()
+        capacity = self._node.capacity()
         slots = GaugeMetricFamily(
             "edgefleet_node_slots", "Generation slots by state", labels=["model", "state"]
         )

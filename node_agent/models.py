@@ -9,9 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgefleet import telemetry
-from edgefleet.errors import AlreadyExists, FailedPrecondition, InvalidArgument
+from edgefleet.errors import AlreadyExists, FailedPrecondition, InvalidArgument, Reason
 from node_agent.catalog import ModelRef, resolve
-from node_agent.runtime.base import ModelInstance, Runtime
+from node_agent.runtime.base import Capabilities, ModelInstance, Runtime
 from node_agent.slots import SlotPool
 from node_agent.store import ModelStore
 
@@ -46,6 +46,10 @@ class ModelManager:
         self._lock = asyncio.Lock()
 
     @property
+    def capabilities(self) -> Capabilities:
+        return self._runtime.capabilities
+
+    @property
     def store(self) -> ModelStore:
         return self._store
 
@@ -58,18 +62,23 @@ class ModelManager:
         if model is None:
             loaded = ", ".join(self._models) or "none"
             raise FailedPrecondition(
-                f"model {ref.name!r} is not loaded on this node (loaded: {loaded})"
+                f"model {ref.name!r} is not loaded on this node (loaded: {loaded})",
+                reason=Reason.MODEL_NOT_LOADED,
             )
         return model
 
     async def load(self, name: str, *, slots: int = 0, context_length: int = 0) -> HostedModel:
         if slots < 0 or context_length < 0:
-            raise InvalidArgument("slots and context_length must be >= 0")
+            raise InvalidArgument(
+                "slots and context_length must be >= 0", reason=Reason.INVALID_REQUEST
+            )
         ref = resolve(name)
         async with self._lock:
             if ref.name in self._models:
-                raise AlreadyExists(f"model {ref.name!r} is already loaded")
-            if getattr(self._runtime, "needs_weights", True):
+                raise AlreadyExists(
+                    f"model {ref.name!r} is already loaded", reason=Reason.MODEL_LOADED
+                )
+            if self.capabilities.needs_weights:
                 path, sha256 = await asyncio.to_thread(self._store.verified_path, ref)
             else:  # the benchmark simulator
                 path, sha256 = Path(f"simulated/{ref.name}"), ""

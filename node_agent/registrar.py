@@ -18,7 +18,7 @@ import grpc
 
 from edgefleet import __version__
 from edgefleet.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
-from node_agent.service import NodeServicer
+from node_agent.node import Node
 
 log = logging.getLogger(__name__)
 MIN_REPORT_GAP_S = 0.2
@@ -36,7 +36,7 @@ class Registrar:
         *,
         node_id: str,
         advertise: str,
-        servicer: NodeServicer,
+        node: Node,
         labels: dict[str, str] | None = None,
     ) -> None:
         if not coordinators:
@@ -44,7 +44,7 @@ class Registrar:
         self._coordinators = coordinators
         self._node_id = node_id
         self._advertise = advertise
-        self._servicer = servicer
+        self._node = node
         self._labels = labels or {}
         self.registration: coordinator_pb2.RegisterResponse | None = None
         self._current = 0
@@ -87,7 +87,7 @@ class Registrar:
             backoff = min(backoff * 2, 5.0)
 
     async def _register(self, stub) -> None:
-        capacity = self._servicer.capacity()
+        capacity = self._node.capacity()
         reply = await stub.Register(
             coordinator_pb2.RegisterRequest(
                 node_id=self._node_id,
@@ -114,7 +114,7 @@ class Registrar:
         registration = self.registration
         interval = registration.heartbeat_interval_seconds or 1.0
 
-        changed = self._servicer.capacity_changed
+        changed = self._node.capacity_changed
 
         async def beats():
             while True:
@@ -122,10 +122,10 @@ class Registrar:
                 yield coordinator_pb2.HeartbeatRequest(
                     node_id=registration.node_id,
                     epoch=registration.epoch,
-                    capacity=self._servicer.capacity(),
+                    capacity=self._node.capacity(),
                     state=(
                         common_pb2.NODE_STATE_DRAINING
-                        if self._servicer.draining
+                        if self._node.draining
                         else common_pb2.NODE_STATE_READY
                     ),
                 )
@@ -146,10 +146,10 @@ class Registrar:
                     raise Fenced()
                 if reply.command == Command.COMMAND_DRAIN:
                     log.info("coordinator asks this node to drain")
-                    await self._servicer.set_draining(True)
+                    await self._node.set_draining(True)
                 elif reply.command == Command.COMMAND_RESUME:
                     log.info("coordinator asks this node to resume")
-                    await self._servicer.set_draining(False)
+                    await self._node.set_draining(False)
         finally:
             call.cancel()
 

@@ -1,4 +1,8 @@
-"""NodeService over gRPC: generation, model management, capacity, drain."""
+"""NodeService over gRPC: generation, model management, capacity, drain.
+
+The servicer only translates: requests to ``Node`` calls, events to chunks,
+errors to statuses with their named reasons; spans and metrics are recorded here.
+"""
 
 from __future__ import annotations
 
@@ -8,19 +12,14 @@ import logging
 import time
 import uuid
 
-from grpc_health.v1 import health
 from opentelemetry import trace
 
-from edgefleet import serving, telemetry
-from edgefleet.errors import EdgefleetError, Unavailable, abort_with
+from edgefleet import telemetry
+from edgefleet.errors import EdgefleetError, abort_with
 from edgefleet.v1 import common_pb2, node_pb2, node_pb2_grpc
-from node_agent.capacity import GpuProbe, HostProbe, ThroughputMeter
-from node_agent.catalog import CATALOG
 from node_agent.metrics import NodeMetrics
-from node_agent.models import HostedModel, ModelManager
-from node_agent.requests import generation_request_from_proto
+from node_agent.node import Admitted, Node, loaded_model
 from node_agent.runtime.base import Finish, FinishReason
-from node_agent.runtime.simulated import NAME as SIMULATED
 
 log = logging.getLogger(__name__)
 
@@ -67,18 +66,6 @@ def request_attributes(request: node_pb2.GenerateRequest, node_id: str) -> dict:
     return attributes
 
 
-# Reusing a slot's cache pays off for a conversation's history. For a short
-# shared prefix (the chat template's system prompt) it does not: measured with
-# 8 streams of short prompts, pinning each prompt to its slot cost about 15%
-# of the aggregate throughput (bench node-concurrency), for reasons not yet
-# understood; those take the least recently used slot instead.
-MIN_REUSE_TOKENS = 64
-
-
-def _worth_reusing(cached_tokens: int) -> int:
-    return cached_tokens if cached_tokens >= MIN_REUSE_TOKENS else 0
-
-
 def _child_span(
     parent, name: str, start_ns: int, end_ns: int, attributes: dict | None = None
 ) -> None:
@@ -90,45 +77,11 @@ def _child_span(
 
 
 class NodeServicer(node_pb2_grpc.NodeServiceServicer):
-    def __init__(
-        self,
-        *,
-        node_id: str,
-        models: ModelManager,
-        host: HostProbe,
-        gpus: GpuProbe,
-        throughput: ThroughputMeter,
-        health_servicer: health.aio.HealthServicer,
-        metrics: NodeMetrics | None = None,
-    ) -> None:
-        self.node_id = node_id
-        self._models = models
-        self._host = host
-        self._gpus = gpus
-        self._throughput = throughput
-        self._health = health_servicer
+    """NodeService over gRPC: a thin adapter over ``Node`` (spans, chunks, statuses)."""
+
+    def __init__(self, node: Node, *, metrics: NodeMetrics | None = None) -> None:
+        self._node = node
         self._metrics = metrics
-        self._draining = False
-        self._active = 0
-        # Set when slots are taken or given back, so a fresh report can go out
-        # at once instead of at the next heartbeat tick.
-        self.capacity_changed = asyncio.Event()
-
-    # --- state -------------------------------------------------------------
-    @property
-    def draining(self) -> bool:
-        return self._draining
-
-    @property
-    def active_generations(self) -> int:
-        return self._active
-
-    async def set_serving(self, on: bool) -> None:
-        await serving.set_serving(self._health, SERVICE_NAME, on)
-
-    async def set_draining(self, draining: bool) -> None:
-        self._draining = draining
-        await self.set_serving(not draining and bool(self._models.hosted()))
 
     # --- generation ----------------------------------------------------------
     async def Generate(self, request: node_pb2.GenerateRequest, context):
@@ -147,42 +100,18 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
         in_span = trace.set_span_in_context(span)
         try:
             if span.is_recording():
-                span.set_attributes(request_attributes(request, self.node_id))
+                span.set_attributes(request_attributes(request, self._node.node_id))
             try:
-                if self._draining:
-                    raise Unavailable("node is draining and takes no new generations")
-                model = self._models.get(request.model)
-                prepared = model.instance.prepare(generation_request_from_proto(request))
-                # A continued reply (its start was sent by a node that failed)
-                # has a user waiting mid-sentence: it goes to the head of the queue.
-                # Among free slots, one already holding much of this prompt (a
-                # conversation's history); otherwise the least recently used.
-                async with model.pool.acquire(
-                    first_in_line=bool(request.assistant_prefix),
-                    prefer=lambda slot: _worth_reusing(
-                        model.instance.cached_prefix(slot, prepared)
-                    ),
-                ) as slot:
-                    admitted_ns = time.time_ns()
-                    if span.is_recording():
-                        _child_span(in_span, "queue", arrived_ns, admitted_ns)
-                    self._active += 1
-                    self.capacity_changed.set()
-                    try:
-                        async for chunk in self._stream(
-                            model, slot, prepared, (admitted_ns - arrived_ns) / 1e6
-                        ):
-                            if chunk.finish_reason:
-                                self._record_finish(span, in_span, model.name, chunk, admitted_ns)
-                            yield chunk
-                    finally:
-                        self._active -= 1
-                        self.capacity_changed.set()
+                async with contextlib.aclosing(self._node.generate(request)) as events:
+                    async for chunk in self._chunks(events, span, in_span, arrived_ns):
+                        yield chunk
             except EdgefleetError as error:
                 status = error.code.name
                 span.set_status(trace.Status(trace.StatusCode.ERROR, error.message))
                 with trace.use_span(span):  # the log line carries the trace id
-                    log.info("generate %s refused: %s %s", request_id, status, error.message)
+                    log.info(
+                        "generate %s refused: %s %s", request_id, error.reason.name, error.message
+                    )
                 await abort_with(context, error)
             except asyncio.CancelledError:
                 status = "CANCELLED"
@@ -192,6 +121,52 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
                     self._metrics.requests.labels(request.model, status).inc()
         finally:
             span.end()
+
+    async def _chunks(self, events, span, in_span, arrived_ns: int):
+        """The node's events as GenerateChunks: an empty first chunk when a slot
+        is held, text chunks with their token counts, one final chunk."""
+        node_id = self._node.node_id
+        seq = 0
+        pending_tokens = 0
+        admitted: Admitted | None = None
+        async for event in events:
+            if isinstance(event, Admitted):
+                admitted = event
+                if span.is_recording():
+                    _child_span(in_span, "queue", arrived_ns, event.admitted_ns)
+                # First message: the request holds a slot and generation starts.
+                yield node_pb2.GenerateChunk(seq=seq, node_id=node_id)
+                continue
+            seq += 1
+            if isinstance(event, Finish):
+                chunk = node_pb2.GenerateChunk(
+                    seq=seq,
+                    token_count=pending_tokens,
+                    finish_reason=FINISH_REASONS[event.reason],
+                    usage=common_pb2.Usage(
+                        prompt_tokens=event.prompt_tokens,
+                        completion_tokens=event.completion_tokens,
+                        cached_prompt_tokens=event.cached_prompt_tokens,
+                    ),
+                    timings=common_pb2.Timings(
+                        queue_ms=admitted.queue_ms,
+                        prompt_ms=event.prompt_ms,
+                        generation_ms=event.generation_ms,
+                        time_to_first_token_ms=admitted.queue_ms + event.time_to_first_token_ms,
+                    ),
+                    node_id=node_id,
+                )
+                self._record_finish(span, in_span, admitted.model, chunk, admitted.admitted_ns)
+                yield chunk
+                return
+            pending_tokens += event.tokens
+            if not event.text:  # held back (stop-string prefix, split character)
+                seq -= 1
+                continue
+            yield node_pb2.GenerateChunk(
+                seq=seq, text=event.text, token_count=pending_tokens, node_id=node_id
+            )
+            pending_tokens = 0
 
     def _record_finish(self, span, in_span, model: str, chunk, admitted_ns: int) -> None:
         usage, timings = chunk.usage, chunk.timings
@@ -233,138 +208,35 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
                 }
             )
 
-    async def _stream(self, model: HostedModel, slot: int, prepared, queue_ms: float):
-        seq = 0
-        # First message: the request holds a slot and generation starts.
-        yield node_pb2.GenerateChunk(seq=seq, node_id=self.node_id)
-        pending_tokens = 0
-        async with contextlib.aclosing(model.instance.stream(slot, prepared)) as events:
-            async for event in events:
-                seq += 1
-                if isinstance(event, Finish):
-                    yield node_pb2.GenerateChunk(
-                        seq=seq,
-                        token_count=pending_tokens,
-                        finish_reason=FINISH_REASONS[event.reason],
-                        usage=common_pb2.Usage(
-                            prompt_tokens=event.prompt_tokens,
-                            completion_tokens=event.completion_tokens,
-                            cached_prompt_tokens=event.cached_prompt_tokens,
-                        ),
-                        timings=common_pb2.Timings(
-                            queue_ms=queue_ms,
-                            prompt_ms=event.prompt_ms,
-                            generation_ms=event.generation_ms,
-                            time_to_first_token_ms=queue_ms + event.time_to_first_token_ms,
-                        ),
-                        node_id=self.node_id,
-                    )
-                    return
-                pending_tokens += event.tokens
-                if not event.text:  # held back (stop-string prefix, split character)
-                    seq -= 1
-                    continue
-                yield node_pb2.GenerateChunk(
-                    seq=seq, text=event.text, token_count=pending_tokens, node_id=self.node_id
-                )
-                pending_tokens = 0
-
     # --- models --------------------------------------------------------------
     async def LoadModel(self, request: node_pb2.LoadModelRequest, context):
         try:
-            model = await self._models.load(
+            model = await self._node.load_model(
                 request.model, slots=request.slots, context_length=request.context_length
             )
-            if not self._draining:
-                await self.set_serving(True)
-            return self._loaded_model(model)
+            return loaded_model(model)
         except EdgefleetError as error:
             await abort_with(context, error)
 
     async def UnloadModel(self, request: node_pb2.UnloadModelRequest, context):
         try:
-            await self._models.unload(request.model)
-            if not self._models.hosted():
-                await self.set_serving(False)
+            await self._node.unload_model(request.model)
             return node_pb2.UnloadModelResponse()
         except EdgefleetError as error:
             await abort_with(context, error)
 
     async def ListModels(self, request: node_pb2.ListModelsRequest, context):
-        hosted = self._models.hosted()
-        loaded_names = {model.name for model in hosted}
-        store = self._models.store
         return node_pb2.ListModelsResponse(
-            loaded=[self._loaded_model(model) for model in hosted],
-            catalog=[
-                node_pb2.CatalogModel(
-                    alias=entry.alias,
-                    description=entry.description,
-                    quantization=entry.quantization,
-                    size_bytes=entry.size_bytes,
-                    cached=store.is_cached(entry),
-                    loaded=entry.alias in loaded_names,
-                )
-                for entry in CATALOG.values()
-            ],
+            loaded=[loaded_model(model) for model in self._node.models.hosted()],
+            catalog=self._node.catalog(),
         )
 
     # --- capacity and drain ----------------------------------------------------
     async def GetCapacity(self, request: node_pb2.GetCapacityRequest, context):
-        return self.capacity()
+        return self._node.capacity()
 
     async def Drain(self, request: node_pb2.DrainRequest, context):
-        await self.set_draining(request.drain)
-        log.info("drain=%s (active generations: %d)", request.drain, self._active)
-        return node_pb2.DrainResponse(draining=self._draining, active_generations=self._active)
-
-    def capacity(self) -> common_pb2.Capacity:
-        host = self._host.read()
-        hosted = self._models.hosted()
-        models = [self._loaded_model(model) for model in hosted]
-        return common_pb2.Capacity(
-            cpu_count=host.cpu_count,
-            cpu_percent=host.cpu_percent,
-            load_average_1m=host.load_average_1m,
-            memory_total_bytes=host.memory_total_bytes,
-            memory_available_bytes=host.memory_available_bytes,
-            process_rss_bytes=host.process_rss_bytes,
-            models=models,
-            slots_total=sum(m.slots_total for m in models),
-            slots_free=sum(m.slots_free for m in models),
-            queue_depth=sum(m.queue_depth for m in models),
-            queue_limit=sum(m.queue_limit for m in models),
-            tokens_per_second=self._throughput.rate(),
-            gpus=[
-                common_pb2.GpuInfo(
-                    index=gpu.index,
-                    name=gpu.name,
-                    memory_total_bytes=gpu.memory_total_bytes,
-                    memory_used_bytes=gpu.memory_used_bytes,
-                    utilization_percent=gpu.utilization_percent,
-                )
-                for gpu in self._gpus.read()
-            ],
-            draining=self._draining,
-            active_generations=self._active,
-            simulated=any(m.runtime == SIMULATED for m in models),
-        )
-
-    @staticmethod
-    def _loaded_model(model: HostedModel) -> common_pb2.LoadedModel:
-        info = model.instance.info
-        return common_pb2.LoadedModel(
-            alias=model.name,
-            path=str(info.path),
-            quantization=info.quantization,
-            runtime=info.runtime,
-            file_size_bytes=info.file_size_bytes,
-            memory_bytes=info.memory_bytes,
-            context_length=info.context_length,
-            slots_total=model.pool.total,
-            slots_free=model.pool.free,
-            queue_depth=model.pool.queue_depth,
-            queue_limit=model.pool.queue_limit,
-            sha256=model.sha256,
-            gpu_layers=info.gpu_layers,
+        await self._node.set_draining(request.drain)
+        return node_pb2.DrainResponse(
+            draining=self._node.draining, active_generations=self._node.active_generations
         )

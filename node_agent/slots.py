@@ -12,7 +12,7 @@ import collections
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
-from edgefleet.errors import ResourceExhausted, Unavailable
+from edgefleet.errors import Reason, ResourceExhausted, Unavailable
 
 
 class SlotPool:
@@ -71,7 +71,7 @@ class SlotPool:
         prefer: Callable[[int], int] | None = None,
     ) -> int:
         if self._closed:
-            raise Unavailable("the model is being unloaded")
+            raise Unavailable("the model is being unloaded", reason=Reason.MODEL_UNLOADING)
         if self._free and not self.queue_depth:
             self._idle.clear()
             if prefer is None or len(self._free) == 1:
@@ -83,6 +83,7 @@ class SlotPool:
             raise ResourceExhausted(
                 f"all {self.total} slots are busy and the queue is full "
                 f"({self.queue_limit} waiting); retry in {retry_after_s:.1f}s",
+                reason=Reason.QUEUE_FULL,
                 retry_after_s=retry_after_s,
             )
         waiter: asyncio.Future[int] = asyncio.get_running_loop().create_future()
@@ -126,4 +127,6 @@ class SlotPool:
         self._closed = True
         for waiter in self._waiters:
             if not waiter.done():
-                waiter.set_exception(Unavailable("the model is being unloaded"))
+                waiter.set_exception(
+                    Unavailable("the model is being unloaded", reason=Reason.MODEL_UNLOADING)
+                )

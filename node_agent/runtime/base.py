@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from edgefleet.errors import InvalidArgument
+from edgefleet.errors import InvalidArgument, Reason
 from edgefleet.generation import Message, Sampling
 
 
@@ -51,7 +51,8 @@ def check_prompt_fits(prompt_tokens: int, context_length: int) -> None:
     if prompt_tokens >= context_length:
         raise InvalidArgument(
             f"the prompt is {prompt_tokens} tokens but the model's context window is "
-            f"{context_length} tokens"
+            f"{context_length} tokens",
+            reason=Reason.PROMPT_TOO_LONG,
         )
 
 
@@ -97,6 +98,18 @@ class ModelInfo:
     gpu_layers: int = 0
 
 
+@dataclass(frozen=True)
+class Capabilities:
+    """What a runtime can do, declared once; callers read this, not its name."""
+
+    grammar: bool  # constrains output with a GBNF grammar (json_schema, forced tool calls)
+    prefix_continuation: bool  # continues an assistant_prefix without repeating it
+    prefix_cache: bool  # keeps each slot's KV cache, so a repeated prefix is not re-read
+    gpu: bool  # offloads layers to a GPU
+    needs_weights: bool  # loads a model file from the store (the simulator does not)
+    simulated: bool = False  # fake tokens for control-plane benchmarks, never real text
+
+
 class ModelInstance(Protocol):
     info: ModelInfo
 
@@ -117,6 +130,7 @@ class ModelInstance(Protocol):
 
 class Runtime(Protocol):
     name: str
+    capabilities: Capabilities
 
     async def load(
         self,

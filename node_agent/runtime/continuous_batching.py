@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import llama_cpp
 from llama_cpp._internals import LlamaContext, LlamaModel, LlamaSampler
 
-from edgefleet.errors import FailedPrecondition, Unavailable
+from edgefleet.errors import Reason, Unavailable, error_of
 from edgefleet.generation import Sampling
 from node_agent.runtime.base import Finish, FinishReason, GenerationEvent, TextDelta
 from node_agent.text_stream import StopStringFilter, TokenTextDecoder
@@ -114,7 +114,7 @@ class ContinuousBatcher:
     def submit(self, generation: Generation) -> None:
         with self._wake:
             if self._closing:
-                raise Unavailable("the model is being unloaded")
+                raise Unavailable("the model is being unloaded", reason=Reason.MODEL_UNLOADING)
             self._incoming.append(generation)
             self._wake.notify()
 
@@ -149,14 +149,19 @@ class ContinuousBatcher:
                 admitted = list(self._incoming)
                 self._incoming.clear()
             for generation in refused:  # never started: nothing to finish
-                self._emit(generation, Unavailable("the model is being unloaded"))
+                self._emit(
+                    generation,
+                    Unavailable("the model is being unloaded", reason=Reason.MODEL_UNLOADING),
+                )
                 self._post(generation, generation.on_released)
             for generation in admitted:
                 try:
                     self._admit(generation)
                 except Exception as exc:  # e.g. a sampler llama.cpp refused: fail this one only
                     log.exception("could not start a generation")
-                    self._emit(generation, FailedPrecondition(f"generation failed: {exc}"))
+                    self._emit(
+                        generation, error_of(Reason.GENERATION_FAILED, f"generation failed: {exc}")
+                    )
                     self._forget(generation.seq_id)
                     self._post(generation, generation.on_released)
             for generation in [g for g in self._active if g.cancel.is_set()]:
@@ -169,7 +174,9 @@ class ContinuousBatcher:
             except Exception as exc:  # a failed decode fails its sequences, not the node
                 log.exception("batched decode failed")
                 for generation in list(self._active):
-                    self._fail(generation, FailedPrecondition(f"generation failed: {exc}"))
+                    self._fail(
+                        generation, error_of(Reason.GENERATION_FAILED, f"generation failed: {exc}")
+                    )
             finally:
                 self._flush()
 

@@ -19,9 +19,10 @@ import llama_cpp._logger as llama_cpp_logging
 from llama_cpp._internals import LlamaContext, LlamaModel
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-from edgefleet.errors import FailedPrecondition, InvalidArgument
+from edgefleet.errors import FailedPrecondition, InvalidArgument, Reason
 from node_agent.capacity import ThroughputMeter
 from node_agent.runtime.base import (
+    Capabilities,
     Finish,
     GenerationEvent,
     GenerationRequest,
@@ -72,6 +73,13 @@ class LlamaCppRuntime:
         self._throughput = throughput or ThroughputMeter()
         self._rss = rss or (lambda: 0)
         self._prompt_chunk = prompt_chunk
+        self.capabilities = Capabilities(
+            grammar=True,
+            prefix_continuation=True,
+            prefix_cache=True,
+            gpu=gpu_layers != 0,
+            needs_weights=True,
+        )
 
     async def load(
         self,
@@ -118,7 +126,9 @@ class LlamaCppRuntime:
         try:
             model = LlamaModel(path_model=str(path), params=model_params, verbose=False)
         except (ValueError, RuntimeError) as exc:
-            raise FailedPrecondition(f"llama.cpp could not load {path}: {exc}") from exc
+            raise FailedPrecondition(
+                f"llama.cpp could not load {path}: {exc}", reason=Reason.MODEL_LOAD_FAILED
+            ) from exc
         params = llama_cpp.llama_context_default_params()
         # A KV stream per slot, each a full context window. Separate streams
         # (not one unified cache) plus flash attention keep every sequence's
@@ -143,7 +153,8 @@ class LlamaCppRuntime:
         except (ValueError, RuntimeError) as exc:
             model.close()
             raise FailedPrecondition(
-                f"llama.cpp could not create a {params.n_ctx}-token context for {path}: {exc}"
+                f"llama.cpp could not create a {params.n_ctx}-token context for {path}: {exc}",
+                reason=Reason.MODEL_LOAD_FAILED,
             ) from exc
         return model, context
 
@@ -186,17 +197,20 @@ class LlamaCppModel:
             prompt = self._formatter(messages=messages).prompt
         except Exception as exc:  # a template may reject a message order
             raise InvalidArgument(
-                f"the model's chat template rejected the messages: {exc}"
+                f"the model's chat template rejected the messages: {exc}",
+                reason=Reason.BAD_MESSAGES,
             ) from exc
         prompt += request.assistant_prefix
         tokens = self._model.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
         if not tokens:
-            raise InvalidArgument("the prompt is empty")
+            raise InvalidArgument("the prompt is empty", reason=Reason.BAD_MESSAGES)
         check_prompt_fits(len(tokens), self.info.context_length)
         if request.grammar is not None:  # fail before queueing, not in the decode loop
             checked = grammar_sampler(self._model, request.grammar)
             if checked is None:
-                raise InvalidArgument("invalid grammar: llama.cpp could not parse it")
+                raise InvalidArgument(
+                    "invalid grammar: llama.cpp could not parse it", reason=Reason.BAD_GRAMMAR
+                )
             llama_cpp.llama_sampler_free(checked)
         return PreparedPrompt(request=request, tokens=tuple(tokens))
 

@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from node_agent.runtime.base import (
+    Capabilities,
     Finish,
     GenerationEvent,
     GenerationRequest,
@@ -36,7 +37,14 @@ NAME = "simulated"
 
 class SimulatedRuntime:
     name = NAME
-    needs_weights = False  # the model manager must not look for a model file
+    capabilities = Capabilities(
+        grammar=False,
+        prefix_continuation=True,  # it emits fake tokens after any prefix
+        prefix_cache=False,
+        gpu=False,
+        needs_weights=False,  # the model manager must not look for a model file
+        simulated=True,
+    )
 
     def __init__(
         self,

@@ -1,29 +1,16 @@
-"""Stateless chat completions over the fleet, shared by the gRPC and HTTP APIs.
-
-``RequestTracker`` is one client request's span, metrics and reply chunks.
-``Completions.stream`` validates a request, places it (with affinity: a key
-the client gives, else a hash of the conversation's start, so a continued
-conversation returns to the node that has its prefix cached) and streams it
-with failover.
-"""
+"""One client request's observability: its server span, its metrics, its reply chunks."""
 
 from __future__ import annotations
 
 import asyncio
-import collections
-import hashlib
 import time
-import uuid
-from collections.abc import AsyncIterator
 
 from opentelemetry import trace
 
 from coordinator.metrics import CoordinatorMetrics
-from coordinator.router import Router
 from edgefleet import telemetry
 from edgefleet.errors import EdgefleetError
-from edgefleet.generation import messages_from_proto, sampling_from_proto
-from edgefleet.v1 import common_pb2, coordinator_pb2, node_pb2
+from edgefleet.v1 import common_pb2, coordinator_pb2
 
 
 class RequestTracker:
@@ -138,78 +125,3 @@ class RequestTracker:
             self.span.record_exception(exc)
         self.span.end()
         return False
-
-
-class AffinityTable:
-    """Which node last served a conversation (bounded, most recent kept)."""
-
-    def __init__(self, capacity: int = 10_000) -> None:
-        self._capacity = capacity
-        self._nodes: collections.OrderedDict[str, str] = collections.OrderedDict()
-
-    def get(self, key: str) -> str:
-        node = self._nodes.get(key, "")
-        if node:
-            self._nodes.move_to_end(key)
-        return node
-
-    def remember(self, key: str, node_id: str) -> None:
-        self._nodes[key] = node_id
-        self._nodes.move_to_end(key)
-        while len(self._nodes) > self._capacity:
-            self._nodes.popitem(last=False)
-
-
-def conversation_key(request: coordinator_pb2.CompleteRequest) -> str:
-    """The client's affinity key, else a hash of the conversation's opening
-    messages (through the first user message), which every later request of
-    the same conversation repeats."""
-    if request.affinity_key:
-        return "key:" + request.affinity_key
-    digest = hashlib.sha256(request.model.encode())
-    for message in request.messages:
-        digest.update(f"\0{message.role}\0{message.content}".encode())
-        if message.role == "user":
-            break
-    return "prefix:" + digest.hexdigest()
-
-
-class Completions:
-    def __init__(self, router: Router, metrics: CoordinatorMetrics | None = None) -> None:
-        self._router = router
-        self._metrics = metrics
-        self._affinity = AffinityTable()
-
-    async def stream(
-        self, request: coordinator_pb2.CompleteRequest, *, method: str, metadata=()
-    ) -> AsyncIterator[tuple[coordinator_pb2.ChatChunk, float]]:
-        """Yield (chunk, placement µs) for the reply; raises EdgefleetError."""
-        with RequestTracker(method, metadata, self._metrics, request.sampling) as tracker:
-            tracker.describe(request.model, "", self._router.policy)
-            try:
-                messages_from_proto(request.messages)
-                sampling_from_proto(request.sampling)
-                generate = node_pb2.GenerateRequest(
-                    request_id=uuid.uuid4().hex,
-                    model=request.model,
-                    messages=request.messages,
-                    sampling=request.sampling,
-                    constraint=request.constraint,
-                    tools=request.tools,
-                    assistant_prefix=request.assistant_prefix,
-                )
-                key = conversation_key(request)
-                ranking = self._router.rank(
-                    request.model, affinity_node=self._affinity.get(key), parent=tracker.context
-                )
-                async for chunk in self._router.generate(generate, ranking, parent=tracker.context):
-                    reply = tracker.relay(chunk, "")
-                    if chunk.finish_reason:
-                        self._affinity.remember(key, reply.node_id)
-                        yield reply, ranking.decision_us
-                        return
-                    if chunk.text:
-                        yield reply, ranking.decision_us
-            except EdgefleetError as error:
-                tracker.failed(error)
-                raise

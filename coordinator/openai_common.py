@@ -1,0 +1,210 @@
+"""What both OpenAI-compatible HTTP APIs share: errors, auth, the model, replies.
+
+- ``ApiError`` is OpenAI's error shape; ``api_error`` maps an
+  ``EdgefleetError`` to it from the error's code (HTTP status, error type)
+  and its named reason (the OpenAI ``param`` and ``code``), never its text.
+- ``authorize`` checks the API key, once, as a dependency of every route.
+- ``resolve_model`` turns ``"auto"`` into a served alias and refuses a model
+  no node serves, for every endpoint alike.
+- ``HttpServices`` is what the handlers use (the use cases, on ``app.state``):
+  handlers are plain module-level functions registered explicitly.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+
+from fastapi import Request
+
+from coordinator import auto_model
+from coordinator.fleet import FleetView
+from coordinator.sessions import Sessions
+from coordinator.turns import Relayed, Turns
+from edgefleet.errors import EdgefleetError, Reason
+from edgefleet.v1 import coordinator_pb2
+
+# gRPC status -> (HTTP status, OpenAI error type)
+HTTP_OF = {
+    "INVALID_ARGUMENT": (400, "invalid_request_error"),
+    "FAILED_PRECONDITION": (400, "invalid_request_error"),
+    "OUT_OF_RANGE": (400, "invalid_request_error"),
+    "NOT_FOUND": (404, "not_found_error"),
+    "ALREADY_EXISTS": (409, "conflict_error"),
+    "ABORTED": (409, "conflict_error"),
+    "RESOURCE_EXHAUSTED": (429, "rate_limit_error"),
+    "UNAVAILABLE": (503, "service_unavailable_error"),
+    "UNAUTHENTICATED": (401, "authentication_error"),
+    "PERMISSION_DENIED": (403, "permission_error"),
+}
+# Named reason -> (the OpenAI parameter it is about, OpenAI error code).
+OPENAI_FIELDS: dict[Reason, tuple[str | None, str | None]] = {
+    Reason.PROMPT_TOO_LONG: ("messages", "context_length_exceeded"),
+    Reason.BAD_MESSAGES: ("messages", None),
+    Reason.BAD_SCHEMA: ("response_format.json_schema", None),
+    Reason.BAD_GRAMMAR: ("response_format", None),
+    Reason.BAD_STOP: ("stop", None),
+    Reason.BAD_TOOLS: ("tools", None),
+    Reason.BAD_TOOL_CHOICE: ("tool_choice", None),
+    Reason.UNKNOWN_MODEL: (None, "model_not_found"),
+}
+
+
+class ApiError(Exception):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type_: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type_
+        self.param = param
+        self.code = code
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+
+def api_error(error: EdgefleetError) -> ApiError:
+    """The OpenAI error for an edgefleet error, decided by its code and reason."""
+    status, type_ = HTTP_OF.get(error.code.name, (500, "server_error"))
+    param, code = OPENAI_FIELDS.get(error.reason, (None, None))
+    headers = {}
+    if error.retry_after_s is not None and status in (429, 503):
+        headers["Retry-After"] = str(max(1, round(error.retry_after_s)))
+    return ApiError(status, error.message, type_=type_, param=param, code=code, headers=headers)
+
+
+@dataclass(frozen=True)
+class HttpServices:
+    """The use cases the HTTP handlers call, kept on ``app.state.services``."""
+
+    turns: Turns
+    fleet: FleetView
+    sessions: Sessions
+    api_keys: frozenset[str] = frozenset()
+    auto_models: Mapping[str, str] = field(default_factory=dict)
+
+
+def services(request: Request) -> HttpServices:
+    return request.app.state.services
+
+
+async def authorize(request: Request) -> None:
+    """``Authorization: Bearer KEY`` against the configured keys (none: open)."""
+    api_keys = services(request).api_keys
+    if not api_keys:
+        return
+    token = (request.headers.get("authorization") or "").removeprefix("Bearer ").strip()
+    if not any(hmac.compare_digest(token, key) for key in api_keys):
+        raise ApiError(
+            401,
+            "missing or invalid API key (Authorization: Bearer ...)",
+            type_="authentication_error",
+            code="invalid_api_key",
+        )
+
+
+AUTO = "auto"
+
+
+def resolve_model(
+    services_: HttpServices, model: str, *, last_user: str, message_count: int, has_tools: bool
+) -> str:
+    """The alias to serve: ``"auto"`` chosen by task, else ``model`` if the fleet
+    serves it; 404 ``model_not_found`` otherwise."""
+    fleet = services_.fleet
+    if model == AUTO:
+        try:
+            return auto_model.choose(
+                last_user,
+                message_count,
+                has_tools,
+                table=services_.auto_models,
+                model_sizes=fleet.model_sizes(),
+            )
+        except EdgefleetError as error:
+            raise api_error(error) from None
+    if model not in fleet.models():
+        raise ApiError(
+            404,
+            f"the model {model!r} does not exist in this fleet",
+            type_="not_found_error",
+            param="model",
+            code="model_not_found",
+        )
+    return model
+
+
+def list_models(fleet: FleetView) -> list[dict]:
+    """``/v1/models`` entries: every alias in the fleet, and ``auto``."""
+    served = [
+        {"id": alias, "object": "model", "created": 0, "owned_by": "edgefleet", "ready_nodes": n}
+        for alias, n in sorted(fleet.models().items())
+    ]
+    auto = {
+        "id": AUTO,
+        "object": "model",
+        "created": 0,
+        "owned_by": "edgefleet",
+        "ready_nodes": len(fleet.ready_nodes()),
+    }
+    return [*served, auto]
+
+
+async def collected(
+    stream: AsyncIterator[Relayed],
+) -> tuple[str, coordinator_pb2.ChatChunk | None]:
+    """A whole non-streaming reply: its text and its last chunk (usage, finish)."""
+    text, last = [], None
+    try:
+        async for chunk, _ in stream:
+            text.append(chunk.text)
+            last = chunk
+    except EdgefleetError as error:
+        raise api_error(error) from None
+    return "".join(text), last
+
+
+async def started(stream: AsyncIterator[Relayed]) -> AsyncIterator[Relayed]:
+    """Begin a reply now, so that a failure before its first chunk becomes a
+    proper HTTP error rather than a broken event stream; returns an iterator
+    over the whole reply, first chunk included."""
+    try:
+        first = await anext(stream)
+    except StopAsyncIteration:
+        first = None
+    except EdgefleetError as error:
+        raise api_error(error) from None
+
+    async def whole():
+        if first is not None:
+            yield first
+            async for item in stream:
+                yield item
+
+    return whole()
+
+
+def usage_of(usage) -> dict:
+    return {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.prompt_tokens + usage.completion_tokens,
+    }

@@ -1,0 +1,230 @@
+"""The node: its state and what it does, whoever asks.
+
+``Node`` owns what a node is at any moment (draining or not, generations
+running, the models it hosts) and builds its capacity report. Its callers are
+siblings that each speak to one party: the gRPC servicer (``service.py``) to
+coordinators and tools, the registrar to the fleet, the metrics to Prometheus,
+the simulated fleet to benchmarks. None of them keeps node state of its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+
+from edgefleet.errors import Reason, error_of
+from edgefleet.v1 import common_pb2, node_pb2
+from node_agent.capacity import GpuProbe, HostProbe, ThroughputMeter
+from node_agent.catalog import CATALOG
+from node_agent.models import HostedModel, ModelManager
+from node_agent.requests import generation_request_from_proto
+from node_agent.runtime.base import GenerationEvent, GenerationRequest
+
+log = logging.getLogger(__name__)
+
+# Reusing a slot's cache pays off for a conversation's history. For a short
+# shared prefix (the chat template's system prompt) it does not: measured with
+# 8 streams of short prompts, pinning each prompt to its slot cost about 15%
+# of the aggregate throughput (bench node-concurrency), for reasons not yet
+# understood; those take the least recently used slot instead.
+MIN_REUSE_TOKENS = 64
+
+
+def worth_reusing(cached_tokens: int) -> int:
+    """How much a free slot's cached prefix counts when choosing a slot."""
+    return cached_tokens if cached_tokens >= MIN_REUSE_TOKENS else 0
+
+
+@dataclass(frozen=True)
+class Admitted:
+    """A generation got its slot after ``queue_ms`` in the queue."""
+
+    model: str
+    slot: int
+    queue_ms: float
+    admitted_ns: int  # wall clock, for spans
+
+
+class Node:
+    def __init__(
+        self,
+        *,
+        node_id: str,
+        models: ModelManager,
+        host: HostProbe,
+        gpus: GpuProbe,
+        throughput: ThroughputMeter,
+    ) -> None:
+        self.node_id = node_id
+        self.models = models
+        self._host = host
+        self._gpus = gpus
+        self._throughput = throughput
+        self._started = False  # start-up (loading the configured models) is done
+        self._draining = False
+        self._active = 0
+        # Set when slots are taken or given back, so a fresh report can go out
+        # at once instead of at the next heartbeat tick.
+        self.capacity_changed = asyncio.Event()
+        self._serving_listeners: list[Callable[[bool], Awaitable[None]]] = []
+
+    # --- state ---------------------------------------------------------------------------
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    @property
+    def active_generations(self) -> int:
+        return self._active
+
+    @property
+    def serving(self) -> bool:
+        """Takes new generations: started, not draining, and some model is loaded."""
+        return self._started and not self._draining and bool(self.models.hosted())
+
+    async def started(self) -> None:
+        """Start-up is over (the configured models are loaded): health may say SERVING."""
+        self._started = True
+        await self._serving_changed()
+
+    def on_serving_change(self, listener: Callable[[bool], Awaitable[None]]) -> None:
+        """Call ``listener(serving)`` whenever drain or the loaded models change."""
+        self._serving_listeners.append(listener)
+
+    async def _serving_changed(self) -> None:
+        for listener in self._serving_listeners:
+            await listener(self.serving)
+
+    async def set_draining(self, draining: bool) -> None:
+        self._draining = draining
+        log.info("drain=%s (active generations: %d)", draining, self._active)
+        await self._serving_changed()
+
+    # --- models ------------------------------------------------------------------------
+    async def load_model(self, name: str, *, slots: int = 0, context_length: int = 0):
+        model = await self.models.load(name, slots=slots, context_length=context_length)
+        await self._serving_changed()
+        return model
+
+    async def unload_model(self, name: str) -> None:
+        await self.models.unload(name)
+        await self._serving_changed()
+
+    def catalog(self) -> list[node_pb2.CatalogModel]:
+        loaded = {model.name for model in self.models.hosted()}
+        store = self.models.store
+        return [
+            node_pb2.CatalogModel(
+                alias=entry.alias,
+                description=entry.description,
+                quantization=entry.quantization,
+                size_bytes=entry.size_bytes,
+                cached=store.is_cached(entry),
+                loaded=entry.alias in loaded,
+            )
+            for entry in CATALOG.values()
+        ]
+
+    # --- generation ----------------------------------------------------------------------
+    async def generate(
+        self, request: node_pb2.GenerateRequest
+    ) -> AsyncIterator[Admitted | GenerationEvent]:
+        """``Admitted`` once a slot is held, then the runtime's events.
+
+        Refusals (draining, model not loaded, bad request, full queue) raise
+        before ``Admitted``; closing the iterator cancels the generation.
+        """
+        arrived_ns = time.time_ns()
+        if self._draining:
+            raise error_of(Reason.NODE_DRAINING, "node is draining and takes no new generations")
+        model = self.models.get(request.model)
+        generation = generation_request_from_proto(request)
+        self._check_supported(generation)
+        prepared = model.instance.prepare(generation)
+        # A continued reply (its start was sent by a node that failed) has a
+        # user waiting mid-sentence: it goes to the head of the queue. Among
+        # free slots, one already holding much of this prompt (a
+        # conversation's history); otherwise the least recently used.
+        async with model.pool.acquire(
+            first_in_line=bool(request.assistant_prefix),
+            prefer=lambda slot: worth_reusing(model.instance.cached_prefix(slot, prepared)),
+        ) as slot:
+            admitted_ns = time.time_ns()
+            self._active += 1
+            self.capacity_changed.set()
+            try:
+                yield Admitted(model.name, slot, (admitted_ns - arrived_ns) / 1e6, admitted_ns)
+                stream = model.instance.stream(slot, prepared)
+                try:
+                    async for event in stream:
+                        yield event
+                finally:
+                    await stream.aclose()
+            finally:
+                self._active -= 1
+                self.capacity_changed.set()
+
+    def _check_supported(self, generation: GenerationRequest) -> None:
+        capabilities = self.models.capabilities
+        if generation.grammar is not None and not capabilities.grammar:
+            raise error_of(
+                Reason.RUNTIME_UNSUPPORTED, "this node's runtime cannot constrain its output"
+            )
+        if generation.assistant_prefix and not capabilities.prefix_continuation:
+            raise error_of(
+                Reason.RUNTIME_UNSUPPORTED, "this node's runtime cannot continue a reply"
+            )
+
+    # --- capacity ------------------------------------------------------------------------
+    def capacity(self) -> common_pb2.Capacity:
+        host = self._host.read()
+        models = [loaded_model(model) for model in self.models.hosted()]
+        return common_pb2.Capacity(
+            cpu_count=host.cpu_count,
+            cpu_percent=host.cpu_percent,
+            load_average_1m=host.load_average_1m,
+            memory_total_bytes=host.memory_total_bytes,
+            memory_available_bytes=host.memory_available_bytes,
+            process_rss_bytes=host.process_rss_bytes,
+            models=models,
+            slots_total=sum(m.slots_total for m in models),
+            slots_free=sum(m.slots_free for m in models),
+            queue_depth=sum(m.queue_depth for m in models),
+            queue_limit=sum(m.queue_limit for m in models),
+            tokens_per_second=self._throughput.rate(),
+            gpus=[
+                common_pb2.GpuInfo(
+                    index=gpu.index,
+                    name=gpu.name,
+                    memory_total_bytes=gpu.memory_total_bytes,
+                    memory_used_bytes=gpu.memory_used_bytes,
+                    utilization_percent=gpu.utilization_percent,
+                )
+                for gpu in self._gpus.read()
+            ],
+            draining=self._draining,
+            active_generations=self._active,
+            simulated=bool(models) and self.models.capabilities.simulated,
+        )
+
+
+def loaded_model(model: HostedModel) -> common_pb2.LoadedModel:
+    info = model.instance.info
+    return common_pb2.LoadedModel(
+        alias=model.name,
+        path=str(info.path),
+        quantization=info.quantization,
+        runtime=info.runtime,
+        file_size_bytes=info.file_size_bytes,
+        memory_bytes=info.memory_bytes,
+        context_length=info.context_length,
+        slots_total=model.pool.total,
+        slots_free=model.pool.free,
+        queue_depth=model.pool.queue_depth,
+        queue_limit=model.pool.queue_limit,
+        sha256=model.sha256,
+        gpu_layers=info.gpu_layers,
+    )
