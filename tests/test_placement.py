@@ -1,0 +1,222 @@
+"""Placement as pure functions: table-driven, no processes, milliseconds."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+import pytest
+
+from coordinator import placement
+from coordinator.placement import Candidate, Placement, PlacementRequest
+from edgefleet.errors import EdgefleetError, Reason
+
+MODEL = "smollm2-135m"
+
+
+@dataclass(frozen=True)
+class Loaded:
+    slots_total: int = 2
+    slots_free: int = 2
+    queue_depth: int = 0
+    queue_limit: int = 4
+
+
+@dataclass(frozen=True)
+class Node:
+    node_id: str
+    models: dict = field(default_factory=lambda: {MODEL: Loaded()})
+    tokens_per_second: float = 100.0
+    ready: bool = True
+
+    def model(self, alias: str):
+        return self.models.get(alias)
+
+
+@dataclass
+class Fleet:
+    """A fleet snapshot made of plain data."""
+
+    nodes: dict
+    pending_by_node: dict = field(default_factory=dict)
+
+    def is_ready(self, entry) -> bool:
+        return entry.ready
+
+    def pending(self, node_id: str) -> int:
+        return self.pending_by_node.get(node_id, 0)
+
+    def models(self) -> dict:
+        counts: dict[str, int] = {}
+        for node in self.nodes.values():
+            for alias in node.models:
+                counts[alias] = counts.get(alias, 0) + int(node.ready)
+        return counts
+
+
+def fleet_of(*nodes: Node, pending=None) -> Fleet:
+    return Fleet({n.node_id: n for n in nodes}, pending or {})
+
+
+def choose(fleet, policy="scored", *, sample=64, seed=0, turn=0, **request):
+    request.setdefault("model", MODEL)
+    return placement.choose(
+        fleet,
+        PlacementRequest(**request),
+        Placement(policy, sample=sample, retry_after_s=2.0),
+        random.Random(seed),
+        turn=turn,
+    )
+
+
+# --- the filter ---------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("nodes", "request_", "expected"),
+    [
+        ([Node("a"), Node("b")], {}, ["a", "b"]),
+        ([Node("a", ready=False), Node("b")], {}, ["b"]),  # not ready (drained, suspected)
+        ([Node("a"), Node("b")], {"exclude": frozenset({"a"})}, ["b"]),  # failed this request
+        ([Node("a", models={"gemma3-270m": Loaded()}), Node("b")], {}, ["b"]),  # no such model
+        ([Node("a")], {"affinity_node": "a"}, ["a"]),
+    ],
+)
+def test_candidates_are_ready_nodes_with_the_model_not_excluded(nodes, request_, expected):
+    fleet = fleet_of(*nodes)
+    found = placement.candidates(fleet, nodes, PlacementRequest(MODEL, **request_))
+    assert [c.node_id for c in found] == expected
+    assert all(c.affinity == (c.node_id == request_.get("affinity_node")) for c in found)
+
+
+def test_a_candidate_counts_generations_this_replica_started_since_the_report():
+    fleet = fleet_of(
+        Node("a", models={MODEL: Loaded(slots_total=2, slots_free=2)}), pending={"a": 2}
+    )
+    (candidate,) = placement.candidates(fleet, fleet.nodes.values(), PlacementRequest(MODEL))
+    assert candidate.busy_now == 2 and candidate.free_now == 0
+
+
+# --- load arithmetic --------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("total", "free", "queued", "limit", "pending", "busy", "free_now", "saturated"),
+    [
+        (2, 2, 0, 4, 0, 0, 2, False),
+        (2, 0, 0, 4, 0, 2, 0, False),
+        (2, 0, 4, 4, 0, 6, 0, True),  # every slot busy and the queue full
+        (2, 1, 0, 0, 1, 2, 0, True),  # no queue: one more makes it full
+        (2, 0, 1, 4, -3, 0, 2, False),  # finished here since the report: never negative
+    ],
+)
+def test_busy_free_and_saturated(total, free, queued, limit, pending, busy, free_now, saturated):
+    candidate = Candidate("n", total, free, queued, limit, 10.0, pending)
+    assert (candidate.busy_now, candidate.free_now, candidate.saturated) == (
+        busy,
+        free_now,
+        saturated,
+    )
+
+
+# --- the policies -----------------------------------------------------------------------------
+def test_scored_prefers_a_free_slot_over_a_warm_cache_on_a_full_node():
+    fleet = fleet_of(
+        Node("warm", models={MODEL: Loaded(slots_free=0)}),
+        Node("cold", models={MODEL: Loaded(slots_free=2)}),
+    )
+    assert choose(fleet, affinity_node="warm").order == ("cold", "warm")
+
+
+def test_scored_prefers_the_warm_node_when_both_have_room():
+    fleet = fleet_of(Node("a", tokens_per_second=110.0), Node("warm", tokens_per_second=100.0))
+    assert choose(fleet, affinity_node="warm").order[0] == "warm"
+
+
+def test_scored_prefers_the_faster_of_two_idle_nodes():
+    fleet = fleet_of(Node("slow", tokens_per_second=30.0), Node("fast", tokens_per_second=90.0))
+    assert choose(fleet).order == ("fast", "slow")
+
+
+def test_scored_prefers_the_shorter_queue_when_all_are_busy():
+    fleet = fleet_of(
+        Node("long", models={MODEL: Loaded(slots_free=0, queue_depth=3)}),
+        Node("short", models={MODEL: Loaded(slots_free=0, queue_depth=1)}),
+    )
+    assert choose(fleet).order == ("short", "long")
+
+
+def test_least_loaded_orders_by_load_per_slot():
+    fleet = fleet_of(
+        Node("half", models={MODEL: Loaded(slots_total=4, slots_free=2)}),
+        Node("idle", models={MODEL: Loaded(slots_total=2, slots_free=2)}),
+        Node("full", models={MODEL: Loaded(slots_total=2, slots_free=0)}),
+    )
+    assert choose(fleet, "least_loaded").order == ("idle", "half", "full")
+
+
+@pytest.mark.parametrize(("turn", "first"), [(0, "a"), (1, "b"), (2, "c"), (3, "a")])
+def test_round_robin_rotates_with_the_turn(turn, first):
+    fleet = fleet_of(Node("c"), Node("a"), Node("b"))
+    ranking = choose(fleet, "round_robin", turn=turn)
+    assert ranking.order[0] == first and sorted(ranking.order) == ["a", "b", "c"]
+
+
+def test_saturated_nodes_are_left_out_and_named():
+    fleet = fleet_of(
+        Node("full", models={MODEL: Loaded(slots_free=0, queue_depth=4)}), Node("open")
+    )
+    ranking = choose(fleet)
+    assert ranking.order == ("open",) and ranking.saturated == ("full",)
+
+
+# --- why nothing can take it, by named reason ------------------------------------------------
+@pytest.mark.parametrize(
+    ("nodes", "model", "reason", "retry_after"),
+    [
+        ([Node("a")], "nope", Reason.UNKNOWN_MODEL, None),
+        ([Node("a", ready=False)], MODEL, Reason.NO_READY_NODE, 2.0),
+        ([Node("a", models={MODEL: Loaded(slots_free=0, queue_depth=4)})], MODEL,
+         Reason.FLEET_SATURATED, 2.0),
+        ([], MODEL, Reason.UNKNOWN_MODEL, None),
+    ],
+)  # fmt: skip
+def test_no_node_is_an_error_with_a_named_reason(nodes, model, reason, retry_after):
+    with pytest.raises(EdgefleetError) as error:
+        choose(fleet_of(*nodes), model=model)
+    assert error.value.reason is reason
+    assert error.value.code == reason.code
+    assert error.value.retry_after_s == retry_after
+
+
+# --- sampling in large fleets -------------------------------------------------------------
+def test_a_large_fleet_ranks_a_sample_plus_the_conversations_node():
+    nodes = [Node(f"n{i:03d}") for i in range(200)]
+    fleet = fleet_of(*nodes)
+    ranking = choose(fleet, sample=8, affinity_node="n150", seed=1)
+    assert len(ranking.order) in (8, 9) and "n150" in ranking.order
+    # The same seed draws the same sample: the choice is a pure function.
+    assert choose(fleet, sample=8, affinity_node="n150", seed=1).order == ranking.order
+
+
+def test_when_no_sampled_node_is_free_the_whole_fleet_is_ranked():
+    busy = Loaded(slots_free=0)
+    nodes = [Node(f"n{i:03d}", models={MODEL: busy}) for i in range(100)]
+    nodes.append(Node("the-free-one"))
+    ranking = choose(fleet_of(*nodes), sample=4, seed=3)
+    assert ranking.order[0] == "the-free-one" and len(ranking.order) == 101
+
+
+def test_round_robin_never_samples():
+    nodes = [Node(f"n{i:03d}") for i in range(100)]
+    assert len(choose(fleet_of(*nodes), "round_robin", sample=4).order) == 100
+
+
+def test_sample_keeps_the_conversations_node_and_draws_without_replacement():
+    nodes = [Node(f"n{i}") for i in range(50)]
+    drawn = placement.sample(nodes, 10, random.Random(7), keep=nodes[49])
+    assert nodes[49] in drawn and len(set(n.node_id for n in drawn)) == len(drawn)
+    assert placement.sample(nodes[:3], 10, random.Random(7)) == nodes[:3]
+
+
+def test_an_unknown_policy_or_an_empty_sample_is_refused():
+    with pytest.raises(ValueError):
+        Placement("fastest")
+    with pytest.raises(ValueError):
+        Placement("scored", sample=0)
