@@ -11,6 +11,7 @@ import pytest
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from edgefleet.errors import Reason, reason_of
 from edgefleet.processes import health_status
 from edgefleet.v1 import common_pb2, node_pb2
 from tests.helpers import chat_request, collect, node_stub, rpc_error, wait_until
@@ -162,20 +163,56 @@ def test_concurrent_streams_all_complete(node_factory):
 
 
 @pytest.mark.parametrize(
-    ("mutate", "code", "needle"),
+    ("mutate", "code", "needle", "reason"),
     [
-        (lambda r: setattr(r, "model", "no-such-model"), "NOT_FOUND", "unknown model alias"),
-        (lambda r: setattr(r, "model", "gemma3-270m"), "FAILED_PRECONDITION", "not loaded"),
-        (lambda r: r.ClearField("messages"), "INVALID_ARGUMENT", "messages must not be empty"),
-        (lambda r: setattr(r.messages[0], "role", "wizard"), "INVALID_ARGUMENT", "role"),
-        (lambda r: setattr(r.sampling, "max_tokens", 0), "INVALID_ARGUMENT", "max_tokens"),
-        (lambda r: setattr(r.sampling, "max_tokens", -5), "INVALID_ARGUMENT", "max_tokens"),
-        (lambda r: setattr(r.sampling, "temperature", -0.5), "INVALID_ARGUMENT", "temperature"),
-        (lambda r: setattr(r.sampling, "top_p", 0.0), "INVALID_ARGUMENT", "top_p"),
+        (
+            lambda r: setattr(r, "model", "no-such-model"),
+            "NOT_FOUND",
+            "unknown model alias",
+            "UNKNOWN_MODEL",
+        ),
+        (
+            lambda r: setattr(r, "model", "gemma3-270m"),
+            "FAILED_PRECONDITION",
+            "not loaded",
+            "MODEL_NOT_LOADED",
+        ),
+        (
+            lambda r: r.ClearField("messages"),
+            "INVALID_ARGUMENT",
+            "messages must not be empty",
+            "BAD_MESSAGES",
+        ),
+        (
+            lambda r: setattr(r.messages[0], "role", "wizard"),
+            "INVALID_ARGUMENT",
+            "role",
+            "BAD_MESSAGES",
+        ),
+        (
+            lambda r: setattr(r.sampling, "max_tokens", 0),
+            "INVALID_ARGUMENT",
+            "max_tokens",
+            "BAD_SAMPLING",
+        ),
+        (
+            lambda r: setattr(r.sampling, "max_tokens", -5),
+            "INVALID_ARGUMENT",
+            "max_tokens",
+            "BAD_SAMPLING",
+        ),
+        (
+            lambda r: setattr(r.sampling, "temperature", -0.5),
+            "INVALID_ARGUMENT",
+            "temperature",
+            "BAD_SAMPLING",
+        ),
+        (lambda r: setattr(r.sampling, "top_p", 0.0), "INVALID_ARGUMENT", "top_p", "BAD_SAMPLING"),
         (
             lambda r: setattr(r.constraint, "json_schema", "{not json"),
             "INVALID_ARGUMENT",
             "json_schema",
+            "BAD_SCHEMA",
         ),
     ],
     ids=[
@@ -190,7 +227,7 @@ def test_concurrent_streams_all_complete(node_factory):
         "bad-json-schema",
     ],
 )
-def test_bad_generate_requests_get_clear_errors(shared_node, mutate, code, needle):
+def test_bad_generate_requests_get_clear_errors(shared_node, mutate, code, needle, reason):
     channel, stub = node_stub(shared_node.address)
     request = chat_request("Hi", max_tokens=8)
     mutate(request)
@@ -198,6 +235,7 @@ def test_bad_generate_requests_get_clear_errors(shared_node, mutate, code, needl
         error = rpc_error(lambda: stub.Generate(request))
         assert error.code() == getattr(grpc.StatusCode, code)
         assert needle in error.details()
+        assert reason_of(error) is Reason[reason]  # what decisions read
         # The daemon keeps serving.
         text, _ = collect(stub.Generate(chat_request("Hi", max_tokens=4)))
         assert text
@@ -210,6 +248,7 @@ def test_prompt_longer_than_context_is_rejected(node_factory):
         error = rpc_error(lambda: stub.Generate(chat_request("word " * 400, max_tokens=8)))
         assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "context window is 256 tokens" in error.details()
+        assert reason_of(error) is Reason.PROMPT_TOO_LONG
         text, _ = collect(stub.Generate(chat_request("Hi", max_tokens=4)))
         assert text
 
@@ -221,17 +260,18 @@ def test_load_model_errors(shared_node, tmp_path, default_model_path):
     corrupt.write_bytes(default_model_path.read_bytes()[: 1 << 20])  # truncated GGUF
     channel, stub = node_stub(shared_node.address)
     cases = [
-        ("no-such-alias", grpc.StatusCode.NOT_FOUND, "unknown model alias"),
-        (str(tmp_path / "missing.gguf"), grpc.StatusCode.NOT_FOUND, "not found"),
-        (str(not_gguf), grpc.StatusCode.INVALID_ARGUMENT, "not a GGUF file"),
-        (str(corrupt), grpc.StatusCode.FAILED_PRECONDITION, "could not load"),
-        ("smollm2-135m", grpc.StatusCode.ALREADY_EXISTS, "already loaded"),
+        ("no-such-alias", grpc.StatusCode.NOT_FOUND, "unknown model alias", "UNKNOWN_MODEL"),
+        (str(tmp_path / "missing.gguf"), grpc.StatusCode.NOT_FOUND, "not found", "UNKNOWN_MODEL"),
+        (str(not_gguf), grpc.StatusCode.INVALID_ARGUMENT, "not a GGUF file", "NOT_GGUF"),
+        (str(corrupt), grpc.StatusCode.FAILED_PRECONDITION, "could not load", "MODEL_LOAD_FAILED"),
+        ("smollm2-135m", grpc.StatusCode.ALREADY_EXISTS, "already loaded", "MODEL_LOADED"),
     ]
     with channel:
-        for model, code, needle in cases:
+        for model, code, needle, reason in cases:
             error = rpc_error(lambda m=model: stub.LoadModel(node_pb2.LoadModelRequest(model=m)))
             assert error.code() == code, model
             assert needle in error.details(), model
+            assert reason_of(error) is Reason[reason], model
         text, _ = collect(stub.Generate(chat_request("Hi", max_tokens=4)))
         assert text
 

@@ -308,6 +308,11 @@ def test_auto_model_picks_by_task_and_reports_the_choice(fleet_factory):
     )
     assert simple.model == "smollm2-135m"  # the smallest model served
     assert complex_.model == "gemma3-270m"  # the largest
+    # /v1/responses takes "auto" too, by the same rule.
+    response = client.responses.create(
+        model="auto", input="Explain step by step why the sky is blue.", max_output_tokens=4
+    )
+    assert response.model == "gemma3-270m" and response.output_text
 
 
 def test_task_complexity_heuristic():
