@@ -28,8 +28,8 @@ from pathlib import Path
 
 from bench import report
 from edgefleet.client import FleetClient
-from edgefleet.etcd_server import EtcdCluster
-from edgefleet.processes import free_port, start_coordinator, start_node
+from edgefleet.local.etcd_server import EtcdCluster
+from edgefleet.local.processes import free_port, start_coordinator, start_node
 
 PROMPT = "Write a very long story."
 MAX_TOKENS = 120

@@ -23,8 +23,8 @@ import httpx
 
 from bench import report
 from bench.streams import read_grpc_stream, read_sse_stream
-from edgefleet.etcd_server import EtcdCluster
-from edgefleet.processes import free_port, start_coordinator, start_node
+from edgefleet.local.etcd_server import EtcdCluster
+from edgefleet.local.processes import free_port, start_coordinator, start_node
 from edgefleet.v1 import (
     common_pb2,
     coordinator_pb2,

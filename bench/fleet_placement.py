@@ -18,8 +18,8 @@ from pathlib import Path
 import grpc
 
 from bench import report
-from edgefleet.processes import free_port
-from edgefleet.up import start_fleet
+from edgefleet.local.processes import free_port
+from edgefleet.local.up import start_fleet
 from edgefleet.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
 
 

@@ -33,7 +33,7 @@ import httpx
 
 from bench import report
 from bench.streams import read_grpc_stream, read_sse_stream
-from edgefleet.processes import free_port, start_node
+from edgefleet.local.processes import free_port, start_node
 from edgefleet.v1 import common_pb2, node_pb2, node_pb2_grpc
 from node_agent.catalog import CATALOG
 from node_agent.store import ModelStore

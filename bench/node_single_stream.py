@@ -20,7 +20,7 @@ import grpc
 from llama_cpp import Llama
 
 from bench import report
-from edgefleet.processes import free_port, start_node
+from edgefleet.local.processes import free_port, start_node
 from edgefleet.v1 import common_pb2, node_pb2, node_pb2_grpc
 from node_agent.catalog import CATALOG
 from node_agent.store import ModelStore

@@ -18,8 +18,8 @@ from pathlib import Path
 import grpc
 import psutil
 
-from edgefleet.etcd_server import EtcdCluster
-from edgefleet.processes import DaemonProcess, free_port, start_coordinator
+from edgefleet.local.etcd_server import EtcdCluster
+from edgefleet.local.processes import DaemonProcess, free_port, start_coordinator
 from edgefleet.v1 import (
     common_pb2,
     coordinator_pb2,

@@ -18,9 +18,9 @@ from pathlib import Path
 
 from bench import report
 from edgefleet.client import FleetClient
-from edgefleet.etcd_server import EtcdCluster
-from edgefleet.otlp_receiver import OtlpReceiver
-from edgefleet.processes import free_port, start_coordinator, start_node
+from edgefleet.local.etcd_server import EtcdCluster
+from edgefleet.local.otlp_receiver import OtlpReceiver
+from edgefleet.local.processes import free_port, start_coordinator, start_node
 
 MODES = ("off", "discard", "otlp")
 PROMPT = "Write a very long story."

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from edgefleet.client import FleetClient
-from edgefleet.etcd_server import EtcdCluster
-from edgefleet.processes import DaemonProcess, free_port, start_coordinator, start_node
+from edgefleet.local.etcd_server import EtcdCluster
+from edgefleet.local.processes import DaemonProcess, free_port, start_coordinator, start_node
 from edgefleet.v1.common_pb2 import NODE_STATE_READY as READY
 from node_agent.catalog import CATALOG
 from node_agent.store import ModelStore

@@ -237,7 +237,7 @@ def test_singleton_maintenance_moves_to_another_replica_when_the_leader_dies(fle
 
 
 def test_kill_9_of_one_etcd_member_in_a_three_member_cluster(tmp_path, default_model_path):
-    from edgefleet.etcd_server import EtcdCluster
+    from edgefleet.local.etcd_server import EtcdCluster
 
     cluster = EtcdCluster(3, base_dir=tmp_path / "etcd").start()
     fleet = FleetFactory(tmp_path, cluster.endpoints)
@@ -353,7 +353,7 @@ def netns():
 
 
 def test_node_cut_off_by_a_network_partition(tmp_path, etcd_cluster, default_model_path, netns):
-    from edgefleet.processes import start_coordinator, start_daemon
+    from edgefleet.local.processes import start_coordinator, start_daemon
 
     fleet = FleetFactory(tmp_path, etcd_cluster.endpoints)
     coordinator = start_coordinator(
@@ -427,7 +427,7 @@ def fleet_drain_all_but(client, node_id: str) -> None:
 def test_a_node_sending_out_of_order_chunks_is_treated_as_failed(fleet_factory, tmp_path):
     import sys
 
-    from edgefleet.processes import DaemonProcess, free_port
+    from edgefleet.local.processes import DaemonProcess, free_port
 
     coordinator = fleet_factory.coordinator()
     fleet_factory.node("honest")

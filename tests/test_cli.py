@@ -6,7 +6,7 @@ import json
 import os
 import subprocess
 
-from edgefleet.processes import edgefleet_command, free_port
+from edgefleet.local.processes import edgefleet_command, free_port
 
 
 def run_cli(*args, env=None, timeout=300):

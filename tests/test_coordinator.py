@@ -11,7 +11,7 @@ import pytest
 
 from edgefleet.client import FleetClient
 from edgefleet.errors import Aborted, InvalidArgument, NotFound, ResourceExhausted, Unavailable
-from edgefleet.processes import free_port, start_coordinator
+from edgefleet.local.processes import free_port, start_coordinator
 from edgefleet.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
 from tests.conftest import FleetFactory
 from tests.helpers import wait_until

@@ -69,7 +69,7 @@ RESPONSES_BODY = st.fixed_dictionaries(
 
 @pytest.fixture(scope="module")
 def http_base(tmp_path_factory, default_model_path):
-    from edgefleet.etcd_server import EtcdCluster
+    from edgefleet.local.etcd_server import EtcdCluster
     from tests.conftest import FleetFactory
 
     workdir = tmp_path_factory.mktemp("fuzz")

@@ -12,7 +12,7 @@ from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from edgefleet.errors import Reason, reason_of
-from edgefleet.processes import health_status
+from edgefleet.local.processes import health_status
 from edgefleet.v1 import common_pb2, node_pb2
 from tests.helpers import chat_request, collect, node_stub, rpc_error, wait_until
 

@@ -12,8 +12,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from edgefleet.errors import InvalidArgument
-from edgefleet.otlp_receiver import OtlpReceiver, span_tree
-from edgefleet.processes import free_port
+from edgefleet.local.otlp_receiver import OtlpReceiver, span_tree
+from edgefleet.local.processes import free_port
 from edgefleet.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
 from tests.helpers import chat_request, collect, node_stub, rpc_error, wait_until
 

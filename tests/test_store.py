@@ -8,7 +8,7 @@ import subprocess
 import pytest
 
 from edgefleet.errors import FailedPrecondition, InvalidArgument, NotFound
-from edgefleet.processes import edgefleet_command
+from edgefleet.local.processes import edgefleet_command
 from node_agent.catalog import CATALOG, resolve
 from node_agent.store import ModelStore, sha256_of
 

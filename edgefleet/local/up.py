@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgefleet.client import FleetClient
-from edgefleet.etcd_server import EtcdCluster
-from edgefleet.processes import DaemonProcess, free_port, start_coordinator, start_node
+from edgefleet.local.etcd_server import EtcdCluster
+from edgefleet.local.processes import DaemonProcess, free_port, start_coordinator, start_node
 from edgefleet.v1 import common_pb2
 
 
@@ -211,7 +211,7 @@ def run_traces(*, nodes: int, model: str, prompt: str, out: Path) -> int:
     import json
     import os
 
-    from edgefleet.otlp_receiver import OtlpReceiver, render_tree, span_tree
+    from edgefleet.local.otlp_receiver import OtlpReceiver, render_tree, span_tree
 
     receiver = OtlpReceiver().start()
     os.environ.update(receiver.exporter_env())  # the fleet's processes inherit it

@@ -17,7 +17,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edgefleet.processes import free_port
+from edgefleet.local.processes import free_port
 
 
 def etcd_binary() -> str:
@@ -108,10 +108,11 @@ class EtcdCluster:
             try:
                 self.wait_healthy(timeout_s)
                 return self
-            except RuntimeError as error:
-                # Another process took a port between choosing and binding it:
-                # choose new ports and try again.
-                if "address already in use" not in str(error) or attempt == attempts - 1:
+            except RuntimeError:
+                # Most often another process took a port between choosing and
+                # binding it: choose new ports and try again (the last failure
+                # is raised, with the member's log in its message).
+                if attempt == attempts - 1:
                     raise
                 self._kill_all()
                 for member in self.members:

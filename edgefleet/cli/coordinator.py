@@ -1,0 +1,153 @@
+"""``edgefleet coordinator``: run a coordinator replica."""
+
+from __future__ import annotations
+
+import sys
+
+from edgefleet.cli.common import addresses, env
+
+
+def _add_coordinator(sub) -> None:
+    from coordinator.config import CoordinatorConfig
+    from coordinator.placement import POLICIES
+
+    base = CoordinatorConfig()
+    p = sub.add_parser("coordinator", help="run a coordinator replica (state in etcd)")
+    p.add_argument(
+        "--etcd",
+        default=env("ETCD", ",".join(base.etcd)),
+        help="etcd endpoint(s) host:port[,host:port...]",
+    )
+    p.add_argument(
+        "--etcd-prefix",
+        default=env("ETCD_PREFIX", base.etcd_prefix),
+        help="key prefix, so several fleets can share one etcd",
+    )
+    p.add_argument("--grpc", default=env("COORDINATOR_GRPC", base.grpc), help="gRPC address")
+    p.add_argument(
+        "--http",
+        default=env("COORDINATOR_HTTP", base.http),
+        help='HTTP address: /healthz, /readyz, /metrics ("off" to disable)',
+    )
+    p.add_argument("--id", default=env("COORDINATOR_ID", ""), help="default: hostname-port")
+    p.add_argument(
+        "--policy", default=env("POLICY", base.policy), choices=POLICIES, help="placement policy"
+    )
+    p.add_argument(
+        "--placement-sample",
+        type=int,
+        default=base.placement_sample,
+        help="in larger fleets, rank a random sample of this many nodes (plus the session's)",
+    )
+    p.add_argument(
+        "--node-lease-ttl",
+        type=float,
+        default=base.node_lease_ttl_s,
+        help="seconds without heartbeat before a node leaves the fleet",
+    )
+    p.add_argument("--heartbeat-interval", type=float, default=base.heartbeat_interval_s)
+    p.add_argument(
+        "--session-idle-ttl",
+        type=float,
+        default=base.session_idle_ttl_s,
+        help="seconds without a turn before a session expires",
+    )
+    p.add_argument("--session-max-messages", type=int, default=base.session_max_messages)
+    p.add_argument("--session-max-bytes", type=int, default=base.session_max_bytes)
+    p.add_argument(
+        "--etcd-wait",
+        type=float,
+        default=base.startup_etcd_wait_s,
+        help="seconds to wait for etcd at start before giving up",
+    )
+    p.add_argument(
+        "--stall-timeout",
+        type=float,
+        default=base.stall_timeout_s,
+        help="seconds without a token before a stream fails over to another node",
+    )
+    p.add_argument(
+        "--first-token-timeout",
+        type=float,
+        default=base.first_token_timeout_s,
+        help="seconds a node may take to the first token (prompt processing)",
+    )
+    p.add_argument(
+        "--max-failovers",
+        type=int,
+        default=base.max_failovers,
+        help="node failovers allowed per reply (0 = none)",
+    )
+    p.add_argument(
+        "--api-key",
+        action="append",
+        default=[k for k in [env("API_KEY", "")] if k],
+        help="require this Bearer key on the HTTP API (repeatable; env EDGEFLEET_API_KEY)",
+    )
+    p.add_argument("--api-key-file", default="", help="file with one accepted key per line")
+    p.add_argument(
+        "--auto-model",
+        action="append",
+        default=[],
+        metavar="CLASS=ALIAS",
+        help='model for "model": "auto" requests of a task class (simple, complex); '
+        "default: smallest / largest model served",
+    )
+    p.set_defaults(func=_run_coordinator)
+
+
+def _run_coordinator(args) -> int:
+    from coordinator.config import CoordinatorConfig
+    from coordinator.daemon import run
+
+    etcd = addresses(args.etcd)
+    if not etcd:
+        print("error: --etcd needs at least one host:port", file=sys.stderr)
+        return 2
+    if any(
+        item.count("=") != 1 or item.split("=")[0] not in ("simple", "complex")
+        for item in args.auto_model
+    ):
+        print("error: --auto-model takes simple=ALIAS or complex=ALIAS", file=sys.stderr)
+        return 2
+    keys = list(args.api_key)
+    if args.api_key_file:
+        try:
+            with open(args.api_key_file) as handle:
+                keys += [line.strip() for line in handle if line.strip()]
+        except OSError as error:
+            print(f"error: cannot read --api-key-file: {error}", file=sys.stderr)
+            return 2
+    if args.node_lease_ttl < 1 or args.heartbeat_interval <= 0 or args.placement_sample < 1:
+        print(
+            "error: need --node-lease-ttl >= 1, --heartbeat-interval > 0 "
+            "and --placement-sample >= 1",
+            file=sys.stderr,
+        )
+        return 2
+    return run(
+        CoordinatorConfig(
+            etcd=etcd,
+            etcd_prefix=args.etcd_prefix,
+            grpc=args.grpc,
+            http=args.http,
+            coordinator_id=args.id,
+            policy=args.policy,
+            placement_sample=args.placement_sample,
+            node_lease_ttl_s=args.node_lease_ttl,
+            heartbeat_interval_s=args.heartbeat_interval,
+            session_idle_ttl_s=args.session_idle_ttl,
+            session_max_messages=args.session_max_messages,
+            session_max_bytes=args.session_max_bytes,
+            startup_etcd_wait_s=args.etcd_wait,
+            stall_timeout_s=args.stall_timeout,
+            first_token_timeout_s=args.first_token_timeout,
+            max_failovers=args.max_failovers,
+            api_keys=tuple(keys),
+            auto_models=tuple(tuple(item.split("=", 1)) for item in args.auto_model),
+        )
+    )
+
+
+def add(sub) -> None:
+    _add_coordinator(sub)

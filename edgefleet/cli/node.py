@@ -1,0 +1,210 @@
+"""``edgefleet node``: run a node agent; ``generate`` and ``capacity``: talk to one directly."""
+
+from __future__ import annotations
+
+import sys
+
+from edgefleet import defaults
+from edgefleet.cli.common import addresses, env
+
+
+def _add_node(sub) -> None:
+    from node_agent.config import NodeConfig
+
+    base = NodeConfig()
+    p = sub.add_parser("node", help="run a node agent serving local models over gRPC")
+    p.add_argument("--listen", default=env("NODE_LISTEN", base.listen), help="host:port")
+    p.add_argument(
+        "--models",
+        default=env("NODE_MODELS", ",".join(base.models)),
+        help="comma-separated catalog aliases or .gguf paths to load at start",
+    )
+    p.add_argument(
+        "--slots",
+        type=int,
+        default=int(env("NODE_SLOTS", base.slots)),
+        help="parallel generations per model",
+    )
+    p.add_argument(
+        "--queue",
+        type=int,
+        default=int(env("NODE_QUEUE", base.queue)),
+        help="requests that may wait for a slot before RESOURCE_EXHAUSTED",
+    )
+    p.add_argument(
+        "--context",
+        type=int,
+        default=int(env("NODE_CONTEXT", base.context_length)),
+        help="context window per slot, in tokens",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=int(env("NODE_THREADS", base.threads)),
+        help="CPU threads for inference (shared by running generations)",
+    )
+    p.add_argument(
+        "--gpu-layers",
+        type=int,
+        default=int(env("NODE_GPU_LAYERS", 0)),
+        help="layers to offload to a GPU (-1 = all)",
+    )
+    p.add_argument("--node-id", default=env("NODE_ID", ""), help="default: hostname-port")
+    p.add_argument(
+        "--shutdown-grace",
+        type=float,
+        default=base.shutdown_grace_s,
+        help="seconds in-flight streams get to finish on SIGTERM",
+    )
+    p.add_argument(
+        "--coordinator",
+        default=env("COORDINATOR", ""),
+        help="coordinator address(es) host:port[,host:port...] to join; none = standalone",
+    )
+    p.add_argument(
+        "--advertise",
+        default=env("NODE_ADVERTISE", ""),
+        help="address coordinators reach this node at (default: --listen)",
+    )
+    p.add_argument(
+        "--metrics",
+        default=env("NODE_METRICS", ""),
+        help="host:port for a Prometheus /metrics listener (default: none)",
+    )
+    p.add_argument(
+        "--runtime",
+        choices=("llama.cpp", "simulated"),
+        default=env("NODE_RUNTIME", base.runtime),
+        help="inference engine; 'simulated' emits fake tokens at a fixed rate and exists only "
+        "for control-plane benchmarks (the node reports itself as simulated)",
+    )
+    p.add_argument(
+        "--sim-tokens-per-s",
+        type=float,
+        default=base.sim_tokens_per_s,
+        help="simulated runtime: tokens per second per stream",
+    )
+    p.add_argument(
+        "--sim-cold-start-s",
+        type=float,
+        default=base.sim_cold_start_s,
+        help="simulated runtime: delay of the first generation (a cold model)",
+    )
+    p.set_defaults(func=_run_node)
+
+
+def _run_node(args) -> int:
+    from node_agent.config import NodeConfig
+    from node_agent.daemon import run
+
+    models = tuple(m.strip() for m in args.models.split(",") if m.strip())
+    if args.sim_tokens_per_s <= 0 or args.sim_cold_start_s < 0:
+        print("error: need --sim-tokens-per-s > 0 and --sim-cold-start-s >= 0", file=sys.stderr)
+        return 2
+    if args.slots < 1 or args.queue < 0 or args.context < 64 or args.threads < 1:
+        print(
+            "error: need --slots >= 1, --queue >= 0, --context >= 64, --threads >= 1",
+            file=sys.stderr,
+        )
+        return 2
+    return run(
+        NodeConfig(
+            listen=args.listen,
+            models=models,
+            slots=args.slots,
+            queue=args.queue,
+            context_length=args.context,
+            threads=args.threads,
+            gpu_layers=args.gpu_layers,
+            node_id=args.node_id,
+            shutdown_grace_s=args.shutdown_grace,
+            coordinators=addresses(args.coordinator),
+            advertise=args.advertise,
+            metrics=args.metrics,
+            runtime=args.runtime,
+            sim_tokens_per_s=args.sim_tokens_per_s,
+            sim_cold_start_s=args.sim_cold_start_s,
+        )
+    )
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="stream one reply straight from a node (no coordinator)")
+    p.add_argument("prompt")
+    p.add_argument("--node", default=env("NODE", defaults.NODE_LISTEN), help="node host:port")
+    p.add_argument("--model", default=defaults.DEFAULT_MODEL)
+    p.add_argument("--system", default="", help="system prompt")
+    p.add_argument("--max-tokens", type=int, default=None)
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stats", action="store_true", help="print token counts and timings")
+    p.set_defaults(func=_generate)
+
+
+def _generate(args) -> int:
+    import grpc
+
+    from edgefleet.generation import sampling_params
+    from edgefleet.v1 import common_pb2, node_pb2, node_pb2_grpc
+
+    messages = []
+    if args.system:
+        messages.append(common_pb2.ChatMessage(role="system", content=args.system))
+    messages.append(common_pb2.ChatMessage(role="user", content=args.prompt))
+    sampling = sampling_params(
+        max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed
+    )
+    request = node_pb2.GenerateRequest(model=args.model, messages=messages, sampling=sampling)
+    with grpc.insecure_channel(args.node) as channel:
+        stub = node_pb2_grpc.NodeServiceStub(channel)
+        try:
+            last = None
+            for chunk in stub.Generate(request, timeout=600):
+                sys.stdout.write(chunk.text)
+                sys.stdout.flush()
+                last = chunk
+        except grpc.RpcError as error:
+            print(f"\nerror: {error.code().name}: {error.details()}", file=sys.stderr)
+            return 1
+    print(flush=True)
+    if args.stats and last is not None:
+        usage, timings = last.usage, last.timings
+        reason = common_pb2.FinishReason.Name(last.finish_reason)
+        rate = usage.completion_tokens / max(timings.generation_ms / 1000, 1e-9)
+        print(
+            f"[{reason} prompt={usage.prompt_tokens} completion={usage.completion_tokens} "
+            f"ttft={timings.time_to_first_token_ms:.0f}ms {rate:.1f} tok/s "
+            f"node={last.node_id}]",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def _add_capacity(sub) -> None:
+    p = sub.add_parser("capacity", help="print a node's capacity report as JSON")
+    p.add_argument("--node", default=env("NODE", defaults.NODE_LISTEN), help="node host:port")
+    p.set_defaults(func=_capacity)
+
+
+def _capacity(args) -> int:
+    import grpc
+    from google.protobuf import json_format
+
+    from edgefleet.v1 import node_pb2, node_pb2_grpc
+
+    with grpc.insecure_channel(args.node) as channel:
+        try:
+            capacity = node_pb2_grpc.NodeServiceStub(channel).GetCapacity(
+                node_pb2.GetCapacityRequest(), timeout=10
+            )
+        except grpc.RpcError as error:
+            print(f"error: {error.code().name}: {error.details()}", file=sys.stderr)
+            return 1
+    print(json_format.MessageToJson(capacity))
+    return 0
+
+
+def add(sub) -> None:
+    _add_node(sub)
+    _add_generate(sub)
+    _add_capacity(sub)

@@ -1,0 +1,1 @@
+"""Local fleets for demos and tests: `edgefleet up`, daemon processes, etcd, OTLP."""
