@@ -35,3 +35,22 @@ class CoordinatorConfig:
     api_keys: tuple[str, ...] = ()
     # "model": "auto" table, task class -> alias (see coordinator.auto_model).
     auto_models: tuple[tuple[str, str], ...] = ()
+    # --- security (see README "Security") ----------------------------------------
+    # No TLS, no certificates, no checks: the wave-1 fleet, for one trusted machine.
+    insecure: bool = False
+    # Where nodes register (mutual TLS); "": the --grpc host, port + 1 (0 stays 0).
+    node_grpc: str = ""
+    state_dir: str = ""  # "": /var/lib/edgefleet/coordinator as root, else per user
+    fleet_secret_file: str = ""  # "": <state_dir>/fleet-secret
+    tls_ca: str = ""  # the operator's CA (certificate and key) instead of a made one
+    tls_ca_key: str = ""
+    tls_cert: str = ""  # the HTTP listener's certificate and key (e.g. a public CA's)
+    tls_key: str = ""
+    tls_auto: bool = False  # HTTPS with a certificate from the fleet CA
+    http_keyless_loopback: bool = True  # HTTP on loopback without a key, like Ollama
+    cert_ttl_s: float = 86400.0
+    audit_retention_s: float = 30 * 86400.0
+    dev: bool = False  # gRPC reflection, /docs and /openapi.json
+    etcd_cacert: str = ""
+    etcd_cert: str = ""
+    etcd_key: str = ""

@@ -17,11 +17,17 @@ import logging
 import os
 import socket
 import time
+import uuid
+from pathlib import Path
 
 import grpc
 
+from coordinator import security
+from coordinator.access import Access
+from coordinator.access_service import SERVICE_NAME as ACCESS_SERVICE_NAME
+from coordinator.access_service import AccessServicer
 from coordinator.config import CoordinatorConfig
-from coordinator.etcd import Etcd
+from coordinator.etcd import Etcd, EtcdTls
 from coordinator.fleet import FleetView
 from coordinator.http_app import build_app, http_server
 from coordinator.keys import Keys
@@ -35,10 +41,11 @@ from coordinator.router import NodeChannels, Router
 from coordinator.service import SERVICE_NAME, CoordinatorServicer
 from coordinator.sessions import SessionLimits, Sessions
 from coordinator.turns import Turns
-from edgefleet import serving, telemetry
+from edgefleet import auth, serving, telemetry
 from edgefleet.errors import Unavailable
+from edgefleet.profile import default_state_dir
 from edgefleet.supervise import Supervisor
-from edgefleet.v1 import coordinator_pb2_grpc
+from edgefleet.v1 import access_pb2_grpc, coordinator_pb2_grpc
 
 log = logging.getLogger("edgefleet.coordinator")
 
@@ -52,7 +59,12 @@ SERVER_OPTIONS = [
 
 
 async def _connect_etcd(config: CoordinatorConfig, metrics: CoordinatorMetrics) -> Etcd | None:
-    etcd = Etcd(config.etcd, timeout_s=config.etcd_timeout_s, observe=metrics.observe_etcd)
+    etcd = Etcd(
+        config.etcd,
+        timeout_s=config.etcd_timeout_s,
+        observe=metrics.observe_etcd,
+        tls=EtcdTls.from_files(config.etcd_cacert, config.etcd_cert, config.etcd_key),
+    )
     await etcd.connect()
     deadline = time.monotonic() + config.startup_etcd_wait_s
     while True:
@@ -72,7 +84,22 @@ async def _connect_etcd(config: CoordinatorConfig, metrics: CoordinatorMetrics) 
             await asyncio.sleep(0.5)
 
 
+def _coordinator_id(config: CoordinatorConfig) -> str:
+    port = int(config.grpc.rsplit(":", 1)[1])
+    return config.coordinator_id or f"{socket.gethostname()}-{port or uuid.uuid4().hex[:6]}"
+
+
 async def serve(config: CoordinatorConfig) -> int:
+    problems = security.posture_problems(config)
+    if problems:
+        for problem in problems:
+            log.error("refusing to start: %s", problem)
+        return 2
+    if config.insecure:
+        log.warning(
+            "--insecure: no TLS, no node certificates, no API key checks on gRPC; "
+            "anyone who reaches these ports can join the fleet or call it"
+        )
     metrics = CoordinatorMetrics()
     async with contextlib.AsyncExitStack() as cleanup:
         etcd = await _connect_etcd(config, metrics)
@@ -80,13 +107,44 @@ async def serve(config: CoordinatorConfig) -> int:
             return 1
         cleanup.push_async_callback(etcd.close)
         keys = Keys(config.etcd_prefix)
+        coordinator_id = _coordinator_id(config)
         server = grpc.aio.server(options=SERVER_OPTIONS)
-        port = server.add_insecure_port(config.grpc)
+        node_server = None
+        own = ca = None
+        node_address = ""
+        if config.insecure:
+            port = server.add_insecure_port(config.grpc)
+        else:
+            state_dir = Path(config.state_dir or default_state_dir() / "coordinator")
+            try:
+                ca = await security.load_ca(
+                    etcd,
+                    keys,
+                    secret_file=Path(config.fleet_secret_file or state_dir / "fleet-secret"),
+                    ca_file=config.tls_ca,
+                    ca_key_file=config.tls_ca_key,
+                )
+            except (security.FleetSecretMissing, ValueError, OSError) as error:
+                log.error("cannot open the fleet CA: %s", error)
+                return 1
+            node_listen = security.node_listen_address(config)
+            hosts = security.certificate_hosts(config.grpc, config.http, node_listen)
+            own = security.own_certificate(ca, coordinator_id, hosts, config.cert_ttl_s)
+            port = server.add_secure_port(
+                config.grpc, own.server_credentials(require_client_auth=False)
+            )
+            node_server = grpc.aio.server(options=SERVER_OPTIONS)
+            node_port = node_server.add_secure_port(
+                node_listen, own.server_credentials(require_client_auth=True)
+            )
+            if node_port == 0:
+                log.error("cannot listen for nodes on %s", node_listen)
+                return 2
+            node_address = node_listen.rsplit(":", 1)[0] + f":{node_port}"
         if port == 0:
             log.error("cannot listen on %s", config.grpc)
             return 2
         grpc_address = config.grpc.rsplit(":", 1)[0] + f":{port}"
-        coordinator_id = config.coordinator_id or f"{socket.gethostname()}-{port}"
         telemetry.setup_tracing("edgefleet-coordinator", coordinator_id)
         cleanup.callback(telemetry.shutdown_tracing)
         replica = ReplicaLease(
@@ -95,12 +153,25 @@ async def serve(config: CoordinatorConfig) -> int:
             coordinator_id=coordinator_id,
             grpc_address=grpc_address,
             http_address=config.http,
+            node_address=node_address,
             ttl_s=config.replica_lease_ttl_s,
         )
         fleet = FleetView(etcd, keys)
         leadership = Leadership(etcd, keys, replica)
-        channels = NodeChannels()
+        access = None
+        if own is not None:
+            access = Access(
+                etcd,
+                keys,
+                ca,
+                cert_ttl_s=config.cert_ttl_s,
+                audit_retention_s=config.audit_retention_s,
+                node_endpoints=replica.node_endpoints,
+            )
+        channels = NodeChannels(own.channel_credentials if own is not None else None)
         cleanup.push_async_callback(channels.close_all)
+        if own is not None:
+            own.listeners.append(channels.renewed)
         membership = Membership(
             etcd,
             keys,
@@ -108,6 +179,8 @@ async def serve(config: CoordinatorConfig) -> int:
             coordinator_id=coordinator_id,
             lease_ttl_s=config.node_lease_ttl_s,
             heartbeat_interval_s=config.heartbeat_interval_s,
+            admit=access.check_may_register if access is not None else None,
+            node_endpoints=replica.node_endpoints if access is not None else None,
         )
         router = Router(
             fleet,
@@ -142,6 +215,7 @@ async def serve(config: CoordinatorConfig) -> int:
         )
         metrics.watch(fleet)
         http = None
+        http_url = ""
         if config.http and config.http != "off":
             services = HttpServices(
                 turns=turns,
@@ -149,12 +223,67 @@ async def serve(config: CoordinatorConfig) -> int:
                 sessions=sessions,
                 api_keys=frozenset(config.api_keys),
                 auto_models=dict(config.auto_models),
+                access=access,
+                keyless=config.http_keyless_loopback and security.is_loopback(config.http),
             )
+            ssl_files = None
+            if own is not None and (config.tls_cert or config.tls_auto):
+                ssl_files = (config.tls_cert, config.tls_key)
+                if config.tls_auto:
+                    ssl_files = security.write_http_tls_files(own, state_dir)
             http = http_server(
-                build_app(services, metrics=metrics, etcd_ping=etcd.ping), config.http
+                build_app(services, metrics=metrics, etcd_ping=etcd.ping, dev=config.dev),
+                config.http,
+                ssl_files=ssl_files,
             )
-        coordinator_pb2_grpc.add_CoordinatorServiceServicer_to_server(servicer, server)
-        health_servicer = serving.add_health_and_reflection(server, SERVICE_NAME)
+            http_url = ("https://" if ssl_files else "http://") + config.http
+        servicer = CoordinatorServicer(
+            coordinator_id=coordinator_id,
+            replica=replica,
+            fleet=fleet,
+            membership=membership,
+            leadership=leadership,
+            sessions=sessions,
+            router=router,
+            turns=turns,
+        )
+        reflect = config.insecure or config.dev
+        if access is None:
+            coordinator_pb2_grpc.add_CoordinatorServiceServicer_to_server(servicer, server)
+            health_servicer = serving.add_health_and_reflection(
+                server, SERVICE_NAME, reflect=reflect
+            )
+        else:
+            _add_guarded(
+                server,
+                security.CLIENT_POLICIES,
+                security.client_authenticator(access, frozenset(config.api_keys)),
+                servicer,
+                AccessServicer(access),
+                not_here=security.NODES_REGISTER_ELSEWHERE,
+            )
+            _add_guarded(
+                node_server,
+                security.NODE_POLICIES,
+                security.node_authenticator(access),
+                servicer,
+                AccessServicer(access),
+                not_here="the node listener serves nodes only; clients call the client port",
+            )
+            health_servicer = serving.add_health_and_reflection(
+                server, SERVICE_NAME, ACCESS_SERVICE_NAME, reflect=reflect
+            )
+            serving.add_health_and_reflection(node_server, reflect=False)
+
+            def revoked(node_id: str) -> None:
+                asyncio.get_running_loop().create_task(_cut_off(node_id))
+
+            async def _cut_off(node_id: str) -> None:
+                channels.forget_node(node_id)
+                with contextlib.suppress(Unavailable):
+                    await membership.cut_off(node_id)
+
+            access.on_revoked(revoked)
         stop = serving.stop_on_signals()
 
         async def set_serving(on: bool) -> None:
@@ -175,6 +304,9 @@ async def serve(config: CoordinatorConfig) -> int:
         await server.start()
         # Stopped before the lease is given back: streams get their grace period.
         cleanup.push_async_callback(server.stop, config.shutdown_grace_s)
+        if node_server is not None:
+            await node_server.start()
+            cleanup.push_async_callback(node_server.stop, config.shutdown_grace_s)
         if http is not None:
             if not await http.start():
                 log.error("cannot listen for HTTP on %s", config.http)
@@ -184,11 +316,26 @@ async def serve(config: CoordinatorConfig) -> int:
         loops.start("fleet-mirror", fleet.run, restart=True)
         loops.start("replica-lease", replica.run, restart=True)
         loops.start("leadership", leadership.run, restart=True)
+        if access is not None:
+            loops.start("access-mirror", access.run, restart=True)
+            loops.start(
+                "own-certificate",
+                lambda: security.keep_renewed(own, ca, coordinator_id, hosts, config.cert_ttl_s),
+                restart=True,
+            )
         try:
             await asyncio.wait_for(fleet.synced.wait(), config.startup_etcd_wait_s)
         except TimeoutError:
             log.error("could not read the fleet from etcd in %.0fs", config.startup_etcd_wait_s)
             return 1
+        if access is not None:
+            await security.write_admin_profile(
+                access,
+                state_dir / "admin-profile.json",
+                coordinator_id=coordinator_id,
+                grpc_address=grpc_address,
+                http_url=http_url,
+            )
         await set_serving(True)
         if http is not None:
             loops.start("http", http.main_loop, restart=False)
@@ -200,7 +347,10 @@ async def serve(config: CoordinatorConfig) -> int:
             config.policy,
             os.getpid(),
         )
-        print(f"edgefleet coordinator ready id={coordinator_id} grpc={grpc_address}", flush=True)
+        ready = f"edgefleet coordinator ready id={coordinator_id} grpc={grpc_address}"
+        if node_address:
+            ready += f" nodes={node_address} profile={state_dir / 'admin-profile.json'}"
+        print(ready, flush=True)
         await stop.wait()
         log.info("shutting down: streams get %.1fs to finish", config.shutdown_grace_s)
         membership.closing = True  # nodes will move to another replica: keep their leases
@@ -210,6 +360,37 @@ async def serve(config: CoordinatorConfig) -> int:
         return 1
     log.info("coordinator %s stopped", coordinator_id)
     return 0
+
+
+def _add_guarded(server, policies, authenticate, coordinator, access, *, not_here: str) -> None:
+    """Both services on one listener, every RPC behind the listener's policy table."""
+    coordinator_pb2_grpc.add_CoordinatorServiceServicer_to_server(
+        auth.guard(
+            _copy(coordinator),
+            SERVICE_NAME,
+            policies[SERVICE_NAME],
+            authenticate,
+            not_here=not_here,
+        ),
+        server,
+    )
+    access_pb2_grpc.add_AccessServiceServicer_to_server(
+        auth.guard(
+            _copy(access),
+            ACCESS_SERVICE_NAME,
+            policies[ACCESS_SERVICE_NAME],
+            authenticate,
+            not_here=not_here,
+        ),
+        server,
+    )
+
+
+def _copy(servicer):
+    """A shallow copy, so each listener wraps its own methods around one state."""
+    import copy
+
+    return copy.copy(servicer)
 
 
 def run(config: CoordinatorConfig) -> int:

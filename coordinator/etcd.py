@@ -153,6 +153,23 @@ def _kv(raw) -> KeyValue:
     )
 
 
+@dataclass(frozen=True)
+class EtcdTls:
+    """Client TLS to etcd: the CA that signed etcd's certificate, and our own
+    certificate and key where etcd asks for client certificates."""
+
+    ca_pem: bytes
+    cert_pem: bytes | None = None
+    key_pem: bytes | None = None
+
+    @classmethod
+    def from_files(cls, cacert: str, cert: str = "", key: str = "") -> EtcdTls | None:
+        if not cacert:
+            return None
+        read = lambda path: open(path, "rb").read() if path else None  # noqa: E731
+        return cls(read(cacert), read(cert), read(key))
+
+
 class Etcd:
     def __init__(
         self,
@@ -160,13 +177,17 @@ class Etcd:
         *,
         timeout_s: float = 2.0,
         observe: Callable[[str, float, bool], None] | None = None,
+        tls: EtcdTls | None = None,
     ) -> None:
         if not endpoints:
             raise ValueError("at least one etcd endpoint is needed")
         self.endpoints = list(endpoints)
         self.timeout_s = timeout_s
         self._observe = observe  # (operation, seconds, ok): metrics
-        self._client = Etcd3Client(self.endpoints, rpc_max_attempts=2)
+        tls_args = {}
+        if tls is not None:
+            tls_args = {"ca_cert": tls.ca_pem, "cert_key": tls.key_pem, "cert_chain": tls.cert_pem}
+        self._client = Etcd3Client(self.endpoints, rpc_max_attempts=2, **tls_args)
         # etcd serves one keep-alive stream's renewals one after another: a
         # few streams side by side keep a thousand renewals a second moving.
         self._keepalive = [_SharedKeepAlive(self._client) for _ in range(KEEPALIVE_STREAMS)]
@@ -300,10 +321,10 @@ class Etcd:
             await self._call(
                 "lease revoke", self._client.lease.revoke(lease_id, timeout=self.timeout_s)
             )
-        except Unavailable:
+        except Unavailable as exc:
+            if _code_of(exc.__cause__) == grpc.StatusCode.NOT_FOUND:
+                return  # already expired or revoked: nothing left to do
             raise
-        except Exception as exc:  # already expired: nothing to revoke
-            log.debug("revoke %x: %s", lease_id, exc)
 
     # --- watches ---------------------------------------------------------------------
     async def watch_prefix(

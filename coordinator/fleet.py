@@ -225,3 +225,18 @@ class FleetView:
             status.sessions = sessions.get(entry.node_id, 0)
             statuses.append(status)
         return statuses
+
+
+def without_details(status: coordinator_pb2.FleetStatusResponse) -> None:
+    """What a non-admin caller sees of the fleet: no addresses, pids or labels
+    (where the devices are and what runs on them is the operators' business)."""
+    for node in status.nodes:
+        node.address = ""
+        node.pid = 0
+        node.labels.clear()
+        node.coordinator_id = ""
+        for model in node.capacity.models:
+            model.path = ""
+    for replica in status.coordinators:
+        replica.grpc_address = replica.http_address = replica.node_address = ""
+        replica.pid = 0

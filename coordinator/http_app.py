@@ -19,13 +19,17 @@ from starlette.routing import Route
 
 from coordinator import openai_api, responses_api
 from coordinator.metrics import CoordinatorMetrics
-from coordinator.openai_common import HttpServices
+from coordinator.openai_common import HttpServices, authorize_metrics
 from edgefleet import __version__
 from edgefleet.errors import Unavailable
 
 
 def build_app(
-    services: HttpServices, *, metrics: CoordinatorMetrics, etcd_ping: Callable[[], Awaitable[None]]
+    services: HttpServices,
+    *,
+    metrics: CoordinatorMetrics,
+    etcd_ping: Callable[[], Awaitable[None]],
+    dev: bool = True,
 ) -> FastAPI:
     fleet = services.fleet
 
@@ -45,12 +49,17 @@ def build_app(
         return JSONResponse(body, status_code=200 if not problems else 503)
 
     async def prometheus(request: Request) -> Response:
+        await authorize_metrics(request)
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     app = FastAPI(
         title="edgefleet coordinator",
         version=__version__,
         description="OpenAI-compatible API over a fleet of edge devices",
+        # The API's map is for developers (--dev), not for whoever reaches the port.
+        docs_url="/docs" if dev else None,
+        redoc_url="/redoc" if dev else None,
+        openapi_url="/openapi.json" if dev else None,
         routes=[
             Route("/healthz", healthz, include_in_schema=False),
             Route("/readyz", readyz, include_in_schema=False),
@@ -88,10 +97,15 @@ class EmbeddedServer(uvicorn.Server):
             await self.shutdown()
 
 
-def http_server(app: FastAPI, address: str) -> EmbeddedServer:
+def http_server(
+    app: FastAPI, address: str, *, ssl_files: tuple[str, str] | None = None
+) -> EmbeddedServer:
+    """``ssl_files``: (certificate chain, key) paths to serve HTTPS."""
     host, _, port = address.rpartition(":")
     config = uvicorn.Config(
         app,
+        ssl_certfile=ssl_files[0] if ssl_files else None,
+        ssl_keyfile=ssl_files[1] if ssl_files else None,
         host=host or "127.0.0.1",
         port=int(port),
         log_level="warning",

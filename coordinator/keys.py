@@ -5,9 +5,14 @@
 <prefix>sessions/<session_id>          Session             lease: session idle TTL
 <prefix>session-node/<node>/<session>  ""                  lease: session idle TTL
 <prefix>turns/<session_id>             turn id             lease: the replica's
-    <prefix>responses/<response_id>        Session             lease: session idle TTL
+<prefix>responses/<response_id>        Session             lease: session idle TTL
 <prefix>coordinators/<coordinator_id>  CoordinatorRecord   lease: the replica's
 <prefix>leader/<task>                  coordinator id      lease: the replica's
+<prefix>ca                             fleet CA (key sealed with the fleet secret)
+<prefix>tokens/<token_id>              JoinToken (secret hashed)   lease: token TTL
+<prefix>identities/<node_id>           NodeIdentity (approved, revoked, serial)
+<prefix>apikeys/<key_id>               ApiKey (secret hashed, scopes)
+<prefix>audit/<time>-<id>              one admin action, JSON      lease: audit retention
 """
 
 from __future__ import annotations
@@ -68,6 +73,36 @@ class Keys:
 
     def leader(self, task: str) -> str:
         return f"{self.prefix}leader/{task}"
+
+    # --- security: the CA, join tokens, node identities, API keys, audit -------------
+    @property
+    def ca(self) -> str:
+        return f"{self.prefix}ca"
+
+    @property
+    def tokens(self) -> str:
+        return f"{self.prefix}tokens/"
+
+    def token(self, token_id: str) -> str:
+        return f"{self.tokens}{token_id}"
+
+    @property
+    def identities(self) -> str:
+        return f"{self.prefix}identities/"
+
+    def identity(self, node_id: str) -> str:
+        return f"{self.identities}{node_id}"
+
+    @property
+    def api_keys(self) -> str:
+        return f"{self.prefix}apikeys/"
+
+    def api_key(self, key_id: str) -> str:
+        return f"{self.api_keys}{key_id}"
+
+    @property
+    def audit(self) -> str:
+        return f"{self.prefix}audit/"
 
     @staticmethod
     def last_segment(key: str) -> str:

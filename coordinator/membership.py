@@ -16,12 +16,20 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from coordinator.etcd import Compare, Etcd, Put
 from coordinator.fleet import FleetView, NodeEntry
 from coordinator.keys import Keys
-from edgefleet.errors import AlreadyExists, FailedPrecondition, InvalidArgument, Reason, Unavailable
+from edgefleet.auth import CALLER
+from edgefleet.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    Reason,
+    Unavailable,
+    error_of,
+)
 from edgefleet.v1 import common_pb2, coordinator_pb2
 
 log = logging.getLogger(__name__)
@@ -29,6 +37,9 @@ log = logging.getLogger(__name__)
 NODE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 HOST_PORT = re.compile(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):(\d{1,5})$")
 Command = coordinator_pb2.HeartbeatResponse.Command
+# What one node may claim at most, whatever it says (a model's slots, its queue).
+MAX_SLOTS = 256
+MAX_QUEUE = 4096
 
 
 def validate_address(address: str) -> None:
@@ -52,6 +63,54 @@ def placement_signature(capacity: common_pb2.Capacity, state: int) -> tuple:
     )
 
 
+def checked_capacity(
+    declared: common_pb2.Capacity, reported: common_pb2.Capacity
+) -> common_pb2.Capacity:
+    """A node's report, held to what it declared when it registered.
+
+    Placement trusts these numbers, so a node may not grow past its
+    registration (a model loaded since then gets the largest declared size),
+    report more free slots than it has, or a queue deeper than its limit.
+    """
+    limits = {m.alias: (m.slots_total, m.queue_limit) for m in declared.models}
+    ceiling = (
+        max((s for s, _ in limits.values()), default=1),
+        max((q for _, q in limits.values()), default=0),
+    )
+    checked = common_pb2.Capacity()
+    checked.CopyFrom(reported)
+    for model in checked.models:
+        slots_limit, queue_limit = limits.get(model.alias, ceiling)
+        model.slots_total = max(0, min(model.slots_total, slots_limit, MAX_SLOTS))
+        model.slots_free = max(0, min(model.slots_free, model.slots_total))
+        model.queue_limit = max(0, min(model.queue_limit, queue_limit, MAX_QUEUE))
+        model.queue_depth = max(0, min(model.queue_depth, model.queue_limit))
+    return checked
+
+
+def check_speaker(node_id: str) -> None:
+    """A node (fleet certificate) may register, beat and leave only as itself."""
+    caller = CALLER.get()
+    if caller.kind == "node" and caller.principal_id != node_id:
+        raise error_of(
+            Reason.NOT_PERMITTED,
+            f"this certificate is node {caller.principal_id!r}'s; it may not speak for "
+            f"node {node_id!r}",
+        )
+
+
+def declared_capacity(capacity: common_pb2.Capacity) -> common_pb2.Capacity:
+    """What a registration may declare: bounded slots and queues."""
+    bounded = common_pb2.Capacity()
+    bounded.CopyFrom(capacity)
+    for model in bounded.models:
+        model.slots_total = max(0, min(model.slots_total, MAX_SLOTS))
+        model.slots_free = max(0, min(model.slots_free, model.slots_total))
+        model.queue_limit = max(0, min(model.queue_limit, MAX_QUEUE))
+        model.queue_depth = max(0, min(model.queue_depth, model.queue_limit))
+    return bounded
+
+
 class Membership:
     def __init__(
         self,
@@ -63,7 +122,13 @@ class Membership:
         lease_ttl_s: float = 3.0,
         heartbeat_interval_s: float = 1.0,
         record_refresh_s: float = 5.0,
+        admit: Callable[[str], Awaitable[None]] | None = None,
+        node_endpoints: Callable[[], Awaitable[list[str]]] | None = None,
     ) -> None:
+        # admit(node_id): raises if the node's identity may not register
+        # (pending approval, revoked); None in a fleet run --insecure.
+        self._admit = admit
+        self._node_endpoints = node_endpoints
         self._etcd = etcd
         self._keys = keys
         self._fleet = fleet
@@ -78,14 +143,20 @@ class Membership:
         # Set while this replica shuts down: its heartbeat streams end then
         # because of us, not because the nodes died.
         self.closing = False
+        # The task serving each node's heartbeat stream on this replica.
+        self._streams: dict[str, asyncio.Task] = {}
 
     # --- register ---------------------------------------------------------------------
     async def register(
         self, request: coordinator_pb2.RegisterRequest
     ) -> coordinator_pb2.RegisterResponse:
-        node_id = request.node_id or request.address.replace(":", "-").replace("[", "").replace(
-            "]", ""
+        caller = CALLER.get()
+        node_id = (
+            request.node_id
+            or (caller.principal_id if caller.kind == "node" else "")
+            or request.address.replace(":", "-").replace("[", "").replace("]", "")
         )
+        check_speaker(node_id)
         if not NODE_ID.match(node_id):
             raise InvalidArgument(
                 f"node_id {node_id!r} must be 1-128 letters, digits, '.', '_' or '-'",
@@ -97,15 +168,21 @@ class Membership:
             raise InvalidArgument(
                 "a node must register with at least one model", reason=Reason.INVALID_REQUEST
             )
+        if self._admit is not None:
+            await self._admit(node_id)
         key = self._keys.node(node_id)
         existing = await self._etcd.get(key)
         if existing is not None:
             current = coordinator_pb2.NodeStatus.FromString(existing.value)
             if current.address != request.address:
-                raise AlreadyExists(
-                    f"node id {node_id!r} is held by a live node at {current.address}",
-                    reason=Reason.NODE_ID_TAKEN,
-                )
+                message = f"node id {node_id!r} is held by a live node at {current.address}"
+                if caller.kind == "node":
+                    message += (
+                        " that presents this same identity: two devices share one identity "
+                        "(a cloned disk or state dir?). Give this device its own: remove its "
+                        "state dir and join it with a new token"
+                    )
+                raise AlreadyExists(message, reason=Reason.NODE_ID_TAKEN)
             # The same node restarted before its old lease ran out: replace it.
             log.info(
                 "node %s re-registers from %s; dropping its old lease", node_id, current.address
@@ -115,7 +192,7 @@ class Membership:
             node_id=node_id,
             address=request.address,
             state=common_pb2.NODE_STATE_READY,
-            capacity=request.capacity,
+            capacity=declared_capacity(request.capacity),
             models=models,
             pid=request.pid,
             labels=dict(request.labels),
@@ -138,6 +215,7 @@ class Membership:
             lease_ttl_seconds=self.lease_ttl_s,
             heartbeat_interval_seconds=self.heartbeat_interval_s,
             epoch=revision,
+            node_endpoints=await self._node_endpoints() if self._node_endpoints else [],
         )
 
     # --- heartbeats ---------------------------------------------------------------------
@@ -165,7 +243,9 @@ class Membership:
                         "node %s sent no heartbeat for %.1fs", node_id, self.silence_timeout_s
                     )
                     break
+                check_speaker(beat.node_id)
                 node_id = beat.node_id
+                self._streams[node_id] = asyncio.current_task()
                 entry = self._fleet.nodes.get(node_id)
                 if entry is None or entry.epoch != beat.epoch:
                     # The lease expired or another registration replaced this one.
@@ -200,9 +280,23 @@ class Membership:
                     command=Command.COMMAND_NONE, lease_ttl_seconds=self.lease_ttl_s
                 )
         finally:
+            if self._streams.get(node_id) is asyncio.current_task():
+                del self._streams[node_id]
             if entry is not None and not goodbye and not self.closing:
                 # Shielded: a cancelled stream must still end the registration.
                 await asyncio.shield(self._node_lost(entry))
+
+    async def cut_off(self, node_id: str) -> None:
+        """A revoked node leaves the fleet now: its heartbeat stream here ends
+        and its registration is deleted, so every replica stops placing on it
+        and its streams fail over at their next chunk."""
+        stream = self._streams.pop(node_id, None)
+        if stream is not None:
+            stream.cancel()
+        kv = await self._etcd.get(self._keys.node(node_id))
+        if kv is not None:
+            await self._etcd.revoke(kv.lease)
+            log.warning("node %s was revoked: cut off from the fleet", node_id)
 
     async def _node_lost(self, entry: NodeEntry) -> None:
         """The heartbeat stream ended without a goodbye: the node died or was cut off.
@@ -236,7 +330,7 @@ class Membership:
     ) -> bool:
         record = coordinator_pb2.NodeStatus()
         record.CopyFrom(entry.record)
-        record.capacity.CopyFrom(beat.capacity)
+        record.capacity.CopyFrom(checked_capacity(entry.record.capacity, beat.capacity))
         record.state = (
             common_pb2.NODE_STATE_DRAINING
             if beat.capacity.draining
@@ -255,6 +349,7 @@ class Membership:
 
     # --- leave ---------------------------------------------------------------------------
     async def deregister(self, request: coordinator_pb2.DeregisterRequest) -> None:
+        check_speaker(request.node_id)
         kv = await self._etcd.get(self._keys.node(request.node_id))
         if kv is None:
             return

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hmac
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from fastapi import Request
 
@@ -22,8 +23,13 @@ from coordinator import auto_model
 from coordinator.fleet import FleetView
 from coordinator.sessions import Sessions
 from coordinator.turns import Relayed, Turns
+from edgefleet import auth
+from edgefleet.auth import Principal
 from edgefleet.errors import EdgefleetError, Reason
 from edgefleet.v1 import coordinator_pb2
+
+if TYPE_CHECKING:
+    from coordinator.access import Access
 
 # gRPC status -> (HTTP status, OpenAI error type)
 HTTP_OF = {
@@ -100,25 +106,59 @@ class HttpServices:
     sessions: Sessions
     api_keys: frozenset[str] = frozenset()
     auto_models: Mapping[str, str] = field(default_factory=dict)
+    # The fleet's API keys (None: a fleet run --insecure, only ``api_keys``).
+    access: Access | None = None
+    # No key needed (the HTTP listener is on loopback, like Ollama's).
+    keyless: bool = False
 
 
 def services(request: Request) -> HttpServices:
     return request.app.state.services
 
 
-async def authorize(request: Request) -> None:
-    """``Authorization: Bearer KEY`` against the configured keys (none: open)."""
-    api_keys = services(request).api_keys
-    if not api_keys:
-        return
+async def caller_of(request: Request) -> Principal | None:
+    """Who sends an HTTP request: the ``Authorization: Bearer KEY``'s key,
+    anonymous where keyless, None when unauthenticated."""
+    services_ = services(request)
     token = (request.headers.get("authorization") or "").removeprefix("Bearer ").strip()
-    if not any(hmac.compare_digest(token, key) for key in api_keys):
+    if token and any(hmac.compare_digest(token, key) for key in services_.api_keys):
+        return Principal("key", "static", "static key", frozenset({auth.INFERENCE}))
+    if services_.access is None:
+        return None if services_.api_keys else auth.INSECURE
+    if token:
+        return await services_.access.key_principal(token)
+    return auth.ANONYMOUS if services_.keyless else None
+
+
+async def _require(request: Request, scope: str) -> None:
+    caller = await caller_of(request)
+    if caller is None:
         raise ApiError(
             401,
             "missing or invalid API key (Authorization: Bearer ...)",
             type_="authentication_error",
             code="invalid_api_key",
         )
+    if not caller.can(scope):
+        raise ApiError(
+            403,
+            f"this API key lacks the {scope!r} scope",
+            type_="permission_error",
+            code="insufficient_scope",
+        )
+    auth.CALLER.set(caller)
+
+
+async def authorize(request: Request) -> None:
+    """Every /v1 route: a key with the ``inference`` scope (or keyless loopback)."""
+    await _require(request, auth.INFERENCE)
+
+
+async def authorize_metrics(request: Request) -> None:
+    """/metrics: an admin key, unless keyless (loopback) or --insecure."""
+    if services(request).access is None:
+        return
+    await _require(request, auth.ADMIN if not services(request).keyless else auth.INFERENCE)
 
 
 AUTO = "auto"

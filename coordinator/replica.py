@@ -30,6 +30,7 @@ class ReplicaLease:
         coordinator_id: str,
         grpc_address: str,
         http_address: str = "",
+        node_address: str = "",
         ttl_s: float = 5.0,
     ) -> None:
         self._etcd = etcd
@@ -39,6 +40,7 @@ class ReplicaLease:
             coordinator_id=coordinator_id,
             grpc_address=grpc_address,
             http_address=http_address,
+            node_address=node_address,
             started_at=time.time(),
             pid=os.getpid(),
         )
@@ -70,6 +72,14 @@ class ReplicaLease:
         """Every live coordinator replica (this one included)."""
         kvs, _ = await self._etcd.get_prefix(self._keys.coordinators)
         return [coordinator_pb2.CoordinatorRecord.FromString(kv.value) for kv in kvs]
+
+    async def node_endpoints(self) -> list[str]:
+        """Where nodes register: every live replica's node listener (mutual TLS)."""
+        try:
+            records = await self.replicas()
+        except Unavailable:
+            records = [self._record]
+        return sorted({r.node_address for r in records if r.node_address})
 
     async def release(self) -> None:
         if self.lease_id:

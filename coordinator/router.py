@@ -17,7 +17,7 @@ import enum
 import logging
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 from opentelemetry import trace
@@ -27,7 +27,7 @@ from coordinator import placement
 from coordinator.fleet import FleetView
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.placement import Placement, PlacementRequest, Ranking
-from edgefleet import telemetry
+from edgefleet import telemetry, tls
 from edgefleet.errors import (
     EdgefleetError,
     Reason,
@@ -100,26 +100,89 @@ CHANNEL_OPTIONS = [
 
 
 class NodeChannels:
-    """One long-lived gRPC channel per node address."""
+    """One long-lived gRPC channel per node (address and id).
 
-    def __init__(self) -> None:
-        self._channels: dict[str, grpc.aio.Channel] = {}
+    With ``credentials`` (a secure fleet) each channel is mutual TLS and checks
+    that the peer's certificate names the node id it dials, so a registration
+    that points at another node's address gets nowhere. When this replica's
+    certificate is renewed, new calls use new channels; the old ones are
+    closed ``retire_after_s`` later, so streams on them finish.
+    """
 
-    def stub(self, address: str) -> node_pb2_grpc.NodeServiceStub:
-        channel = self._channels.get(address)
+    def __init__(
+        self,
+        credentials: Callable[[], grpc.ChannelCredentials] | None = None,
+        *,
+        retire_after_s: float = 600.0,
+    ) -> None:
+        self._credentials = credentials
+        self._retire_after_s = retire_after_s
+        self._channels: dict[tuple[str, str], grpc.aio.Channel] = {}
+        # Channels opened with a replaced certificate, closed later (streams finish).
+        self._retired: list[tuple[tuple[str, str], grpc.aio.Channel]] = []
+        self._retiring: set[asyncio.Task] = set()
+
+    def stub(self, address: str, node_id: str) -> node_pb2_grpc.NodeServiceStub:
+        key = (address, node_id if self._credentials else "")
+        channel = self._channels.get(key)
         if channel is None:
-            channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
-            self._channels[address] = channel
+            if self._credentials is None:
+                channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            else:
+                channel = grpc.aio.secure_channel(
+                    address,
+                    self._credentials(),
+                    options=CHANNEL_OPTIONS + tls.channel_options(tls.node_dns(node_id)),
+                )
+            self._channels[key] = channel
         return node_pb2_grpc.NodeServiceStub(channel)
 
+    def renewed(self) -> None:
+        """Our certificate changed: open new channels, retire the old ones later."""
+        old, self._channels = list(self._channels.items()), {}
+        self._retired.extend(old)
+
+        async def retire():
+            await asyncio.sleep(self._retire_after_s)
+            for item in old:
+                if item in self._retired:
+                    self._retired.remove(item)
+                    await item[1].close()
+
+        task = asyncio.get_running_loop().create_task(retire())
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    def forget_node(self, node_id: str, close_after_s: float = 5.0) -> None:
+        """A revoked node: no new call reaches it. Its streams fail over at their
+        next chunk (its registration is gone) and cancel their calls; the
+        channels close a moment later. (Closing a channel under a pending read
+        would cancel the relaying task itself, not fail the stream over.)"""
+        doomed = [(k, self._channels.pop(k)) for k in list(self._channels) if k[1] == node_id]
+        doomed += [item for item in self._retired if item[0][1] == node_id]
+        self._retired = [item for item in self._retired if item[0][1] != node_id]
+
+        async def close():
+            await asyncio.sleep(close_after_s)
+            for _, channel in doomed:
+                await channel.close()
+
+        task = asyncio.get_running_loop().create_task(close())
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
     async def close(self, address: str) -> None:
-        channel = self._channels.pop(address, None)
-        if channel is not None:
-            await channel.close()
+        for key in [k for k in self._channels if k[0] == address]:
+            await self._channels.pop(key).close()
 
     async def close_all(self) -> None:
-        for address in list(self._channels):
-            await self.close(address)
+        for task in list(self._retiring):
+            task.cancel()
+        for _, channel in self._retired:
+            await channel.close()
+        self._retired.clear()
+        for key in list(self._channels):
+            await self._channels.pop(key).close()
 
 
 class Router:
@@ -302,7 +365,7 @@ class Router:
                 },
             )
             self._fleet.dispatch(node_id)
-            call = self._channels.stub(entry.record.address).Generate(
+            call = self._channels.stub(entry.record.address, node_id).Generate(
                 request, metadata=telemetry.outgoing_metadata(span)
             )
             try:
@@ -376,7 +439,7 @@ class Router:
             self._fleet.suspect(node_id, "no admission within the deadline")
             return None
         if first is grpc.aio.EOF:
-            raise error_of(
-                Reason.NODE_PROTOCOL, f"node {node_id} ended the stream without an answer"
-            )
+            # Not the client's problem: the node broke the protocol; try another.
+            self._fleet.suspect(node_id, "ended the stream without an answer")
+            return None
         return first

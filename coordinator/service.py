@@ -11,13 +11,14 @@ import contextlib
 import logging
 import time
 
-from coordinator.fleet import FleetView
+from coordinator.fleet import FleetView, without_details
 from coordinator.leader import Leadership
 from coordinator.membership import Membership
 from coordinator.replica import ReplicaLease
 from coordinator.router import Router
 from coordinator.sessions import Sessions
 from coordinator.turns import Turns
+from edgefleet.auth import ADMIN, CALLER
 from edgefleet.errors import EdgefleetError, abort_with
 from edgefleet.v1 import coordinator_pb2, coordinator_pb2_grpc
 
@@ -59,9 +60,14 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
     async def Heartbeat(self, request_iterator, context):
         # aclosing: when the stream ends or breaks, the membership's clean-up
         # (node lost -> registration ended) runs now, not at garbage collection.
-        async with contextlib.aclosing(self._membership.heartbeats(request_iterator)) as replies:
-            async for reply in replies:
-                yield reply
+        try:
+            async with contextlib.aclosing(
+                self._membership.heartbeats(request_iterator)
+            ) as replies:
+                async for reply in replies:
+                    yield reply
+        except EdgefleetError as error:
+            await abort_with(context, error)
 
     async def Deregister(self, request, context):
         try:
@@ -126,13 +132,16 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         except EdgefleetError:
             # etcd down: still show the last known fleet
             sessions, coordinators, leader_id = {}, [], ""
-        return coordinator_pb2.FleetStatusResponse(
+        status = coordinator_pb2.FleetStatusResponse(
             nodes=self._fleet.statuses(self._membership.last_beat, sessions, time.time()),
             coordinator_id=self.coordinator_id,
             placement_policy=self._router.policy,
             coordinators=coordinators,
             leader_id=leader_id,
         )
+        if not CALLER.get().can(ADMIN):
+            without_details(status)
+        return status
 
     async def DrainNode(self, request, context):
         try:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from coordinator.etcd import Compare, Delete, Etcd, Put
 from coordinator.keys import Keys
+from edgefleet.auth import CALLER, owner_may_see
 from edgefleet.errors import Aborted, InvalidArgument, NotFound, Reason, ResourceExhausted
 from edgefleet.v1 import common_pb2, coordinator_pb2
 
@@ -81,6 +82,7 @@ class Sessions:
             created_at=now,
             updated_at=now,
             idle_ttl_seconds=ttl,
+            owner=CALLER.get().owner,
         )
         if request.system_prompt:
             session.messages.append(
@@ -98,12 +100,14 @@ class Sessions:
         if not session_id:
             raise InvalidArgument("session_id must not be empty", reason=Reason.INVALID_REQUEST)
         kv = await self._etcd.get(self._keys.session(session_id))
-        if kv is None:
+        session = coordinator_pb2.Session.FromString(kv.value) if kv is not None else None
+        # Another key's session is as absent as an unknown one: nothing leaks.
+        if session is None or not owner_may_see(session.owner, CALLER.get()):
             raise NotFound(
                 f"session {session_id!r} not found (unknown, closed or expired)",
                 reason=Reason.SESSION_NOT_FOUND,
             )
-        return coordinator_pb2.Session.FromString(kv.value), kv.mod_revision, kv.lease
+        return session, kv.mod_revision, kv.lease
 
     async def begin_turn(
         self, session_id: str, user_content: str, resume_turn_id: str = ""
@@ -207,6 +211,7 @@ class Sessions:
             messages=messages,
             created_at=time.time(),
             idle_ttl_seconds=ttl,
+            owner=CALLER.get().owner,
         )
         lease = await self._etcd.grant(ttl)
         await self._etcd.put(
@@ -218,7 +223,10 @@ class Sessions:
         kv = await self._etcd.get(self._keys.response(response_id))
         if kv is None:
             return None
-        return list(coordinator_pb2.Session.FromString(kv.value).messages)
+        record = coordinator_pb2.Session.FromString(kv.value)
+        if not owner_may_see(record.owner, CALLER.get()):
+            return None
+        return list(record.messages)
 
     def _check_size(self, session: coordinator_pb2.Session) -> None:
         # Room for the assistant's reply is checked again at commit by etcd's own limit.

@@ -12,7 +12,8 @@ import grpc
 
 from edgefleet.errors import EdgefleetError, Reason, error_from_rpc, error_of, reason_of
 from edgefleet.generation import continued, count_carried_tokens
-from edgefleet.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
+from edgefleet.profile import Profile
+from edgefleet.v1 import access_pb2_grpc, common_pb2, coordinator_pb2, coordinator_pb2_grpc
 
 # Codes after which another replica may succeed.
 FAILOVER_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
@@ -46,15 +47,47 @@ class ReplyStream:
 
 
 class FleetClient:
-    def __init__(self, addresses: list[str] | str, *, timeout_s: float = 30.0) -> None:
+    """``ca_pem`` (the fleet CA: TLS) and ``api_key`` (sent as a Bearer token)
+    come from a client profile (``from_profile``); without, plaintext."""
+
+    def __init__(
+        self,
+        addresses: list[str] | str,
+        *,
+        timeout_s: float = 30.0,
+        ca_pem: str | bytes = "",
+        api_key: str = "",
+    ) -> None:
         if isinstance(addresses, str):
             addresses = [a.strip() for a in addresses.split(",") if a.strip()]
         if not addresses:
             raise ValueError("at least one coordinator address is needed")
         self.addresses = addresses
         self.timeout_s = timeout_s
-        self._channels = {a: grpc.insecure_channel(a) for a in addresses}
+        profile = Profile(
+            ca_pem=ca_pem.decode() if isinstance(ca_pem, bytes) else ca_pem, api_key=api_key
+        )
+        credentials = profile.credentials()
+        self._channels = {
+            a: (
+                grpc.secure_channel(a, credentials, options=profile.channel_options())
+                if credentials is not None
+                else grpc.insecure_channel(a)
+            )
+            for a in addresses
+        }
         self._preferred = 0
+
+    @classmethod
+    def from_profile(
+        cls, profile: Profile, addresses: list[str] | None = None, *, api_key: str = "", **kwargs
+    ) -> FleetClient:
+        return cls(
+            addresses or profile.coordinators,
+            ca_pem=profile.ca_pem,
+            api_key=api_key or profile.api_key,
+            **kwargs,
+        )
 
     def close(self) -> None:
         for channel in self._channels.values():
@@ -66,19 +99,21 @@ class FleetClient:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _stubs(self):
+    def _stubs(self, service=None):
         """Stubs in the order to try them: the last replica that worked first."""
+        service = service or coordinator_pb2_grpc.CoordinatorServiceStub
         count = len(self.addresses)
         for offset in range(count):
             index = (self._preferred + offset) % count
-            yield (
-                index,
-                coordinator_pb2_grpc.CoordinatorServiceStub(self._channels[self.addresses[index]]),
-            )
+            yield index, service(self._channels[self.addresses[index]])
 
-    def _unary(self, method: str, request, timeout_s: float | None = None):
+    def access(self, method: str, request, timeout_s: float | None = None):
+        """One AccessService call (tokens, node identities, keys, audit)."""
+        return self._unary(method, request, timeout_s, service=access_pb2_grpc.AccessServiceStub)
+
+    def _unary(self, method: str, request, timeout_s: float | None = None, service=None):
         last: grpc.RpcError | None = None
-        for index, stub in self._stubs():
+        for index, stub in self._stubs(service):
             try:
                 reply = getattr(stub, method)(request, timeout=timeout_s or self.timeout_s)
                 self._preferred = index

@@ -66,6 +66,19 @@ class Reason(enum.Enum):
     # --- membership ----------------------------------------------------------------------
     NODE_ID_TAKEN = (Code.ALREADY_EXISTS, "another live node holds this node id")
     STALE_EPOCH = (Code.FAILED_PRECONDITION, "the registration (epoch) is not current")
+    # --- who is calling (authentication and authorisation) -------------------------
+    NOT_AUTHENTICATED = (Code.UNAUTHENTICATED, "no valid credential: API key or certificate")
+    NOT_PERMITTED = (Code.PERMISSION_DENIED, "the caller may not do this (scope or identity)")
+    TOKEN_MALFORMED = (Code.UNAUTHENTICATED, "the join token is not an edgefleet token")
+    TOKEN_UNKNOWN = (Code.UNAUTHENTICATED, "the join token is unknown or was revoked")
+    TOKEN_EXPIRED = (Code.UNAUTHENTICATED, "the join token has expired")
+    TOKEN_USED_UP = (Code.UNAUTHENTICATED, "the join token has no uses left")
+    BAD_CSR = (Code.INVALID_ARGUMENT, "the certificate signing request is invalid")
+    NODE_PENDING = (Code.FAILED_PRECONDITION, "the node waits for an operator's approval")
+    NODE_REVOKED = (Code.PERMISSION_DENIED, "the node's identity was revoked")
+    CA_PIN_MISMATCH = (Code.FAILED_PRECONDITION, "the coordinator's CA is not the pinned one")
+    ACCESS_NOT_FOUND = (Code.NOT_FOUND, "no such join token, node identity or API key")
+    ACCESS_CONFLICT = (Code.ABORTED, "a concurrent change to the same token or identity")
     # --- the control plane's own state -----------------------------------------------
     ETCD_UNAVAILABLE = (Code.UNAVAILABLE, "etcd could not be reached or refused the call")
     ETCD_COMPACTED = (Code.OUT_OF_RANGE, "the revision is already compacted")
@@ -78,6 +91,8 @@ class Reason(enum.Enum):
     UNSPECIFIED_EXHAUSTED = (Code.RESOURCE_EXHAUSTED, "resource exhausted, no reason named")
     UNSPECIFIED_UNAVAILABLE = (Code.UNAVAILABLE, "unavailable, no reason named")
     UNSPECIFIED_ABORTED = (Code.ABORTED, "aborted, no reason named")
+    UNSPECIFIED_UNAUTHENTICATED = (Code.UNAUTHENTICATED, "unauthenticated, no reason named")
+    UNSPECIFIED_DENIED = (Code.PERMISSION_DENIED, "permission denied, no reason named")
 
     @classmethod
     def parse(cls, name: str) -> Reason | None:
@@ -144,6 +159,16 @@ class Aborted(EdgefleetError):
     default_reason = Reason.UNSPECIFIED_ABORTED
 
 
+class Unauthenticated(EdgefleetError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+    default_reason = Reason.UNSPECIFIED_UNAUTHENTICATED
+
+
+class PermissionDenied(EdgefleetError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+    default_reason = Reason.UNSPECIFIED_DENIED
+
+
 _BY_CODE: dict[grpc.StatusCode, type[EdgefleetError]] = {
     cls.code: cls
     for cls in (
@@ -154,6 +179,8 @@ _BY_CODE: dict[grpc.StatusCode, type[EdgefleetError]] = {
         ResourceExhausted,
         Unavailable,
         Aborted,
+        Unauthenticated,
+        PermissionDenied,
     )
 }
 

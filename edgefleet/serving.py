@@ -11,14 +11,16 @@ from grpc_reflection.v1alpha import reflection
 
 
 def add_health_and_reflection(
-    server: grpc.aio.Server, service_name: str
+    server: grpc.aio.Server, *service_names: str, reflect: bool = True
 ) -> health.aio.HealthServicer:
-    """Standard grpc.health.v1 checking and server reflection (grpcurl works)."""
+    """Standard grpc.health.v1 checking, and server reflection (grpcurl) when
+    ``reflect``: a secure daemon lists its API only with ``--dev``."""
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (service_name, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-    )
+    if reflect:
+        reflection.enable_server_reflection(
+            (*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
     return health_servicer
 
 

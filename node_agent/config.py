@@ -32,6 +32,12 @@ class NodeConfig:
     runtime: str = "llama.cpp"
     sim_tokens_per_s: float = 20.0
     sim_cold_start_s: float = 0.0
+    # --- security (README: Security) ----------------------------------------------
+    # Plaintext, no certificates: only with a coordinator run --insecure.
+    insecure: bool = False
+    join_token: str = ""  # joins the fleet once; the identity then lives in state_dir
+    state_dir: str = ""  # "": /var/lib/edgefleet/node as root, else per user
+    dev: bool = False  # gRPC reflection
 
     def resolved_node_id(self, port: int) -> str:
         return self.node_id or f"{socket.gethostname()}-{port}"

@@ -12,17 +12,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
+import socket
 import sys
+from pathlib import Path
 
 import grpc
 
-from edgefleet import serving, telemetry
+from edgefleet import auth, serving, telemetry, tls
 from edgefleet.errors import EdgefleetError
+from edgefleet.profile import default_state_dir
 from edgefleet.supervise import Supervisor
-from edgefleet.v1 import node_pb2_grpc
+from edgefleet.v1 import node_pb2, node_pb2_grpc
 from node_agent.capacity import GpuProbe, HostProbe, ThroughputMeter
 from node_agent.config import NodeConfig
+from node_agent.identity import NodeCredentials, join, keep_renewed
 from node_agent.metrics import NodeMetrics
 from node_agent.models import ModelManager
 from node_agent.node import Node
@@ -58,11 +63,25 @@ async def serve(config: NodeConfig, store: ModelStore | None = None) -> int:
         default_context=config.context_length,
     )
     server = grpc.aio.server(options=SERVER_OPTIONS)
-    port = server.add_insecure_port(config.listen)
+    credentials = None
+    if config.insecure or not (config.coordinators or config.join_token):
+        if not config.insecure and not is_loopback(config.listen):
+            log.error(
+                "refusing to start: a standalone node on %s (not loopback) would answer "
+                "anyone; join a fleet (--join TOKEN --coordinator ...) or say --insecure",
+                config.listen,
+            )
+            return 2
+        port = server.add_insecure_port(config.listen)
+    else:
+        credentials = await _fleet_identity(config)
+        if credentials is None:
+            return 1
+        port = server.add_secure_port(config.listen, credentials.server_credentials())
     if port == 0:
         log.error("cannot listen on %s", config.listen)
         return 2
-    node_id = config.resolved_node_id(port)
+    node_id = credentials.node_id if credentials else config.resolved_node_id(port)
     stop = serving.stop_on_signals()
     async with contextlib.AsyncExitStack() as cleanup:
         telemetry.setup_tracing("edgefleet-node", node_id)
@@ -71,7 +90,13 @@ async def serve(config: NodeConfig, store: ModelStore | None = None) -> int:
         cleanup.push_async_callback(models.unload_all)
         node = Node(node_id=node_id, models=models, host=host, gpus=gpus, throughput=throughput)
         metrics = NodeMetrics()
-        await add_node_service(server, node, metrics=metrics)
+        await add_node_service(
+            server,
+            node,
+            metrics=metrics,
+            authenticate=coordinator_caller if credentials else None,
+            reflect=credentials is None or config.dev,
+        )
         metrics.watch(node)
         if config.metrics:
             metrics_port = metrics.serve(config.metrics)
@@ -100,8 +125,15 @@ async def serve(config: NodeConfig, store: ModelStore | None = None) -> int:
                 node_id=node_id,
                 advertise=config.advertise or address,
                 node=node,
+                credentials=credentials,
             )
             loops.start("membership", registrar.run, restart=True)
+            if credentials is not None:
+                loops.start(
+                    "certificate-renewal",
+                    lambda: keep_renewed(credentials, registrar.endpoints),
+                    restart=True,
+                )
         loaded = ",".join(m.name for m in models.hosted())
         # One line on stdout that scripts and tests can wait for.
         print(f"edgefleet node ready id={node_id} address={address} models={loaded}", flush=True)
@@ -117,14 +149,83 @@ async def serve(config: NodeConfig, store: ModelStore | None = None) -> int:
     return 0
 
 
+# Every NodeService RPC: coordinators only (their fleet certificate).
+NODE_POLICIES = {
+    name: auth.COORDINATOR
+    for name in node_pb2.DESCRIPTOR.services_by_name["NodeService"].methods_by_name
+}
+
+
+async def coordinator_caller(context) -> auth.Principal | None:
+    """The caller of a node RPC, by its verified fleet certificate (the policy
+    then admits coordinators only)."""
+    peer = tls.peer_identity(context)
+    if peer is None:
+        return None
+    return auth.Principal(peer.role, peer.principal_id, peer.principal_id)
+
+
+async def _fleet_identity(config: NodeConfig) -> NodeCredentials | None:
+    """The node's identity from its state dir, or a new one by joining with the token."""
+    state_dir = Path(config.state_dir or default_state_dir() / "node")
+    credentials = NodeCredentials.load(state_dir)
+    if credentials is not None:
+        if config.node_id and config.node_id != credentials.node_id:
+            log.warning(
+                "the state dir %s holds node %s's identity: --node-id %s is ignored",
+                state_dir,
+                credentials.node_id,
+                config.node_id,
+            )
+        return credentials
+    if not config.join_token:
+        log.error(
+            "this node has no fleet identity in %s yet: start it once with --join TOKEN "
+            "(make one with `edgefleet token create` against the coordinator), or with "
+            "--insecure for a coordinator run --insecure",
+            state_dir,
+        )
+        return None
+    if not config.coordinators:
+        log.error("--join needs --coordinator host:port (a coordinator's client port)")
+        return None
+    port = int(config.listen.rsplit(":", 1)[1])
+    node_id = config.node_id or (f"{socket.gethostname()}-{port}" if port else socket.gethostname())
+    try:
+        return await join(config.join_token, list(config.coordinators), node_id, state_dir)
+    except EdgefleetError as error:
+        log.error("cannot join the fleet: %s", error.message)
+    except grpc.aio.AioRpcError as error:
+        log.error("the coordinator refused the join: %s", error.details())
+    except OSError as error:
+        log.error("cannot join the fleet: %s", error)
+    return None
+
+
+def is_loopback(address: str) -> bool:
+    host = address.rpartition(":")[0].strip("[]") or "127.0.0.1"
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 async def add_node_service(
-    server: grpc.aio.Server, node: Node, *, metrics: NodeMetrics | None = None
+    server: grpc.aio.Server,
+    node: Node,
+    *,
+    metrics: NodeMetrics | None = None,
+    authenticate: auth.Authenticate | None = None,
+    reflect: bool = True,
 ) -> NodeServicer:
     """The node API, health and reflection on ``server`` (every node agent alike).
 
-    Health follows the node: SERVING while it takes new generations.
+    Health follows the node: SERVING while it takes new generations. With
+    ``authenticate`` (a node in a secure fleet) every RPC is for coordinators.
     """
-    health_servicer = serving.add_health_and_reflection(server, SERVICE_NAME)
+    health_servicer = serving.add_health_and_reflection(server, SERVICE_NAME, reflect=reflect)
 
     async def follow(on: bool) -> None:
         await serving.set_serving(health_servicer, SERVICE_NAME, on)
@@ -132,6 +233,8 @@ async def add_node_service(
     node.on_serving_change(follow)
     await follow(node.serving)
     servicer = NodeServicer(node, metrics=metrics)
+    if authenticate is not None:
+        auth.guard(servicer, SERVICE_NAME, NODE_POLICIES, authenticate)
     node_pb2_grpc.add_NodeServiceServicer_to_server(servicer, server)
     return servicer
 

@@ -17,7 +17,9 @@ import os
 import grpc
 
 from edgefleet import __version__
+from edgefleet.errors import Reason, reason_of
 from edgefleet.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
+from node_agent.identity import NodeCredentials, discover_endpoints
 from node_agent.node import Node
 
 log = logging.getLogger(__name__)
@@ -38,10 +40,17 @@ class Registrar:
         advertise: str,
         node: Node,
         labels: dict[str, str] | None = None,
+        credentials: NodeCredentials | None = None,
     ) -> None:
         if not coordinators:
             raise ValueError("at least one coordinator address is needed")
+        # With credentials (a secure fleet) ``coordinators`` are the client
+        # ports, asked for the node listeners, where the node registers over
+        # mutual TLS; without, the node registers on them in plaintext.
         self._coordinators = coordinators
+        self._credentials = credentials
+        self._endpoints: list[str] = list(credentials.node_endpoints) if credentials else []
+        self._failures = 0
         self._node_id = node_id
         self._advertise = advertise
         self._node = node
@@ -53,18 +62,46 @@ class Registrar:
 
     @property
     def coordinator(self) -> str:
-        return self._coordinators[self._current % len(self._coordinators)]
+        targets = self._endpoints if self._credentials is not None else self._coordinators
+        return targets[self._current % len(targets)] if targets else ""
+
+    def endpoints(self) -> list[str]:
+        return list(self._endpoints)
+
+    def _channel(self, address: str) -> grpc.aio.Channel:
+        if self._credentials is None:
+            return grpc.aio.insecure_channel(address)
+        return self._credentials.channel(address)
+
+    async def _discover(self) -> None:
+        """Ask the client ports where nodes register (after a full round of failures)."""
+        if self._credentials is None:
+            return
+        if self._endpoints and self._failures < len(self._endpoints):
+            return
+        found = await discover_endpoints(self._credentials, self._coordinators)
+        if found:
+            self._endpoints = found
+            self._failures = 0
 
     async def run(self) -> None:
         backoff = 0.2
         while not self._leaving:
+            await self._discover()
             address = self.coordinator
+            if not address:
+                log.warning("no coordinator node listener known yet; asking again")
+                self._failures = len(self._endpoints)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+                continue
             try:
-                async with grpc.aio.insecure_channel(address) as channel:
+                async with self._channel(address) as channel:
                     stub = coordinator_pb2_grpc.CoordinatorServiceStub(channel)
                     if self.registration is None:
                         await self._register(stub)
                     backoff = 0.2
+                    self._failures = 0
                     await self._heartbeat(stub)
             except Fenced:
                 if self._leaving:
@@ -78,11 +115,22 @@ class Registrar:
                 details = (
                     error.details() if isinstance(error, grpc.RpcError) else str(error) or "stalled"
                 )
-                if code in (grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.INVALID_ARGUMENT):
+                reason = reason_of(error) if isinstance(error, grpc.RpcError) else None
+                if reason is Reason.NODE_PENDING:
+                    log.warning("waiting for an operator's approval: %s", details)
+                    backoff = 2.0
+                elif reason is Reason.NODE_REVOKED or code in (
+                    grpc.StatusCode.ALREADY_EXISTS,
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    grpc.StatusCode.UNAUTHENTICATED,
+                ):
                     log.error("registration refused by %s: %s", address, details)
+                    backoff = max(backoff, 2.0)
                 else:
                     log.warning("coordinator %s: %s; trying the next one", address, details)
                     self._current += 1
+                    self._failures += 1
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 5.0)
 
@@ -101,6 +149,9 @@ class Registrar:
             timeout=10,
         )
         self.registration = reply
+        if self._credentials is not None and reply.node_endpoints:
+            self._credentials.remember_endpoints(reply.node_endpoints)
+            self._endpoints = list(reply.node_endpoints)
         self.registered.set()
         log.info(
             "registered with %s as %s (epoch %d, lease %.1fs)",
@@ -160,7 +211,7 @@ class Registrar:
         if registration is None:
             return
         try:
-            async with grpc.aio.insecure_channel(self.coordinator) as channel:
+            async with self._channel(self.coordinator) as channel:
                 await coordinator_pb2_grpc.CoordinatorServiceStub(channel).Deregister(
                     coordinator_pb2.DeregisterRequest(
                         node_id=registration.node_id, epoch=registration.epoch

@@ -20,6 +20,23 @@ from node_agent.catalog import CATALOG
 from node_agent.store import ModelStore
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_config_and_state(tmp_path_factory) -> Iterator[None]:
+    """CLI runs and daemons see no profile or identity of the machine's user."""
+    import os
+
+    base = tmp_path_factory.mktemp("home")
+    saved = {k: os.environ.get(k) for k in ("XDG_CONFIG_HOME", "XDG_STATE_HOME")}
+    os.environ["XDG_CONFIG_HOME"] = str(base / "config")
+    os.environ["XDG_STATE_HOME"] = str(base / "state")
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
 @pytest.fixture(scope="session")
 def default_model_path() -> Path:
     """The default model's verified file (pulled once if missing)."""

@@ -378,6 +378,7 @@ def test_node_cut_off_by_a_network_partition(tmp_path, etcd_cluster, default_mod
                 "remote",
                 "--threads",
                 "1",
+                "--insecure",
             ],
             address=f"{netns.ns_ip}:50161",
             name="remote",

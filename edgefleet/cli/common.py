@@ -19,12 +19,30 @@ def addresses(value: str) -> tuple[str, ...]:
 def coordinator_arg(p) -> None:
     p.add_argument(
         "--coordinator",
-        default=env("COORDINATOR", defaults.COORDINATOR_GRPC),
-        help="coordinator address(es) host:port[,host:port...] (env EDGEFLEET_COORDINATOR)",
+        default=env("COORDINATOR", ""),
+        help="coordinator address(es) host:port[,host:port...] (env EDGEFLEET_COORDINATOR; "
+        f"default: the profile's, else {defaults.COORDINATOR_GRPC})",
+    )
+    p.add_argument(
+        "--profile",
+        default="",
+        help="client profile: fleet CA, API key, addresses (default $EDGEFLEET_PROFILE, "
+        "else ~/.config/edgefleet/profile.json; 'none': plaintext, no key)",
+    )
+    p.add_argument(
+        "--api-key",
+        default=env("API_KEY", ""),
+        help="API key instead of the profile's (env EDGEFLEET_API_KEY)",
     )
 
 
 def client(args):
+    """A client from the flags, then the profile (TLS to the fleet CA, its API key)."""
+    from edgefleet import profile as profiles
     from edgefleet.client import FleetClient
 
-    return FleetClient(list(addresses(args.coordinator)))
+    targets = list(addresses(args.coordinator or ""))
+    found = profiles.find(getattr(args, "profile", ""), targets)
+    if found is None:
+        return FleetClient(targets or [defaults.COORDINATOR_GRPC])
+    return FleetClient.from_profile(found, targets or None, api_key=getattr(args, "api_key", ""))

@@ -93,6 +93,60 @@ def _add_coordinator(sub) -> None:
         help='model for "model": "auto" requests of a task class (simple, complex); '
         "default: smallest / largest model served",
     )
+    security = p.add_argument_group("security (README: Security)")
+    security.add_argument(
+        "--insecure",
+        action="store_true",
+        default=env("INSECURE", "") == "1",
+        help="no TLS, no certificates, no key checks on gRPC: one trusted machine only",
+    )
+    security.add_argument(
+        "--node-grpc",
+        default=env("COORDINATOR_NODE_GRPC", ""),
+        help="where nodes register, mutual TLS (default: the --grpc host, port + 1)",
+    )
+    security.add_argument(
+        "--state-dir",
+        default=env("STATE_DIR", ""),
+        help="fleet secret and admin profile (default /var/lib/edgefleet/coordinator "
+        "as root, else ~/.local/state/edgefleet/coordinator)",
+    )
+    security.add_argument(
+        "--fleet-secret-file",
+        default="",
+        help="seals the fleet CA's key in etcd; every replica needs the same one "
+        "(default <state-dir>/fleet-secret, created by the first replica)",
+    )
+    security.add_argument("--tls-ca", default="", help="the operator's CA certificate (PEM)")
+    security.add_argument("--tls-ca-key", default="", help="the operator's CA key (PEM)")
+    security.add_argument("--tls-cert", default="", help="HTTPS certificate chain (PEM)")
+    security.add_argument("--tls-key", default="", help="HTTPS key (PEM)")
+    security.add_argument(
+        "--tls-auto", action="store_true", help="HTTPS with a certificate from the fleet CA"
+    )
+    security.add_argument(
+        "--http-require-key",
+        action="store_true",
+        help="require an API key on HTTP even on loopback (default: keyless on loopback)",
+    )
+    security.add_argument(
+        "--cert-ttl",
+        type=float,
+        default=base.cert_ttl_s,
+        help="seconds a node or replica certificate lives (renewed at two thirds)",
+    )
+    security.add_argument(
+        "--audit-retention",
+        type=float,
+        default=base.audit_retention_s,
+        help="seconds admin actions stay in the audit log",
+    )
+    security.add_argument(
+        "--dev", action="store_true", help="gRPC reflection, /docs and /openapi.json"
+    )
+    security.add_argument("--etcd-cacert", default=env("ETCD_CACERT", ""), help="etcd's CA")
+    security.add_argument("--etcd-cert", default=env("ETCD_CERT", ""), help="client cert")
+    security.add_argument("--etcd-key", default=env("ETCD_KEY", ""), help="client key")
     p.set_defaults(func=_run_coordinator)
 
 
@@ -145,6 +199,22 @@ def _run_coordinator(args) -> int:
             max_failovers=args.max_failovers,
             api_keys=tuple(keys),
             auto_models=tuple(tuple(item.split("=", 1)) for item in args.auto_model),
+            insecure=args.insecure,
+            node_grpc=args.node_grpc,
+            state_dir=args.state_dir,
+            fleet_secret_file=args.fleet_secret_file,
+            tls_ca=args.tls_ca,
+            tls_ca_key=args.tls_ca_key,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+            tls_auto=args.tls_auto,
+            http_keyless_loopback=not args.http_require_key,
+            cert_ttl_s=args.cert_ttl,
+            audit_retention_s=args.audit_retention,
+            dev=args.dev,
+            etcd_cacert=args.etcd_cacert,
+            etcd_cert=args.etcd_cert,
+            etcd_key=args.etcd_key,
         )
     )
 

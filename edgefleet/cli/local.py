@@ -21,6 +21,11 @@ def _add_up(sub) -> None:
         help="stream one chat through the fleet, then stop it",
     )
     p.add_argument("--keep-logs", action="store_true", help="keep the logs directory")
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="no CA, no join tokens, no TLS or keys (default: a secure fleet on loopback)",
+    )
     p.set_defaults(func=_up)
 
 
@@ -38,6 +43,7 @@ def _up(args) -> int:
         slots=args.slots,
         chat=args.chat,
         keep_logs=args.keep_logs,
+        secure=not args.insecure,
     )
 
 

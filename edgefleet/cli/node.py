@@ -12,7 +12,20 @@ def _add_node(sub) -> None:
     from node_agent.config import NodeConfig
 
     base = NodeConfig()
-    p = sub.add_parser("node", help="run a node agent serving local models over gRPC")
+    p = sub.add_parser(
+        "node",
+        help="run a node agent serving local models over gRPC; "
+        "`node ls|approve ID|revoke ID` manage the fleet's node identities",
+    )
+    p.add_argument(
+        "action",
+        nargs="?",
+        default="run",
+        choices=("run", "ls", "approve", "revoke"),
+        help="run (default): the node agent; ls, approve ID, revoke ID: operators' commands",
+    )
+    p.add_argument("target", nargs="?", default="", help="node id (approve, revoke)")
+    p.add_argument("--profile", default="", help="client profile (ls, approve, revoke)")
     p.add_argument("--listen", default=env("NODE_LISTEN", base.listen), help="host:port")
     p.add_argument(
         "--models",
@@ -90,12 +103,38 @@ def _add_node(sub) -> None:
         default=base.sim_cold_start_s,
         help="simulated runtime: delay of the first generation (a cold model)",
     )
+    security = p.add_argument_group("security (README: Security)")
+    security.add_argument(
+        "--join",
+        default=env("JOIN_TOKEN", ""),
+        metavar="TOKEN",
+        help="join the fleet with this token (env EDGEFLEET_JOIN_TOKEN); once joined, "
+        "the identity in --state-dir is used and the token is not needed again",
+    )
+    security.add_argument(
+        "--state-dir",
+        default=env("STATE_DIR", ""),
+        help="the node's identity (default /var/lib/edgefleet/node as root, else "
+        "~/.local/state/edgefleet/node)",
+    )
+    security.add_argument(
+        "--insecure",
+        action="store_true",
+        default=env("INSECURE", "") == "1",
+        help="plaintext, no certificates: only with a coordinator run --insecure",
+    )
+    security.add_argument("--dev", action="store_true", help="gRPC reflection")
     p.set_defaults(func=_run_node)
 
 
 def _run_node(args) -> int:
     from node_agent.config import NodeConfig
     from node_agent.daemon import run
+
+    if args.action != "run":
+        from edgefleet.cli.access import node_identities
+
+        return node_identities(args)
 
     models = tuple(m.strip() for m in args.models.split(",") if m.strip())
     if args.sim_tokens_per_s <= 0 or args.sim_cold_start_s < 0:
@@ -124,6 +163,10 @@ def _run_node(args) -> int:
             runtime=args.runtime,
             sim_tokens_per_s=args.sim_tokens_per_s,
             sim_cold_start_s=args.sim_cold_start_s,
+            insecure=args.insecure,
+            join_token=args.join,
+            state_dir=args.state_dir,
+            dev=args.dev,
         )
     )
 

@@ -67,12 +67,20 @@ class DaemonProcess:
                     f"{self.name} exited with code {self.process.returncode} before serving"
                     + self._log_tail()
                 )
-            if health_status(self.address) == health_pb2.HealthCheckResponse.SERVING:
+            if self._ready():
                 return
             time.sleep(0.1)
         raise TimeoutError(
             f"{self.name} at {self.address} not serving after {timeout_s}s" + self._log_tail()
         )
+
+    def _ready(self) -> bool:
+        # A secure daemon's health answers over (mutual) TLS only: it says it
+        # is ready in its log once it serves.
+        ready_line = self.extra.get("ready_line")
+        if ready_line:
+            return bool(self.log_path and ready_line in self.log_path.read_text(errors="replace"))
+        return health_status(self.address) == health_pb2.HealthCheckResponse.SERVING
 
     def _log_tail(self) -> str:
         if self.log_path and self.log_path.exists():
@@ -135,8 +143,16 @@ def start_coordinator(
     log_path: Path | None = None,
     env: dict[str, str] | None = None,
     name: str = "coordinator",
+    state_dir: Path | None = None,
 ) -> DaemonProcess:
+    """``state_dir``: a secure coordinator (fleet CA, TLS, keys) keeping its
+    fleet secret and admin profile there; None: ``--insecure``."""
     http_address = http_address or f"{grpc_address.rsplit(':', 1)[0]}:{free_port()}"
+    security = (
+        ["--state-dir", str(state_dir), "--node-grpc", f"{grpc_address.rsplit(':', 1)[0]}:0"]
+        if state_dir is not None
+        else ["--insecure"]
+    )
     args = [
         "coordinator",
         "--grpc",
@@ -145,11 +161,38 @@ def start_coordinator(
         http_address,
         "--etcd",
         ",".join(etcd),
+        *security,
         *extra_args,
     ]
     process = start_daemon(args, address=grpc_address, name=name, log_path=log_path, env=env)
     process.extra["http"] = http_address
+    if state_dir is not None:
+        process.extra["ready_line"] = "edgefleet coordinator ready"
+        process.extra["profile"] = state_dir / "admin-profile.json"
     return process
+
+
+def admin_client(coordinator: DaemonProcess):
+    """A client of a secure coordinator, with its admin profile."""
+    from edgefleet.client import FleetClient
+    from edgefleet.profile import Profile
+
+    profile = Profile.load(coordinator.extra["profile"])
+    return FleetClient.from_profile(profile, [coordinator.address])
+
+
+def join_token(
+    coordinator: DaemonProcess, *, uses: int = 0, ttl_s: float = 3600, approve: bool = True
+) -> str:
+    """A new join token from a secure coordinator (its admin profile)."""
+    from edgefleet.v1 import access_pb2
+
+    with admin_client(coordinator) as client:
+        reply = client.access(
+            "CreateJoinToken",
+            access_pb2.CreateJoinTokenRequest(ttl_seconds=ttl_s, uses=uses, approve=approve),
+        )
+    return reply.token
 
 
 def start_node(
@@ -162,8 +205,14 @@ def start_node(
     log_path: Path | None = None,
     env: dict[str, str] | None = None,
     name: str = "node",
+    join: tuple[str, Path] | None = None,
 ) -> DaemonProcess:
+    """``join``: (token, state dir) for a node of a secure fleet; None: ``--insecure``."""
     args = ["node", "--listen", listen]
+    if join is not None:
+        args += ["--join", join[0], "--state-dir", str(join[1])]
+    else:
+        args += ["--insecure"]
     if models:
         args += ["--models", models]
     if slots is not None:
@@ -171,4 +220,7 @@ def start_node(
     if queue is not None:
         args += ["--queue", str(queue)]
     args += list(extra_args)
-    return start_daemon(args, address=listen, name=name, log_path=log_path, env=env)
+    process = start_daemon(args, address=listen, name=name, log_path=log_path, env=env)
+    if join is not None:
+        process.extra["ready_line"] = "edgefleet node ready"
+    return process

@@ -21,7 +21,15 @@ from pathlib import Path
 
 from edgefleet.client import FleetClient
 from edgefleet.local.etcd_server import EtcdCluster
-from edgefleet.local.processes import DaemonProcess, free_port, start_coordinator, start_node
+from edgefleet.local.processes import (
+    DaemonProcess,
+    admin_client,
+    free_port,
+    join_token,
+    start_coordinator,
+    start_node,
+)
+from edgefleet.profile import LOCAL_FLEET, Profile, default_path
 from edgefleet.v1 import common_pb2
 
 
@@ -31,6 +39,13 @@ class Fleet:
     etcd: EtcdCluster
     coordinator: DaemonProcess
     nodes: list[DaemonProcess]
+    secure: bool = True
+    extra_profile: Path | None = None
+
+    def client(self) -> FleetClient:
+        if self.secure:
+            return admin_client(self.coordinator)
+        return FleetClient([self.coordinator.address])
 
     def stop(self) -> None:
         for node in self.nodes:
@@ -51,7 +66,11 @@ def start_fleet(
     slots: int,
     workdir: Path,
     say=print,
+    secure: bool = True,
 ) -> Fleet:
+    """``secure``: a fleet CA, nodes joined with a token, mutual TLS between
+    coordinator and nodes, API keys (the admin one in the coordinator's
+    profile); else every daemon runs ``--insecure``."""
     say(f"starting etcd (data in {workdir / 'etcd'})")
     etcd = EtcdCluster(1, base_dir=workdir / "etcd").start()
     say(f"starting coordinator on {grpc_address}")
@@ -60,10 +79,14 @@ def start_fleet(
         etcd=etcd.endpoints,
         http_address=http_address,
         log_path=workdir / "coordinator.log",
+        state_dir=workdir / "coordinator" if secure else None,
     )
-    fleet = Fleet(workdir=workdir, etcd=etcd, coordinator=coordinator, nodes=[])
+    fleet = Fleet(workdir=workdir, etcd=etcd, coordinator=coordinator, nodes=[], secure=secure)
     try:
         coordinator.wait_serving(timeout_s=60)
+        token = join_token(coordinator, uses=nodes, ttl_s=600) if secure else ""
+        if secure:
+            say("made a join token for the nodes (one use each, 10 minutes)")
         # The nodes share this machine's cores: split them rather than
         # oversubscribe (llama.cpp's worker threads spin while they wait).
         threads = max(1, (os.cpu_count() or 1) // nodes)
@@ -85,11 +108,12 @@ def start_fleet(
                     ),
                     log_path=workdir / f"node-{index}.log",
                     name=f"node-{index}",
+                    join=(token, workdir / f"node-{index}") if secure else None,
                 )
             )
         for node in fleet.nodes:
             node.wait_serving(timeout_s=300)
-        with FleetClient([grpc_address]) as client:
+        with fleet.client() as client:
             deadline = time.monotonic() + 60
             while True:
                 ready = [n for n in client.status().nodes if n.state == common_pb2.NODE_STATE_READY]
@@ -112,14 +136,37 @@ def describe(fleet: Fleet, grpc_address: str, http_address: str, ready_s: float)
     ]
     for node in fleet.nodes:
         lines.append(f"  {node.name:<12} {node.address}  pid {node.pid}")
+    lines += [f"  logs         {fleet.workdir}"]
+    if fleet.secure:
+        lines += [
+            f"  profile      {fleet.extra_profile} (fleet CA, admin API key, addresses)",
+            "  security     mutual TLS node <-> coordinator, API keys on gRPC, HTTP keyless "
+            "on loopback",
+        ]
     lines += [
-        f"  logs         {fleet.workdir}",
         "",
-        f"try:  edgefleet status --coordinator {grpc_address}",
-        f'      edgefleet chat --coordinator {grpc_address} "Hello!"',
+        "try:  edgefleet status",
+        '      edgefleet chat "Hello!"',
+        "      edgefleet token create --ttl 1h   (join another device)",
         "      kill -9 <a node pid>   (a real node failure)",
     ]
     return "\n".join(lines)
+
+
+def publish_profile(fleet: Fleet) -> Path:
+    """Give the CLI this fleet's admin profile: at the default path when that is
+    free or was written by an earlier ``edgefleet up``, else beside the logs."""
+    profile = Profile.load(fleet.coordinator.extra["profile"])
+    profile.written_by = LOCAL_FLEET
+    target = default_path()
+    if target.exists():
+        try:
+            if Profile.load(target).written_by != LOCAL_FLEET:
+                target = fleet.workdir / "profile.json"
+        except (OSError, ValueError):
+            target = fleet.workdir / "profile.json"
+    profile.save(target)
+    return target
 
 
 def run(
@@ -131,6 +178,7 @@ def run(
     slots: int,
     chat: str | None,
     keep_logs: bool,
+    secure: bool = True,
 ) -> int:
     started = time.monotonic()
     workdir = Path(tempfile.mkdtemp(prefix="edgefleet-up-"))
@@ -147,7 +195,10 @@ def run(
             http_address=http_address,
             slots=slots,
             workdir=workdir,
+            secure=secure,
         )
+        if secure:
+            fleet.extra_profile = publish_profile(fleet)
     except (RuntimeError, TimeoutError, FileNotFoundError) as error:
         print(f"error: the fleet did not come up: {error}", file=sys.stderr)
         print(f"logs: {workdir}", file=sys.stderr)
@@ -155,7 +206,7 @@ def run(
     try:
         print(describe(fleet, grpc_address, http_address, time.monotonic() - started), flush=True)
         if chat is not None:
-            return _chat_once(grpc_address, model, chat)
+            return _chat_once(fleet, model, chat)
         while not stop.wait(1.0):
             for node in fleet.nodes:
                 if not node.alive() and not node.extra.get("reported"):
@@ -175,8 +226,8 @@ def run(
         print("fleet stopped", flush=True)
 
 
-def _chat_once(grpc_address: str, model: str, prompt: str) -> int:
-    with FleetClient([grpc_address]) as client:
+def _chat_once(fleet: Fleet, model: str, prompt: str) -> int:
+    with fleet.client() as client:
         session = client.create_session(model)
         print(f"\nsession {session.session_id}\n> {prompt}\n", flush=True)
         last = None
@@ -231,7 +282,7 @@ def run_traces(*, nodes: int, model: str, prompt: str, out: Path) -> int:
         receiver.stop()
         return 1
     try:
-        _chat_once(grpc_address, model, prompt)
+        _chat_once(fleet, model, prompt)
 
         def whole_trace(spans):
             roots = [s for s in spans if s.service == "edgefleet-coordinator" and s.kind == 2]

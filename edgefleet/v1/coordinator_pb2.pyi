@@ -34,16 +34,18 @@ class RegisterRequest(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., models: _Optional[_Iterable[str]] = ..., capacity: _Optional[_Union[_common_pb2.Capacity, _Mapping]] = ..., labels: _Optional[_Mapping[str, str]] = ..., version: _Optional[str] = ..., pid: _Optional[int] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
-    __slots__ = ("node_id", "lease_ttl_seconds", "heartbeat_interval_seconds", "epoch")
+    __slots__ = ("node_id", "lease_ttl_seconds", "heartbeat_interval_seconds", "epoch", "node_endpoints")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     LEASE_TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_INTERVAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
+    NODE_ENDPOINTS_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     lease_ttl_seconds: float
     heartbeat_interval_seconds: float
     epoch: int
-    def __init__(self, node_id: _Optional[str] = ..., lease_ttl_seconds: _Optional[float] = ..., heartbeat_interval_seconds: _Optional[float] = ..., epoch: _Optional[int] = ...) -> None: ...
+    node_endpoints: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, node_id: _Optional[str] = ..., lease_ttl_seconds: _Optional[float] = ..., heartbeat_interval_seconds: _Optional[float] = ..., epoch: _Optional[int] = ..., node_endpoints: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("node_id", "epoch", "capacity", "state")
@@ -107,7 +109,7 @@ class CreateSessionRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., system_prompt: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., idle_ttl_seconds: _Optional[float] = ...) -> None: ...
 
 class Session(_message.Message):
-    __slots__ = ("session_id", "model", "messages", "metadata", "node_id", "created_at", "updated_at", "turns", "idle_ttl_seconds", "last_turn_id")
+    __slots__ = ("session_id", "model", "messages", "metadata", "node_id", "created_at", "updated_at", "turns", "idle_ttl_seconds", "last_turn_id", "owner")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -125,6 +127,7 @@ class Session(_message.Message):
     TURNS_FIELD_NUMBER: _ClassVar[int]
     IDLE_TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     LAST_TURN_ID_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     model: str
     messages: _containers.RepeatedCompositeFieldContainer[_common_pb2.ChatMessage]
@@ -135,7 +138,8 @@ class Session(_message.Message):
     turns: int
     idle_ttl_seconds: float
     last_turn_id: str
-    def __init__(self, session_id: _Optional[str] = ..., model: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[_common_pb2.ChatMessage, _Mapping]]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., node_id: _Optional[str] = ..., created_at: _Optional[float] = ..., updated_at: _Optional[float] = ..., turns: _Optional[int] = ..., idle_ttl_seconds: _Optional[float] = ..., last_turn_id: _Optional[str] = ...) -> None: ...
+    owner: str
+    def __init__(self, session_id: _Optional[str] = ..., model: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[_common_pb2.ChatMessage, _Mapping]]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., node_id: _Optional[str] = ..., created_at: _Optional[float] = ..., updated_at: _Optional[float] = ..., turns: _Optional[int] = ..., idle_ttl_seconds: _Optional[float] = ..., last_turn_id: _Optional[str] = ..., owner: _Optional[str] = ...) -> None: ...
 
 class ChatRequest(_message.Message):
     __slots__ = ("session_id", "content", "sampling", "resume_turn_id", "assistant_prefix")
@@ -251,18 +255,20 @@ class NodeStatus(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., state: _Optional[_Union[_common_pb2.NodeState, str]] = ..., capacity: _Optional[_Union[_common_pb2.Capacity, _Mapping]] = ..., models: _Optional[_Iterable[str]] = ..., pid: _Optional[int] = ..., last_heartbeat_age_seconds: _Optional[float] = ..., sessions: _Optional[int] = ..., labels: _Optional[_Mapping[str, str]] = ..., epoch: _Optional[int] = ..., heartbeat_at: _Optional[float] = ..., coordinator_id: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
 
 class CoordinatorRecord(_message.Message):
-    __slots__ = ("coordinator_id", "grpc_address", "http_address", "started_at", "pid")
+    __slots__ = ("coordinator_id", "grpc_address", "http_address", "started_at", "pid", "node_address")
     COORDINATOR_ID_FIELD_NUMBER: _ClassVar[int]
     GRPC_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     HTTP_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     STARTED_AT_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
+    NODE_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     coordinator_id: str
     grpc_address: str
     http_address: str
     started_at: float
     pid: int
-    def __init__(self, coordinator_id: _Optional[str] = ..., grpc_address: _Optional[str] = ..., http_address: _Optional[str] = ..., started_at: _Optional[float] = ..., pid: _Optional[int] = ...) -> None: ...
+    node_address: str
+    def __init__(self, coordinator_id: _Optional[str] = ..., grpc_address: _Optional[str] = ..., http_address: _Optional[str] = ..., started_at: _Optional[float] = ..., pid: _Optional[int] = ..., node_address: _Optional[str] = ...) -> None: ...
 
 class FleetStatusResponse(_message.Message):
     __slots__ = ("nodes", "coordinator_id", "placement_policy", "coordinators", "leader_id")
