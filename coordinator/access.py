@@ -173,7 +173,8 @@ class Access:
             return None  # an older certificate of this id (revoked, then joined again)
         return Principal("node", peer.principal_id, peer.principal_id)
 
-    async def check_may_register(self, node_id: str) -> None:
+    async def check_may_register(self, node_id: str) -> dict[str, str]:
+        """The labels a node registers with (its join token's), if it may register."""
         identity = await self.identity(node_id)
         if identity is None or identity.revoked:
             raise error_of(Reason.NODE_REVOKED, f"node {node_id}'s identity was revoked")
@@ -182,6 +183,7 @@ class Access:
                 Reason.NODE_PENDING,
                 f"node {node_id} waits for approval: run `edgefleet node approve {node_id}`",
             )
+        return dict(identity.labels)
 
     # --- join and renewal ----------------------------------------------------------------
     async def join(self, request: access_pb2.JoinRequest) -> access_pb2.JoinResponse:

@@ -122,11 +122,12 @@ class Membership:
         lease_ttl_s: float = 3.0,
         heartbeat_interval_s: float = 1.0,
         record_refresh_s: float = 5.0,
-        admit: Callable[[str], Awaitable[None]] | None = None,
+        admit: Callable[[str], Awaitable[dict[str, str]]] | None = None,
         node_endpoints: Callable[[], Awaitable[list[str]]] | None = None,
     ) -> None:
         # admit(node_id): raises if the node's identity may not register
-        # (pending approval, revoked); None in a fleet run --insecure.
+        # (pending approval, revoked), else gives the labels its join token
+        # set (a node does not choose its own); None in a fleet run --insecure.
         self._admit = admit
         self._node_endpoints = node_endpoints
         self._etcd = etcd
@@ -168,8 +169,9 @@ class Membership:
             raise InvalidArgument(
                 "a node must register with at least one model", reason=Reason.INVALID_REQUEST
             )
+        labels = dict(request.labels)
         if self._admit is not None:
-            await self._admit(node_id)
+            labels = await self._admit(node_id)
         key = self._keys.node(node_id)
         existing = await self._etcd.get(key)
         if existing is not None:
@@ -195,7 +197,7 @@ class Membership:
             capacity=declared_capacity(request.capacity),
             models=models,
             pid=request.pid,
-            labels=dict(request.labels),
+            labels=labels,
             heartbeat_at=time.time(),
             coordinator_id=self._coordinator_id,
             version=request.version,

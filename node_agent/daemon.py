@@ -126,6 +126,7 @@ async def serve(config: NodeConfig, store: ModelStore | None = None) -> int:
                 advertise=config.advertise or address,
                 node=node,
                 credentials=credentials,
+                labels=credentials.labels if credentials else None,
             )
             loops.start("membership", registrar.run, restart=True)
             if credentials is not None:

@@ -46,6 +46,8 @@ class NodeCredentials:
     cert_pem: bytes
     ca_pem: bytes
     node_endpoints: list[str] = field(default_factory=list)
+    # Labels the join token gave the node (site, role, ...): sent when it registers.
+    labels: dict[str, str] = field(default_factory=dict)
     state_dir: Path | None = None
     generation: int = 0
 
@@ -62,6 +64,7 @@ class NodeCredentials:
             cert_pem=(state_dir / "node.crt").read_bytes(),
             ca_pem=(state_dir / "ca.crt").read_bytes(),
             node_endpoints=list(data.get("node_endpoints", [])),
+            labels=dict(data.get("labels", {})),
             state_dir=state_dir,
         )
 
@@ -71,7 +74,11 @@ class NodeCredentials:
         write_private(self.state_dir / "node.key", self.key_pem)
         write_private(self.state_dir / "node.crt", self.cert_pem)
         write_private(self.state_dir / "ca.crt", self.ca_pem)
-        record = {"node_id": self.node_id, "node_endpoints": self.node_endpoints}
+        record = {
+            "node_id": self.node_id,
+            "node_endpoints": self.node_endpoints,
+            "labels": self.labels,
+        }
         write_private(self.state_dir / IDENTITY_FILE, json.dumps(record, indent=2).encode())
 
     def remember_endpoints(self, endpoints) -> None:
@@ -193,6 +200,7 @@ async def join(
         credentials.node_id = reply.node_id
         credentials.cert_pem = reply.certificate_pem
         credentials.node_endpoints = sorted(reply.node_endpoints)
+        credentials.labels = dict(reply.labels)
         credentials.save()
         state = "pending approval" if reply.pending else "approved"
         log.info("joined the fleet as %s (%s); identity in %s", reply.node_id, state, state_dir)

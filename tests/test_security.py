@@ -368,15 +368,65 @@ def test_the_http_api_takes_keys_and_scopes(secure, tmp_path):
 # --- approval, revocation, clones, renewal ---------------------------------------------------
 def test_a_pending_node_waits_for_approval(secure):
     with secure.admin() as admin:
-        token = admin.access("CreateJoinToken", access_pb2.CreateJoinTokenRequest(uses=1)).token
+        request = access_pb2.CreateJoinTokenRequest(uses=1, labels={"site": "shop-7"})
+        token = admin.access("CreateJoinToken", request).token
     node = secure.node("gamma", token=token)
     wait_until(lambda: "waiting for an operator's approval" in node.log_path.read_text(), 60)
     assert "gamma" not in secure.ready()
     with secure.admin() as admin:
         admin.access("ApproveNode", access_pb2.ApproveNodeRequest(node_id="gamma"))
     wait_until(lambda: "gamma" in secure.ready(), 30, what="gamma approved and registered")
+    with secure.admin() as admin:
+        gamma = next(n for n in admin.status().nodes if n.node_id == "gamma")
+    assert dict(gamma.labels) == {"site": "shop-7"}  # the token's, not the node's choice
     node.terminate(15)
     wait_until(lambda: "gamma" not in secure.ready(), 30)
+
+
+def test_a_restarted_node_rejoins_without_a_token(secure):
+    secure.nodes["beta"].terminate(15)
+    wait_until(lambda: "beta" not in secure.ready(), 30)
+    restarted = secure.node("beta", token="EF1.not-needed")
+    secure.nodes["beta"] = restarted
+    restarted.wait_serving(120)
+    wait_until(lambda: "beta" in secure.ready(), 30, what="beta back, with its old identity")
+    assert "joined the fleet" not in restarted.log_path.read_text()
+
+
+def test_replicas_share_the_ca_and_serve_https(secure, tmp_path):
+    import ssl
+
+    import httpx
+
+    first_secret = secure.base / "coordinator" / "fleet-secret"
+    without = start_coordinator(
+        grpc_address=f"127.0.0.1:{free_port()}",
+        etcd=secure.etcd.endpoints,
+        extra_args=("--id", "coord-no-secret"),
+        log_path=tmp_path / "no-secret.log",
+        state_dir=tmp_path / "no-secret",
+    )
+    assert without.process.wait(60) == 1
+    assert "copy the fleet secret file" in without.log_path.read_text()
+    replica = start_coordinator(
+        grpc_address=f"127.0.0.1:{free_port()}",
+        etcd=secure.etcd.endpoints,
+        extra_args=("--id", "coord-t", "--fleet-secret-file", str(first_secret), "--tls-auto"),
+        log_path=tmp_path / "replica.log",
+        state_dir=tmp_path / "replica",
+    )
+    try:
+        replica.wait_serving(60)
+        profile = Profile.load(replica.extra["profile"])
+        assert profile.ca_pem == secure.profile.ca_pem  # one fleet CA, from etcd
+        assert profile.http.startswith("https://")
+        context = ssl.create_default_context(cadata=profile.ca_pem)
+        reply = httpx.get(f"https://{replica.extra['http']}/v1/models", verify=context)
+        assert reply.status_code == 200
+        with FleetClient([replica.address], ca_pem=profile.ca_pem, api_key=profile.api_key) as c:
+            assert sorted(n.node_id for n in c.status().nodes) == secure.ready()
+    finally:
+        replica.terminate(15)
 
 
 def test_a_cloned_identity_is_refused(secure, tmp_path):
@@ -429,7 +479,11 @@ def test_a_revoked_node_is_cut_off_and_its_streams_fail_over(secure):
         assert reply.error is None
         assert reply.nodes() == ["alpha", "beta"]
         last_alpha = max(t for t, c in reply.chunks if c.node_id == "alpha")
-        print(f"revoke -> alpha's last token: {1000 * (last_alpha - revoked_at):.0f} ms")
+        first_beta = min(t for t, c in reply.chunks if c.node_id == "beta")
+        print(
+            f"revoke -> alpha's last token: {1000 * (last_alpha - revoked_at):.0f} ms, "
+            f"beta's first: {1000 * (first_beta - revoked_at):.0f} ms"
+        )
         assert last_alpha - revoked_at < 1.0
         wait_until(lambda: "alpha" not in secure.ready(), 10)
         # Its certificate is refused from then on: it never registers again.
