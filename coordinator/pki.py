@@ -155,6 +155,13 @@ class FleetCA:
             raise error_of(Reason.BAD_CSR, "the certificate request's signature is invalid")
         if not isinstance(csr.public_key(), ec.EllipticCurvePublicKey):
             raise error_of(Reason.BAD_CSR, "the certificate request must carry an EC key")
+        named = [a.value for a in csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+        if named != [principal_id[:64]]:
+            raise error_of(
+                Reason.BAD_CSR,
+                f"the certificate request names {named[0] if named else 'no one'!r}, "
+                f"not {principal_id!r}",
+            )
         names: list[x509.GeneralName] = [
             x509.UniformResourceIdentifier(f"{tls.URI_SCHEME}{role}/{principal_id}"),
             x509.DNSName(tls.dns_name(role, principal_id)),

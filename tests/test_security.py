@@ -18,6 +18,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from coordinator.pki import FleetCA
 from edgefleet import tls
 from edgefleet.client import FleetClient
 from edgefleet.errors import EdgefleetError, Reason, reason_of
@@ -224,6 +225,23 @@ def test_token_uses_and_lifetime_are_enforced(secure):
     code, reason = _status_of(lambda: _join_rpc(secure, short, "late"))
     assert code == grpc.StatusCode.UNAUTHENTICATED
     assert reason in (Reason.TOKEN_EXPIRED, Reason.TOKEN_UNKNOWN)
+    # A CSR for another node id than the one asked for.
+    key = tls.new_key()
+    channel = grpc.secure_channel(
+        secure.coordinator.address,
+        grpc.ssl_channel_credentials(secure.profile.ca_pem.encode()),
+        options=tls.channel_options(tls.COORDINATOR_DNS),
+    )
+    with channel:
+        mismatched = access_pb2.JoinRequest(
+            token=join_token(secure.coordinator),
+            csr_pem=tls.csr_for(key, tls.NODE, "someone-else"),
+            node_id="me",
+        )
+        code, reason = _status_of(
+            lambda: access_pb2_grpc.AccessServiceStub(channel).Join(mismatched, timeout=10)
+        )
+    assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, Reason.BAD_CSR)
     # Malformed and forged tokens.
     assert _status_of(lambda: _join_rpc(secure, "K10abc::secret", "bad")) == (
         grpc.StatusCode.UNAUTHENTICATED,
@@ -282,6 +300,22 @@ def test_a_strangers_channel_to_a_node_is_refused(secure):
     address = secure.nodes["beta"].address
     # No TLS: nothing answers.
     with grpc.insecure_channel(address) as channel:
+        code, _ = _status_of(
+            lambda: node_pb2_grpc.NodeServiceStub(channel).GetCapacity(
+                node_pb2.GetCapacityRequest(), timeout=5
+            )
+        )
+    assert code == grpc.StatusCode.UNAVAILABLE
+    # A certificate from another CA, even one naming a coordinator: no TLS session.
+    foreign = FleetCA.generate("elsewhere")
+    key = tls.new_key()
+    cert = foreign.issue(
+        tls.csr_for(key, tls.COORDINATOR, "c"), role=tls.COORDINATOR, principal_id="c", ttl_s=60
+    )
+    credentials = tls.channel_credentials(secure.profile.ca_pem.encode(), key, cert)
+    with grpc.secure_channel(
+        address, credentials, options=tls.channel_options(tls.node_dns("beta"))
+    ) as channel:
         code, _ = _status_of(
             lambda: node_pb2_grpc.NodeServiceStub(channel).GetCapacity(
                 node_pb2.GetCapacityRequest(), timeout=5
@@ -559,3 +593,65 @@ def test_operators_manage_tokens_keys_and_nodes_from_the_cli(secure):
         timeout=60,
     )
     assert refused.returncode == 1 and "NOT_PERMITTED" in refused.stderr
+
+
+def test_the_coordinator_reaches_etcd_over_tls_with_a_client_certificate(tmp_path):
+    from edgefleet.local.etcd_server import EtcdServerTls
+
+    ca = FleetCA.generate("etcd")
+    files = {"ca": ca.cert_pem}
+    for name, role in (("server", tls.COORDINATOR), ("client", tls.NODE)):
+        key = tls.new_key()
+        files[f"{name}-key"] = key
+        files[name] = ca.issue(
+            tls.csr_for(key, role, name),
+            role=role,
+            principal_id=name,
+            ttl_s=3600,
+            hosts=("127.0.0.1",),
+        )
+    for name, pem in files.items():
+        (tmp_path / f"{name}.pem").write_bytes(pem)
+    pem = lambda name: tmp_path / f"{name}.pem"  # noqa: E731
+    cluster = EtcdCluster(
+        1,
+        base_dir=tmp_path / "etcd",
+        tls=EtcdServerTls(
+            pem("ca"), pem("server"), pem("server-key"), pem("client"), pem("client-key")
+        ),
+    ).start()
+    try:
+        # Without a client certificate etcd refuses the coordinator: it says so and exits 1.
+        refused = start_coordinator(
+            grpc_address=f"127.0.0.1:{free_port()}",
+            etcd=cluster.endpoints,
+            extra_args=("--etcd-cacert", str(pem("ca")), "--etcd-wait", "3"),
+            log_path=tmp_path / "refused.log",
+            state_dir=tmp_path / "refused",
+        )
+        assert refused.process.wait(60) == 1
+        assert "cannot reach etcd" in refused.log_path.read_text()
+        coordinator = start_coordinator(
+            grpc_address=f"127.0.0.1:{free_port()}",
+            etcd=cluster.endpoints,
+            extra_args=(
+                "--etcd-cacert",
+                str(pem("ca")),
+                "--etcd-cert",
+                str(pem("client")),
+                "--etcd-key",
+                str(pem("client-key")),
+            ),
+            log_path=tmp_path / "coordinator.log",
+            state_dir=tmp_path / "coordinator",
+        )
+        try:
+            coordinator.wait_serving(60)
+            with admin_client(coordinator) as admin:
+                assert admin.status().coordinator_id
+                token = admin.access("CreateJoinToken", access_pb2.CreateJoinTokenRequest())
+            assert tls.parse_token(token.token)
+        finally:
+            coordinator.terminate(15)
+    finally:
+        cluster.stop()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import ssl
 import subprocess
 import tempfile
 import time
@@ -52,10 +53,15 @@ class EtcdMember:
     data_dir: Path
     log_path: Path
     process: subprocess.Popen | None = None
+    tls: EtcdServerTls | None = None
 
     @property
     def endpoint(self) -> str:
         return f"127.0.0.1:{self.client_port}"
+
+    @property
+    def client_url(self) -> str:
+        return f"{'https' if self.tls else 'http'}://{self.endpoint}"
 
     @property
     def peer_url(self) -> str:
@@ -65,11 +71,29 @@ class EtcdMember:
         return self.process is not None and self.process.poll() is None
 
     def healthy(self) -> bool:
+        context = None
+        if self.tls is not None:
+            context = ssl.create_default_context(cafile=str(self.tls.ca_file))
+            context.load_cert_chain(str(self.tls.client_cert_file), str(self.tls.client_key_file))
         try:
-            with urllib.request.urlopen(f"http://{self.endpoint}/health", timeout=1) as reply:
+            with urllib.request.urlopen(
+                f"{self.client_url}/health", timeout=1, context=context
+            ) as reply:
                 return b'"health":"true"' in reply.read()
         except OSError:
             return False
+
+
+@dataclass(frozen=True)
+class EtcdServerTls:
+    """Client TLS with client-certificate auth: etcd's certificate and key, the
+    CA that signs clients, and one client certificate (for the health check)."""
+
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
+    client_cert_file: Path
+    client_key_file: Path
 
 
 @dataclass
@@ -80,6 +104,7 @@ class EtcdCluster:
     base_dir: Path | None = None
     members: list[EtcdMember] = field(default_factory=list)
     _owns_dir: bool = False
+    tls: EtcdServerTls | None = None
 
     def __post_init__(self) -> None:
         if self.base_dir is None:
@@ -94,6 +119,7 @@ class EtcdCluster:
                     peer_port=free_port(),
                     data_dir=self.base_dir / name,
                     log_path=self.base_dir / f"{name}.log",
+                    tls=self.tls,
                 )
             )
 
@@ -130,6 +156,17 @@ class EtcdCluster:
         """Start (or restart, keeping its data) one member."""
         initial = ",".join(f"{m.name}={m.peer_url}" for m in self.members)
         member.data_dir.mkdir(parents=True, exist_ok=True)
+        tls_args = []
+        if self.tls is not None:
+            tls_args = [
+                "--cert-file",
+                str(self.tls.cert_file),
+                "--key-file",
+                str(self.tls.key_file),
+                "--client-cert-auth",
+                "--trusted-ca-file",
+                str(self.tls.ca_file),
+            ]
         log = member.log_path.open("ab")
         member.process = subprocess.Popen(
             [
@@ -139,9 +176,10 @@ class EtcdCluster:
                 "--data-dir",
                 str(member.data_dir),
                 "--listen-client-urls",
-                f"http://{member.endpoint}",
+                member.client_url,
                 "--advertise-client-urls",
-                f"http://{member.endpoint}",
+                member.client_url,
+                *tls_args,
                 "--listen-peer-urls",
                 member.peer_url,
                 "--initial-advertise-peer-urls",
