@@ -394,7 +394,31 @@ def test_the_http_api_takes_keys_and_scopes(secure, tmp_path):
         httpx.get(f"{http}/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code
         == 200
     )
-    # The API's map is off without --dev.
+    # A stored response belongs to the key that made it.
+    other = secure.key("inference")
+    first = httpx.post(
+        f"{http}/v1/responses",
+        headers={"Authorization": f"Bearer {key}"},
+        json={"model": "smollm2-135m", "input": "Hi", "max_output_tokens": 4},
+        timeout=60,
+    )
+    assert first.status_code == 200, first.text
+    follow = {"model": "smollm2-135m", "input": "More", "max_output_tokens": 4}
+    follow["previous_response_id"] = first.json()["id"]
+    mine = httpx.post(
+        f"{http}/v1/responses", headers={"Authorization": f"Bearer {key}"}, json=follow, timeout=60
+    )
+    assert mine.status_code == 200, mine.text
+    theirs = httpx.post(
+        f"{http}/v1/responses",
+        headers={"Authorization": f"Bearer {other}"},
+        json=follow,
+        timeout=60,
+    )
+    assert theirs.status_code == 400
+    assert theirs.json()["error"]["code"] == "previous_response_not_found"
+    # /metrics: keyless on loopback here; the API's map is off without --dev.
+    assert httpx.get(f"{http}/metrics").status_code == 200
     assert httpx.get(f"{http}/openapi.json").status_code == 404
     assert httpx.get(f"{http}/docs").status_code == 404
 
