@@ -23,6 +23,8 @@ from edgefleet.errors import Reason, error_of
 from edgefleet.v1 import common_pb2, coordinator_pb2
 
 log = logging.getLogger(__name__)
+# How long a node that broke the protocol stays out of placement.
+QUARANTINE_S = 60.0
 
 
 @dataclass
@@ -54,6 +56,7 @@ class FleetView:
         self.nodes: dict[str, NodeEntry] = {}
         self.drained: set[str] = set()
         self._suspects: dict[str, float] = {}  # node -> wall time it was seen failing
+        self._quarantined: dict[str, float] = {}  # node -> monotonic time it may return
         self._active: collections.Counter[str] = collections.Counter()
         self._active_at_report: collections.Counter[str] = collections.Counter()
         self.synced = asyncio.Event()
@@ -157,7 +160,21 @@ class FleetView:
             log.warning("excluding node %s from placement: %s", node_id, reason)
         self._suspects[node_id] = time.time()
 
+    def quarantine(self, node_id: str, reason: str, seconds: float = QUARANTINE_S) -> None:
+        """Exclude a node that broke the protocol for ``seconds`` here, whatever
+        it reports meanwhile (a node that answers but not like a node would
+        otherwise win placement back with every heartbeat)."""
+        until = time.monotonic() + seconds
+        if self._quarantined.get(node_id, 0.0) < until:
+            log.warning("quarantining node %s for %.0fs: %s", node_id, seconds, reason)
+            self._quarantined[node_id] = until
+
     def is_suspect(self, node_id: str) -> bool:
+        until = self._quarantined.get(node_id)
+        if until is not None:
+            if time.monotonic() < until:
+                return True
+            del self._quarantined[node_id]
         return node_id in self._suspects
 
     def state_of(self, entry: NodeEntry) -> int:

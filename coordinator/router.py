@@ -48,6 +48,12 @@ PLACEMENT_OUTCOMES = {
 }
 
 
+# Codes no edgefleet node answers Generate with: whatever listens there is not one.
+PROTOCOL_BREAKS = frozenset(
+    {grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.UNKNOWN, grpc.StatusCode.DATA_LOSS}
+)
+
+
 class NodeFailed(Exception):
     """A node broke, stalled or misbehaved in the middle of a stream."""
 
@@ -295,7 +301,10 @@ class Router:
             except NodeFailed as failure:
                 cause = f"{node_id}: {failure}"
                 failures.append(node_id)
-                self._fleet.suspect(node_id, str(failure))
+                if failure.kind == "malformed":
+                    self._fleet.quarantine(node_id, str(failure))
+                else:
+                    self._fleet.suspect(node_id, str(failure))
                 span.set_status(trace.Status(trace.StatusCode.ERROR, str(failure)))
                 request_span.add_event(
                     "failover",
@@ -433,13 +442,17 @@ class Router:
             if judged is Verdict.CALLER_ERROR:
                 raise error_from_rpc(error) from None
             if judged is Verdict.NODE_FAULT:
-                self._fleet.suspect(node_id, f"{error.code().name}: {error.details()}")
+                cause = f"{error.code().name}: {error.details()}"
+                if error.code() in PROTOCOL_BREAKS and reason_of(error) is None:
+                    self._fleet.quarantine(node_id, cause)  # not an edgefleet node's answer
+                else:
+                    self._fleet.suspect(node_id, cause)
             return None
         except TimeoutError:
             self._fleet.suspect(node_id, "no admission within the deadline")
             return None
         if first is grpc.aio.EOF:
             # Not the client's problem: the node broke the protocol; try another.
-            self._fleet.suspect(node_id, "ended the stream without an answer")
+            self._fleet.quarantine(node_id, "ended the stream without an answer")
             return None
         return first

@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 from types import SimpleNamespace
 
+import grpc
 import pytest
 
 from coordinator import security
@@ -170,3 +171,19 @@ def test_posture_refuses_plaintext_http_off_loopback():
     assert security.posture_problems(_config(tls_cert="c.pem"))  # without its key
     assert security.is_loopback("[::1]:1") and security.is_loopback("localhost:1")
     assert not security.is_loopback("10.0.0.5:1")
+
+
+def test_a_node_that_breaks_the_protocol_stays_out_whatever_it_reports():
+    from coordinator.fleet import FleetView
+    from coordinator.keys import Keys
+    from coordinator.router import PROTOCOL_BREAKS, Verdict, verdict
+
+    fleet = FleetView(None, Keys("/test/"))
+    fleet.quarantine("rogue", "UNIMPLEMENTED", seconds=0.2)
+    fleet.suspect("flaky", "stall")
+    assert fleet.is_suspect("rogue") and fleet.is_suspect("flaky")
+    time.sleep(0.25)
+    assert not fleet.is_suspect("rogue")
+    # A reasonless UNIMPLEMENTED is a node fault (failed over), never the caller's.
+    assert grpc.StatusCode.UNIMPLEMENTED in PROTOCOL_BREAKS
+    assert verdict(grpc.StatusCode.UNIMPLEMENTED, None) is Verdict.NODE_FAULT
