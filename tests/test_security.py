@@ -679,3 +679,38 @@ def test_the_coordinator_reaches_etcd_over_tls_with_a_client_certificate(tmp_pat
             coordinator.terminate(15)
     finally:
         cluster.stop()
+
+
+def test_an_operator_brings_the_fleet_ca(tmp_path, etcd_cluster):
+    from cryptography.hazmat.primitives import serialization
+
+    ca = FleetCA.generate("acme")
+    (tmp_path / "ca.pem").write_bytes(ca.cert_pem)
+    (tmp_path / "ca-key.pem").write_bytes(
+        ca.key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    coordinator = start_coordinator(
+        grpc_address=f"127.0.0.1:{free_port()}",
+        etcd=etcd_cluster.endpoints,
+        extra_args=(
+            "--tls-ca",
+            str(tmp_path / "ca.pem"),
+            "--tls-ca-key",
+            str(tmp_path / "ca-key.pem"),
+        ),
+        log_path=tmp_path / "coordinator.log",
+        state_dir=tmp_path / "coordinator",
+    )
+    try:
+        coordinator.wait_serving(60)
+        profile = Profile.load(coordinator.extra["profile"])
+        assert profile.ca_pem.encode() == ca.cert_pem
+        assert not (tmp_path / "coordinator" / "fleet-secret").exists()  # nothing sealed
+        token = join_token(coordinator)
+        assert tls.parse_token(token).pin == ca.fingerprint[:32]
+    finally:
+        coordinator.terminate(15)
