@@ -14,19 +14,25 @@ import uuid
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, FastAPI, Header, Request
-from fastapi.exceptions import RequestValidationError
+from fastapi.exceptions import HTTPException, RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from coordinator import tools
 from coordinator.openai_common import (
     ApiError,
+    NoLogprobs,
+    Seed,
+    StopStrings,
+    TokenCount,
+    Unsupported,
     api_error,
     authorize,
     collected,
     list_models,
     resolve_model,
     services,
+    setting,
     started,
     usage_of,
 )
@@ -101,25 +107,25 @@ class ChatCompletionRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str = Field(min_length=1)
     messages: list[Message] = Field(min_length=1)
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0, le=2)
-    top_p: float | None = Field(default=None, gt=0, le=1)
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    max_tokens: TokenCount = None
+    max_completion_tokens: TokenCount = None
+    temperature: setting(0, 2) = None
+    top_p: setting(0, 1, low_open=True) = None
+    stop: StopStrings = None
+    seed: Seed = None
     user: str | None = None
     n: int | None = Field(default=None, ge=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
-    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    presence_penalty: setting(-2, 2) = None
+    frequency_penalty: setting(-2, 2) = None
     response_format: ResponseFormat | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
     parallel_tool_calls: bool | None = None
     logprobs: bool | None = None
-    top_logprobs: int | None = None
-    logit_bias: dict[str, float] | None = None
+    top_logprobs: NoLogprobs = None
+    logit_bias: Unsupported = None
     metadata: dict[str, str] | None = None
     store: bool | None = None
     service_tier: str | None = None
@@ -259,9 +265,19 @@ async def on_api_error(request: Request, error: ApiError) -> JSONResponse:
     return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
 
+UNION_TAGS = frozenset({"str", "int", "float", "bool", "dict", "list", "none", "null"})
+
+
 async def on_invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
     problem = error.errors()[0]
-    location = [str(part) for part in problem.get("loc", ()) if part != "body"]
+    # Fields and list indices only: not pydantic's union-branch tags ("str", "list[str]").
+    location = [
+        str(part)
+        for part in problem.get("loc", ())
+        if part != "body"
+        and (isinstance(part, int) or part not in UNION_TAGS)
+        and "[" not in str(part)
+    ]
     param = ".".join(location) or None
     message = problem.get("msg", "invalid request")
     if problem.get("type") == "json_invalid":
@@ -273,12 +289,56 @@ async def on_invalid_request(request: Request, error: RequestValidationError) ->
     return JSONResponse(ApiError(400, message, param=param).body(), status_code=400)
 
 
-async def limit_body(request: Request, call_next):
-    length = request.headers.get("content-length")
-    if length and length.isdigit() and int(length) > MAX_BODY_BYTES:
-        error = ApiError(413, f"request body over {MAX_BODY_BYTES} bytes", code="request_too_large")
-        return JSONResponse(error.body(), status_code=413)
-    return await call_next(request)
+async def on_bad_unicode(request: Request, error: UnicodeEncodeError) -> JSONResponse:
+    """A lone surrogate (``"\\ud800"``) parses as JSON but is no text: 400, not a reset."""
+    problem = ApiError(
+        400, "text must be valid Unicode (a lone surrogate escape?)", code="invalid_unicode"
+    )
+    return JSONResponse(problem.body(), status_code=400)
+
+
+class BodyTooLarge(HTTPException):
+    """An HTTPException, so FastAPI's body parser lets it through unchanged."""
+
+    def __init__(self, max_bytes: int) -> None:
+        super().__init__(413, f"request body over {max_bytes} bytes")
+
+
+async def on_body_too_large(request: Request, error: BodyTooLarge) -> JSONResponse:
+    problem = ApiError(413, error.detail, code="request_too_large")
+    return JSONResponse(problem.body(), status_code=413)
+
+
+class BodyLimit:
+    """Refuse request bodies over ``max_bytes`` by the bytes actually received,
+    so a chunked body (no Content-Length) is cut off too, before it is parsed."""
+
+    def __init__(self, app, max_bytes: int = MAX_BODY_BYTES) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    def _too_large(self) -> ApiError:
+        return ApiError(413, f"request body over {self.max_bytes} bytes", code="request_too_large")
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        for name, value in scope.get("headers", ()):
+            if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
+                error = self._too_large()
+                return await JSONResponse(error.body(), status_code=413)(scope, receive, send)
+        received = 0
+
+        async def limited():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise BodyTooLarge(self.max_bytes)  # answered by on_body_too_large
+            return message
+
+        await self.app(scope, limited, send)
 
 
 def register(app: FastAPI) -> None:
@@ -289,7 +349,9 @@ def register(app: FastAPI) -> None:
     app.include_router(router)
     app.add_exception_handler(ApiError, on_api_error)
     app.add_exception_handler(RequestValidationError, on_invalid_request)
-    app.middleware("http")(limit_body)
+    app.add_exception_handler(UnicodeEncodeError, on_bad_unicode)
+    app.add_exception_handler(BodyTooLarge, on_body_too_large)
+    app.add_middleware(BodyLimit)
 
 
 async def _sse(

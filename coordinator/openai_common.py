@@ -15,9 +15,10 @@ from __future__ import annotations
 import hmac
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Annotated
 
 from fastapi import Request
+from pydantic import AfterValidator, Field
 
 from coordinator import auto_model
 from coordinator.fleet import FleetView
@@ -26,10 +27,50 @@ from coordinator.turns import Relayed, Turns
 from edgefleet import auth
 from edgefleet.auth import Principal
 from edgefleet.errors import EdgefleetError, Reason
+from edgefleet.generation import FLOAT32_MIN_NORMAL, MAX_STOP_LENGTH, MAX_TOKENS_LIMIT
 from edgefleet.v1 import coordinator_pb2
 
 if TYPE_CHECKING:
     from coordinator.access import Access
+
+
+# --- request fields: what the API takes, bounded before any work is spent --------------
+def _plain(value: float) -> float:
+    if value != 0.0 and abs(value) < FLOAT32_MIN_NORMAL:
+        raise ValueError("must be 0 or a normal number (denormals mean nothing here)")
+    return value
+
+
+def _no_bias(value: dict | None) -> dict | None:
+    if value:
+        raise ValueError("is not supported (edgefleet would otherwise ignore it)")
+    return value
+
+
+def _no_logprobs(value: int | None) -> int | None:
+    if value:
+        raise ValueError("is not supported: logprobs are not returned")
+    return value
+
+
+def setting(low: float, high: float, *, low_open: bool = False):
+    """A sampling number: finite, not denormal, in range."""
+    bounds = {"gt": low} if low_open else {"ge": low}
+    return Annotated[
+        float | None,
+        Field(default=None, le=high, allow_inf_nan=False, **bounds),
+        AfterValidator(lambda v: v if v is None else _plain(v)),
+    ]
+
+
+TokenCount = Annotated[int | None, Field(default=None, ge=1, le=MAX_TOKENS_LIMIT)]
+Seed = Annotated[int | None, Field(default=None, ge=-(2**63), le=2**63 - 1)]
+StopStrings = Annotated[
+    str | list[Annotated[str, Field(max_length=MAX_STOP_LENGTH)]] | None,
+    Field(default=None, max_length=MAX_STOP_LENGTH),
+]
+Unsupported = Annotated[dict[str, float] | None, AfterValidator(_no_bias)]
+NoLogprobs = Annotated[int | None, AfterValidator(_no_logprobs)]
 
 # gRPC status -> (HTTP status, OpenAI error type)
 HTTP_OF = {

@@ -23,11 +23,14 @@ from coordinator import tools
 from coordinator.openai_common import (
     ApiError,
     HttpServices,
+    NoLogprobs,
+    TokenCount,
     api_error,
     authorize,
     collected,
     resolve_model,
     services,
+    setting,
     started,
 )
 from edgefleet.errors import EdgefleetError
@@ -44,9 +47,9 @@ class ResponsesRequest(BaseModel):
     tool_choice: Any = None
     stream: bool = False
     previous_response_id: str | None = None
-    max_output_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0, le=2)
-    top_p: float | None = Field(default=None, gt=0, le=1)
+    max_output_tokens: TokenCount = None
+    temperature: setting(0, 2) = None
+    top_p: setting(0, 1, low_open=True) = None
     store: bool = True
     metadata: dict[str, str] | None = None
     user: str | None = None
@@ -56,7 +59,7 @@ class ResponsesRequest(BaseModel):
     reasoning: dict[str, Any] | None = None
     include: list[str] | None = None
     service_tier: str | None = None
-    top_logprobs: int | None = None
+    top_logprobs: NoLogprobs = None
     prompt_cache_key: str | None = None
     safety_identifier: str | None = None
 

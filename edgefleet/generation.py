@@ -10,6 +10,7 @@ a node failed, the client after a coordinator replica failed).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from edgefleet.errors import InvalidArgument, Reason
@@ -17,6 +18,10 @@ from edgefleet.v1 import common_pb2
 
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
 MAX_STOP_STRINGS = 16
+MAX_STOP_LENGTH = 256  # characters per stop string
+MAX_TOKENS_LIMIT = 131072  # no node holds a longer context
+REPEAT_PENALTY_LIMIT = 10.0
+FLOAT32_MIN_NORMAL = 1.1754943508222875e-38
 MAX_MESSAGES = 4096
 
 
@@ -42,12 +47,26 @@ class Message:
     content: str
 
 
+def _plain_number(name: str, value: float) -> None:
+    """NaN, infinities and denormals are refused: they mean nothing as a setting
+    and make samplers misbehave in ways no one can see."""
+    if not math.isfinite(value) or (value != 0.0 and abs(value) < FLOAT32_MIN_NORMAL):
+        raise InvalidArgument(
+            f"sampling.{name} must be a plain finite number, got {value!r}",
+            reason=Reason.BAD_SAMPLING,
+        )
+
+
 def sampling_from_proto(params: common_pb2.SamplingParams) -> Sampling:
     defaults = Sampling()
+    for name in ("temperature", "top_p", "repeat_penalty", "presence_penalty", "frequency_penalty"):
+        if params.HasField(name):
+            _plain_number(name, getattr(params, name))
     max_tokens = params.max_tokens if params.HasField("max_tokens") else None
-    if max_tokens is not None and max_tokens <= 0:
+    if max_tokens is not None and not 0 < max_tokens <= MAX_TOKENS_LIMIT:
         raise InvalidArgument(
-            f"sampling.max_tokens must be > 0, got {max_tokens}", reason=Reason.BAD_SAMPLING
+            f"sampling.max_tokens must be in [1, {MAX_TOKENS_LIMIT}], got {max_tokens}",
+            reason=Reason.BAD_SAMPLING,
         )
     temperature = params.temperature if params.HasField("temperature") else defaults.temperature
     if not 0.0 <= temperature <= 2.0:
@@ -70,14 +89,18 @@ def sampling_from_proto(params: common_pb2.SamplingParams) -> Sampling:
         raise InvalidArgument(
             f"sampling.stop allows at most {MAX_STOP_STRINGS} strings", reason=Reason.BAD_STOP
         )
-    if any(not stop for stop in stops):
-        raise InvalidArgument("sampling.stop strings must not be empty", reason=Reason.BAD_STOP)
+    if any(not stop or len(stop) > MAX_STOP_LENGTH for stop in stops):
+        raise InvalidArgument(
+            f"sampling.stop strings must be 1-{MAX_STOP_LENGTH} characters",
+            reason=Reason.BAD_STOP,
+        )
     repeat_penalty = (
         params.repeat_penalty if params.HasField("repeat_penalty") else defaults.repeat_penalty
     )
-    if repeat_penalty <= 0:
+    if not 0 < repeat_penalty <= REPEAT_PENALTY_LIMIT:
         raise InvalidArgument(
-            f"sampling.repeat_penalty must be > 0, got {repeat_penalty:g}",
+            f"sampling.repeat_penalty must be in (0, {REPEAT_PENALTY_LIMIT:g}], "
+            f"got {repeat_penalty:g}",
             reason=Reason.BAD_SAMPLING,
         )
     penalties = {}
