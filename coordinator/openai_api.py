@@ -274,9 +274,7 @@ async def on_invalid_request(request: Request, error: RequestValidationError) ->
     location = [
         str(part)
         for part in problem.get("loc", ())
-        if part != "body"
-        and (isinstance(part, int) or part not in UNION_TAGS)
-        and "[" not in str(part)
+        if isinstance(part, int) or (part != "body" and part not in UNION_TAGS and "[" not in part)
     ]
     param = ".".join(location) or None
     message = problem.get("msg", "invalid request")
