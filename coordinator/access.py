@@ -31,7 +31,7 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable
 
-from coordinator.etcd import DELETE, Compare, Delete, Etcd, KeyValue, Put
+from coordinator.etcd import Compare, Delete, Etcd, KeyValue, Put
 from coordinator.keys import Keys
 from coordinator.pki import FleetCA
 from edgefleet import auth, tls
@@ -48,6 +48,8 @@ DEFAULT_TOKEN_TTL_S = 3600.0
 MAX_TOKEN_TTL_S = 365 * 86400.0
 MAX_LABELS = 32
 MAX_NAME = 128
+MAX_CSR_BYTES = 16 * 1024  # a P-256 CSR is well under 1 KiB
+MAX_AUDIT_ENTRIES = 1000
 
 
 def _hash(secret: str) -> str:
@@ -60,6 +62,18 @@ def parse_api_key(key: str) -> tuple[str, str] | None:
     if prefix != KEY_PREFIX or not key_id.isalnum() or not secret:
         return None
     return key_id, secret
+
+
+def _token_info(token_id: str, record: dict) -> access_pb2.JoinToken:
+    """What operators see of a stored token: everything but its secret's hash."""
+    shown = {k: v for k, v in record.items() if k != "secret_sha256"}
+    return access_pb2.JoinToken(token_id=token_id, **shown)
+
+
+def _key_info(key_id: str, record: dict) -> access_pb2.ApiKey:
+    """What operators see of a stored API key: everything but its secret's hash."""
+    shown = {k: v for k, v in record.items() if k != "secret_sha256"}
+    return access_pb2.ApiKey(key_id=key_id, **shown)
 
 
 def _check_labels(labels) -> dict[str, str]:
@@ -107,32 +121,22 @@ class Access:
     # --- the mirror --------------------------------------------------------------------
     async def run(self) -> None:
         """Mirror identities and API keys until cancelled (get, then watch)."""
-        synced: set[str] = set()
-        await asyncio.gather(
-            self._mirror(self._keys.identities, self._apply_identity, synced),
-            self._mirror(self._keys.api_keys, self._apply_key, synced),
+        await self._etcd.mirror(
+            {
+                self._keys.identities: (self._apply_identity, self._forget_identities),
+                self._keys.api_keys: (self._apply_key, self._forget_keys),
+            },
+            self.synced,
         )
 
-    async def _mirror(self, prefix: str, apply, synced: set[str]) -> None:
-        backoff = 0.2
-        while True:
-            try:
-                kvs, revision = await self._etcd.get_prefix(prefix)
-                for kv in kvs:
-                    apply(kv, deleted=False)
-                synced.add(prefix)
-                if len(synced) == 2:
-                    self.synced.set()
-                backoff = 0.2
-                async for events in self._etcd.watch_prefix(prefix, revision + 1):
-                    for event in events:
-                        apply(event.kv, deleted=event.kind == DELETE)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # etcd gone or watch cancelled: re-list and go on
-                log.warning("watch on %s failed (%s); re-listing in %.1fs", prefix, exc, backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
+    def _forget_identities(self, seen: set[str]) -> None:
+        for node_id in [n for n in self.identities if self._keys.identity(n) not in seen]:
+            del self.identities[node_id]
+
+    def _forget_keys(self, seen: set[str]) -> None:
+        # A key revoked while the watch was down must not stay usable here.
+        for key_id in [k for k in self._api_keys if self._keys.api_key(k) not in seen]:
+            del self._api_keys[key_id]
 
     def _apply_identity(self, kv: KeyValue, *, deleted: bool) -> None:
         node_id = Keys.last_segment(kv.key)
@@ -190,6 +194,8 @@ class Access:
         from coordinator.membership import NODE_ID
 
         parsed = parse_token(request.token)
+        if len(request.csr_pem) > MAX_CSR_BYTES:
+            raise error_of(Reason.BAD_CSR, f"a CSR is at most {MAX_CSR_BYTES} bytes")
         if not pin_matches(parsed.pin, self.ca.fingerprint):
             raise error_of(Reason.TOKEN_UNKNOWN, "the join token was made for another fleet's CA")
         if not NODE_ID.match(request.node_id):
@@ -262,29 +268,25 @@ class Access:
 
     async def renew(self, node_id: str, csr_pem: bytes) -> bytes:
         """A new certificate for a node (its own id), rotating the accepted serials."""
-        key = self._keys.identity(node_id)
-        for _ in range(5):
-            kv = await self._etcd.get(key)
-            if kv is None:
-                raise error_of(Reason.NODE_REVOKED, f"node {node_id} has no identity")
-            identity = access_pb2.NodeIdentity.FromString(kv.value)
+        if len(csr_pem) > MAX_CSR_BYTES:
+            raise error_of(Reason.BAD_CSR, f"a CSR is at most {MAX_CSR_BYTES} bytes")
+        issued: list[bytes] = []
+
+        def rotate(identity):
             if identity.revoked:
                 raise error_of(Reason.NODE_REVOKED, f"node {node_id}'s identity was revoked")
             certificate = self.ca.issue(
                 csr_pem, role=tls.NODE, principal_id=node_id, ttl_s=self.cert_ttl_s
             )
-            issued = tls.identity_of(certificate)
+            named = tls.identity_of(certificate)
             identity.previous_serial = identity.serial
-            identity.serial = format(issued.serial, "x")
-            identity.not_after = issued.not_after
-            done, _ = await self._etcd.txn(
-                [Compare(key, mod_revision=kv.mod_revision)],
-                [Put(key, identity.SerializeToString())],
-            )
-            if done:
-                log.info("renewed node %s's certificate (serial %s)", node_id, identity.serial)
-                return certificate
-        raise error_of(Reason.ACCESS_CONFLICT, f"node {node_id}'s identity kept changing; retry")
+            identity.serial = format(named.serial, "x")
+            identity.not_after = named.not_after
+            issued[:] = [certificate]
+
+        identity = await self._update_identity(node_id, rotate, missing=Reason.NODE_REVOKED)
+        log.info("renewed node %s's certificate (serial %s)", node_id, identity.serial)
+        return issued[0]
 
     # --- operators: tokens -------------------------------------------------------------
     async def create_token(
@@ -300,26 +302,17 @@ class Access:
         token_id = secrets.token_hex(8)
         secret = secrets.token_urlsafe(24)
         now = time.time()
-        info = access_pb2.JoinToken(
-            token_id=token_id,
-            created_at=now,
-            expires_at=now + ttl,
-            uses_left=request.uses,
-            unlimited=request.uses == 0,
-            labels=labels,
-            approve=request.approve,
-            created_by=caller.who,
-        )
         record = {
             "secret_sha256": _hash(secret),
             "created_at": now,
-            "expires_at": info.expires_at,
+            "expires_at": now + ttl,
             "uses_left": request.uses,
-            "unlimited": info.unlimited,
+            "unlimited": request.uses == 0,
             "labels": labels,
             "approve": request.approve,
             "created_by": caller.who,
         }
+        info = _token_info(token_id, record)
         lease = await self._etcd.grant(ttl)
         await self._etcd.put(self._keys.token(token_id), json.dumps(record).encode(), lease=lease)
         await self.audit(caller, "token.create", token_id, ttl_s=f"{ttl:g}", uses=str(request.uses))
@@ -329,21 +322,7 @@ class Access:
 
     async def list_tokens(self) -> list[access_pb2.JoinToken]:
         kvs, _ = await self._etcd.get_prefix(self._keys.tokens)
-        tokens = []
-        for kv in kvs:
-            record = json.loads(kv.value)
-            tokens.append(
-                access_pb2.JoinToken(
-                    token_id=Keys.last_segment(kv.key),
-                    created_at=record["created_at"],
-                    expires_at=record["expires_at"],
-                    uses_left=record["uses_left"],
-                    unlimited=record["unlimited"],
-                    labels=record["labels"],
-                    approve=record["approve"],
-                    created_by=record["created_by"],
-                )
-            )
+        tokens = [_token_info(Keys.last_segment(kv.key), json.loads(kv.value)) for kv in kvs]
         return sorted(tokens, key=lambda t: t.created_at)
 
     async def revoke_token(self, caller: Principal, token_id: str) -> None:
@@ -356,12 +335,15 @@ class Access:
         kvs, _ = await self._etcd.get_prefix(self._keys.identities)
         return [access_pb2.NodeIdentity.FromString(kv.value) for kv in kvs]
 
-    async def _update_identity(self, node_id: str, change) -> access_pb2.NodeIdentity:
+    async def _update_identity(
+        self, node_id: str, change, *, missing: Reason = Reason.ACCESS_NOT_FOUND
+    ) -> access_pb2.NodeIdentity:
+        """Read, ``change`` and write back a node's identity, retried while it races."""
         key = self._keys.identity(node_id)
         for _ in range(5):
             kv = await self._etcd.get(key) if node_id else None
             if kv is None:
-                raise error_of(Reason.ACCESS_NOT_FOUND, f"no node identity {node_id!r}")
+                raise error_of(missing, f"no node identity {node_id!r}")
             identity = access_pb2.NodeIdentity.FromString(kv.value)
             change(identity)
             done, _ = await self._etcd.txn(
@@ -402,20 +384,14 @@ class Access:
             )
         key_id = secrets.token_hex(6)
         secret = secrets.token_urlsafe(32)
-        info = access_pb2.ApiKey(
-            key_id=key_id,
-            name=name or key_id,
-            scopes=scopes,
-            created_at=time.time(),
-            created_by=caller.who,
-        )
         record = {
             "secret_sha256": _hash(secret),
-            "name": info.name,
+            "name": name or key_id,
             "scopes": scopes,
-            "created_at": info.created_at,
-            "created_by": info.created_by,
+            "created_at": time.time(),
+            "created_by": caller.who,
         }
+        info = _key_info(key_id, record)
         await self._etcd.put(self._keys.api_key(key_id), json.dumps(record).encode())
         self._api_keys[key_id] = record
         await self.audit(caller, "key.create", key_id, name=info.name, scopes=",".join(scopes))
@@ -423,18 +399,7 @@ class Access:
 
     async def list_keys(self) -> list[access_pb2.ApiKey]:
         kvs, _ = await self._etcd.get_prefix(self._keys.api_keys)
-        keys = []
-        for kv in kvs:
-            record = json.loads(kv.value)
-            keys.append(
-                access_pb2.ApiKey(
-                    key_id=Keys.last_segment(kv.key),
-                    name=record["name"],
-                    scopes=record["scopes"],
-                    created_at=record["created_at"],
-                    created_by=record["created_by"],
-                )
-            )
+        keys = [_key_info(Keys.last_segment(kv.key), json.loads(kv.value)) for kv in kvs]
         return sorted(keys, key=lambda k: k.created_at)
 
     async def revoke_key(self, caller: Principal, key_id: str) -> None:
@@ -472,6 +437,10 @@ class Access:
             log.error("could not store the audit record %s: %s", line, exc)
 
     async def list_audit(self, limit: int) -> list[access_pb2.AuditEntry]:
+        if not 0 <= limit <= MAX_AUDIT_ENTRIES:
+            raise error_of(
+                Reason.INVALID_REQUEST, f"limit must be in [0, {MAX_AUDIT_ENTRIES}] (0: 100)"
+            )
         kvs, _ = await self._etcd.get_prefix(self._keys.audit)
         entries = [access_pb2.AuditEntry.FromString(kv.value) for kv in kvs]
         entries.sort(key=lambda e: e.at, reverse=True)

@@ -41,7 +41,7 @@ from coordinator.router import NodeChannels, Router
 from coordinator.service import SERVICE_NAME, CoordinatorServicer
 from coordinator.sessions import SessionLimits, Sessions
 from coordinator.turns import Turns
-from edgefleet import auth, serving, telemetry
+from edgefleet import auth, serving, telemetry, tls
 from edgefleet.errors import Unavailable
 from edgefleet.profile import default_state_dir
 from edgefleet.supervise import Supervisor
@@ -224,7 +224,7 @@ async def serve(config: CoordinatorConfig) -> int:
                 api_keys=frozenset(config.api_keys),
                 auto_models=dict(config.auto_models),
                 access=access,
-                keyless=config.http_keyless_loopback and security.is_loopback(config.http),
+                keyless=config.http_keyless_loopback and tls.is_loopback(config.http),
             )
             ssl_files = None
             if own is not None and (config.tls_cert or config.tls_auto):
@@ -274,16 +274,6 @@ async def serve(config: CoordinatorConfig) -> int:
                 server, SERVICE_NAME, ACCESS_SERVICE_NAME, reflect=reflect
             )
             serving.add_health_and_reflection(node_server, reflect=False)
-
-            def revoked(node_id: str) -> None:
-                asyncio.get_running_loop().create_task(_cut_off(node_id))
-
-            async def _cut_off(node_id: str) -> None:
-                channels.forget_node(node_id)
-                with contextlib.suppress(Unavailable):
-                    await membership.cut_off(node_id)
-
-            access.on_revoked(revoked)
         stop = serving.stop_on_signals()
 
         async def set_serving(on: bool) -> None:
@@ -317,6 +307,18 @@ async def serve(config: CoordinatorConfig) -> int:
         loops.start("replica-lease", replica.run, restart=True)
         loops.start("leadership", leadership.run, restart=True)
         if access is not None:
+
+            async def cut_off(node_id: str) -> None:
+                channels.forget_node(node_id)
+                await membership.cut_off(node_id)
+
+            # A revoked node leaves now; supervised, so a failure (etcd away)
+            # is logged at once and retried until the registration is gone.
+            access.on_revoked(
+                lambda node_id: loops.start(
+                    f"cut-off {node_id}", lambda: cut_off(node_id), restart=True
+                )
+            )
             loops.start("access-mirror", access.run, restart=True)
             loops.start(
                 "own-certificate",

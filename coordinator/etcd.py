@@ -43,6 +43,12 @@ class WatchEvent:
     kv: KeyValue
 
 
+# A mirror's callbacks: take one key (listed, changed or deleted); forget the
+# keys that a new listing no longer holds.
+Apply = Callable[..., None]
+Forget = Callable[[set[str]], None]
+
+
 @dataclass(frozen=True)
 class Compare:
     """A transaction guard on one key."""
@@ -349,3 +355,45 @@ class Etcd:
                     WatchEvent(kind=DELETE if event.type == 1 else PUT, kv=_kv(event.kv))
                     for event in reply.events
                 ]
+
+    # --- mirrors -------------------------------------------------------------------------
+    async def mirror(
+        self, prefixes: dict[str, tuple[Apply, Forget]], synced: asyncio.Event
+    ) -> None:
+        """Keep an in-memory copy of each prefix until cancelled: list it, then
+        follow its watch; after any failure, list it again.
+
+        ``apply(kv, deleted=...)`` takes each key as it is listed or changes;
+        ``forget(seen)`` after each listing drops what is no longer there (a
+        delete missed while the watch was down). ``synced`` is set once every
+        prefix has been listed.
+        """
+        listed: set[str] = set()
+        await asyncio.gather(
+            *(
+                self._mirror(prefix, apply, forget, listed, len(prefixes), synced)
+                for prefix, (apply, forget) in prefixes.items()
+            )
+        )
+
+    async def _mirror(self, prefix, apply, forget, listed, count, synced) -> None:
+        backoff = 0.2
+        while True:
+            try:
+                kvs, revision = await self.get_prefix(prefix)
+                for kv in kvs:
+                    apply(kv, deleted=False)
+                forget({kv.key for kv in kvs})
+                listed.add(prefix)
+                if len(listed) == count:
+                    synced.set()
+                backoff = 0.2
+                async for events in self.watch_prefix(prefix, revision + 1):
+                    for event in events:
+                        apply(event.kv, deleted=event.kind == DELETE)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # etcd gone or watch cancelled: re-list and go on
+                log.warning("watch on %s failed (%s); re-listing in %.1fs", prefix, exc, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from coordinator.etcd import DELETE, Etcd, KeyValue
+from coordinator.etcd import Etcd, KeyValue
 from coordinator.keys import Keys
 from edgefleet.errors import Reason, error_of
 from edgefleet.v1 import common_pb2, coordinator_pb2
@@ -65,41 +65,20 @@ class FleetView:
     # --- mirroring etcd (the view's one long-lived loop) ---------------------------
     async def run(self) -> None:
         """Mirror nodes and drains until cancelled; re-list after any watch failure."""
-        synced_prefixes: set[str] = set()
-        await asyncio.gather(
-            self._mirror(self._keys.nodes, self._apply_node, synced_prefixes),
-            self._mirror(self._keys.drains, self._apply_drain, synced_prefixes),
+        await self._etcd.mirror(
+            {
+                self._keys.nodes: (self._apply_node, self._forget_nodes),
+                self._keys.drains: (self._apply_drain, self._forget_drains),
+            },
+            self.synced,
         )
 
-    async def _mirror(self, prefix: str, apply, synced_prefixes: set[str]) -> None:
-        backoff = 0.2
-        while True:
-            try:
-                kvs, revision = await self._etcd.get_prefix(prefix)
-                seen = {kv.key for kv in kvs}
-                for kv in kvs:
-                    apply(kv, deleted=False)
-                self._forget_missing(prefix, seen)
-                synced_prefixes.add(prefix)
-                if len(synced_prefixes) == 2:
-                    self.synced.set()
-                backoff = 0.2
-                async for events in self._etcd.watch_prefix(prefix, revision + 1):
-                    for event in events:
-                        apply(event.kv, deleted=event.kind == DELETE)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # etcd gone or watch cancelled: re-list and go on
-                log.warning("watch on %s failed (%s); re-listing in %.1fs", prefix, exc, backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
+    def _forget_nodes(self, seen: set[str]) -> None:
+        for node_id in [n for n in self.nodes if self._keys.node(n) not in seen]:
+            self._remove(node_id)
 
-    def _forget_missing(self, prefix: str, seen: set[str]) -> None:
-        if prefix == self._keys.nodes:
-            for node_id in [n for n in self.nodes if self._keys.node(n) not in seen]:
-                self._remove(node_id)
-        else:
-            self.drained &= {Keys.last_segment(key) for key in seen}
+    def _forget_drains(self, seen: set[str]) -> None:
+        self.drained &= {Keys.last_segment(key) for key in seen}
 
     def _apply_node(self, kv: KeyValue, *, deleted: bool) -> None:
         node_id = Keys.last_segment(kv.key)

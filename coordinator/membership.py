@@ -63,6 +63,13 @@ def placement_signature(capacity: common_pb2.Capacity, state: int) -> tuple:
     )
 
 
+def _clamp(model: common_pb2.LoadedModel, slots_limit: int, queue_limit: int) -> None:
+    model.slots_total = max(0, min(model.slots_total, slots_limit, MAX_SLOTS))
+    model.slots_free = max(0, min(model.slots_free, model.slots_total))
+    model.queue_limit = max(0, min(model.queue_limit, queue_limit, MAX_QUEUE))
+    model.queue_depth = max(0, min(model.queue_depth, model.queue_limit))
+
+
 def checked_capacity(
     declared: common_pb2.Capacity, reported: common_pb2.Capacity
 ) -> common_pb2.Capacity:
@@ -80,11 +87,7 @@ def checked_capacity(
     checked = common_pb2.Capacity()
     checked.CopyFrom(reported)
     for model in checked.models:
-        slots_limit, queue_limit = limits.get(model.alias, ceiling)
-        model.slots_total = max(0, min(model.slots_total, slots_limit, MAX_SLOTS))
-        model.slots_free = max(0, min(model.slots_free, model.slots_total))
-        model.queue_limit = max(0, min(model.queue_limit, queue_limit, MAX_QUEUE))
-        model.queue_depth = max(0, min(model.queue_depth, model.queue_limit))
+        _clamp(model, *limits.get(model.alias, ceiling))
     return checked
 
 
@@ -104,10 +107,7 @@ def declared_capacity(capacity: common_pb2.Capacity) -> common_pb2.Capacity:
     bounded = common_pb2.Capacity()
     bounded.CopyFrom(capacity)
     for model in bounded.models:
-        model.slots_total = max(0, min(model.slots_total, MAX_SLOTS))
-        model.slots_free = max(0, min(model.slots_free, model.slots_total))
-        model.queue_limit = max(0, min(model.queue_limit, MAX_QUEUE))
-        model.queue_depth = max(0, min(model.queue_depth, model.queue_limit))
+        _clamp(model, MAX_SLOTS, MAX_QUEUE)
     return bounded
 
 

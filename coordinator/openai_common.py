@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import hmac
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated
@@ -162,8 +161,9 @@ async def caller_of(request: Request) -> Principal | None:
     anonymous where keyless, None when unauthenticated."""
     services_ = services(request)
     token = (request.headers.get("authorization") or "").removeprefix("Bearer ").strip()
-    if token and any(hmac.compare_digest(token, key) for key in services_.api_keys):
-        return Principal("key", "static", "static key", frozenset({auth.INFERENCE}))
+    static = auth.static_key_principal(token, services_.api_keys)
+    if static is not None:
+        return static
     if services_.access is None:
         return None if services_.api_keys else auth.INSECURE
     if token:

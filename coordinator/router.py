@@ -146,18 +146,7 @@ class NodeChannels:
     def renewed(self) -> None:
         """Our certificate changed: open new channels, retire the old ones later."""
         old, self._channels = list(self._channels.items()), {}
-        self._retired.extend(old)
-
-        async def retire():
-            await asyncio.sleep(self._retire_after_s)
-            for item in old:
-                if item in self._retired:
-                    self._retired.remove(item)
-                    await item[1].close()
-
-        task = asyncio.get_running_loop().create_task(retire())
-        self._retiring.add(task)
-        task.add_done_callback(self._retiring.discard)
+        self._retire(old, self._retire_after_s)
 
     def forget_node(self, node_id: str, close_after_s: float = 5.0) -> None:
         """A revoked node: no new call reaches it. Its streams fail over at their
@@ -167,13 +156,20 @@ class NodeChannels:
         doomed = [(k, self._channels.pop(k)) for k in list(self._channels) if k[1] == node_id]
         doomed += [item for item in self._retired if item[0][1] == node_id]
         self._retired = [item for item in self._retired if item[0][1] != node_id]
+        self._retire(doomed, close_after_s)
 
-        async def close():
-            await asyncio.sleep(close_after_s)
-            for _, channel in doomed:
-                await channel.close()
+    def _retire(self, items: list, after_s: float) -> None:
+        """Close these channels ``after_s`` from now, unless closed before."""
+        self._retired.extend(items)
 
-        task = asyncio.get_running_loop().create_task(close())
+        async def close_later():
+            await asyncio.sleep(after_s)
+            for item in items:
+                if item in self._retired:
+                    self._retired.remove(item)
+                    await item[1].close()
+
+        task = asyncio.get_running_loop().create_task(close_later())
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)
 

@@ -97,23 +97,7 @@ class OwnCertificate:
         return self.cert_pem + self.ca_pem
 
     def server_credentials(self, *, require_client_auth: bool) -> grpc.ServerCredentials:
-        """Credentials that pick up a renewed certificate at the next handshake."""
-        seen = {"generation": self.generation}
-
-        def configuration():
-            return grpc.ssl_server_certificate_configuration(
-                [(self.key_pem, self.chain_pem)], root_certificates=self.ca_pem
-            )
-
-        def fetch():
-            if seen["generation"] == self.generation:
-                return None
-            seen["generation"] = self.generation
-            return configuration()
-
-        return grpc.dynamic_ssl_server_credentials(
-            configuration(), fetch, require_client_authentication=require_client_auth
-        )
+        return tls.renewable_server_credentials(self, require_client_auth=require_client_auth)
 
     def channel_credentials(self) -> grpc.ChannelCredentials:
         return tls.channel_credentials(self.ca_pem, self.key_pem, self.cert_pem)
@@ -195,15 +179,12 @@ async def keep_renewed(own: OwnCertificate, ca: FleetCA, coordinator_id: str, ho
 
 def client_authenticator(access: Access, static_keys: frozenset[str]):
     """The caller on the client listener: an API key from the call metadata."""
-    import hmac
 
     async def authenticate(context) -> Principal | None:
         key = auth.bearer(context.invocation_metadata())
         if not key:
             return None
-        if any(hmac.compare_digest(key, static) for static in static_keys):
-            return Principal("key", "static", "static key", frozenset({INFERENCE}))
-        return await access.key_principal(key)
+        return auth.static_key_principal(key, static_keys) or await access.key_principal(key)
 
     return authenticate
 
@@ -239,18 +220,6 @@ async def write_admin_profile(
 
 
 # --- posture -------------------------------------------------------------------------------
-def is_loopback(address: str) -> bool:
-    import ipaddress
-
-    host = address.rpartition(":")[0].strip("[]") or "127.0.0.1"
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def posture_problems(config) -> list[str]:
     """Why this coordinator must not start as configured (empty: it may).
 
@@ -261,7 +230,7 @@ def posture_problems(config) -> list[str]:
         return []
     problems = []
     http_on = config.http and config.http != "off"
-    if http_on and not is_loopback(config.http):
+    if http_on and not tls.is_loopback(config.http):
         if not (config.tls_auto or config.tls_cert):
             problems.append(
                 f"HTTP on {config.http} is not loopback: serve it over TLS (--tls-auto for a "

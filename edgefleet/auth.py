@@ -180,6 +180,13 @@ def _streaming(handler, policy, authenticate, method, not_here):
     return checked
 
 
+def static_key_principal(key: str, static_keys) -> Principal | None:
+    """A key given with ``--api-key``: an ``inference`` caller (compared in constant time)."""
+    if key and any(hmac.compare_digest(key, static) for static in static_keys):
+        return Principal("key", "static", "static key", frozenset({INFERENCE}))
+    return None
+
+
 def bearer(metadata) -> str:
     """The API key in ``authorization: Bearer KEY`` call metadata ("" if none)."""
     for key, value in metadata or ():

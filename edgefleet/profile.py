@@ -43,12 +43,7 @@ class Profile:
         return tls.channel_options(tls.COORDINATOR_DNS)
 
     def save(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        temporary = path.with_suffix(".tmp")
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            json.dump(asdict(self), handle, indent=2)
-        temporary.replace(path)
+        write_private(path, json.dumps(asdict(self), indent=2).encode())
 
     @classmethod
     def load(cls, path: Path) -> Profile:

@@ -22,6 +22,7 @@ import datetime
 import functools
 import hashlib
 import hmac
+import ipaddress
 from dataclasses import dataclass
 
 import grpc
@@ -52,8 +53,11 @@ class JoinToken:
     secret: str
 
 
+MAX_TOKEN_CHARS = 256
+
+
 def parse_token(token: str) -> JoinToken:
-    parts = token.strip().split(".")
+    parts = token.strip().split(".") if len(token) <= MAX_TOKEN_CHARS else []
     if (
         len(parts) != 4
         or parts[0] != TOKEN_VERSION
@@ -195,6 +199,41 @@ def channel_credentials(ca_pem: bytes, key_pem: bytes, cert_pem: bytes):
     return grpc.ssl_channel_credentials(
         root_certificates=ca_pem, private_key=key_pem, certificate_chain=cert_pem
     )
+
+
+def renewable_server_credentials(holder, *, require_client_auth: bool) -> grpc.ServerCredentials:
+    """Server credentials that follow a renewed certificate at the next handshake.
+
+    ``holder`` has ``key_pem``, ``chain_pem``, ``ca_pem`` and a ``generation``
+    bumped on every renewal; open connections keep the certificate they began with.
+    """
+    seen = {"generation": holder.generation}
+
+    def configuration():
+        return grpc.ssl_server_certificate_configuration(
+            [(holder.key_pem, holder.chain_pem)], root_certificates=holder.ca_pem
+        )
+
+    def fetch():
+        if seen["generation"] == holder.generation:
+            return None
+        seen["generation"] = holder.generation
+        return configuration()
+
+    return grpc.dynamic_ssl_server_credentials(
+        configuration(), fetch, require_client_authentication=require_client_auth
+    )
+
+
+def is_loopback(address: str) -> bool:
+    """Whether ``host:port`` listens on loopback only (an empty host counts)."""
+    host = address.rpartition(":")[0].strip("[]") or "127.0.0.1"
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def channel_options(target_dns: str) -> list[tuple[str, str]]:

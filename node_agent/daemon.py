@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import socket
 import sys
@@ -65,7 +64,7 @@ async def serve(config: NodeConfig, store: ModelStore | None = None) -> int:
     server = grpc.aio.server(options=SERVER_OPTIONS)
     credentials = None
     if config.insecure or not (config.coordinators or config.join_token):
-        if not config.insecure and not is_loopback(config.listen):
+        if not config.insecure and not tls.is_loopback(config.listen):
             log.error(
                 "refusing to start: a standalone node on %s (not loopback) would answer "
                 "anyone; join a fleet (--join TOKEN --coordinator ...) or say --insecure",
@@ -201,16 +200,6 @@ async def _fleet_identity(config: NodeConfig) -> NodeCredentials | None:
     except OSError as error:
         log.error("cannot join the fleet: %s", error)
     return None
-
-
-def is_loopback(address: str) -> bool:
-    host = address.rpartition(":")[0].strip("[]") or "127.0.0.1"
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 async def add_node_service(

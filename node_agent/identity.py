@@ -89,24 +89,13 @@ class NodeCredentials:
                 self.save()
 
     # --- gRPC credentials --------------------------------------------------------------
+    @property
+    def chain_pem(self) -> bytes:
+        return self.cert_pem
+
     def server_credentials(self) -> grpc.ServerCredentials:
         """Mutual TLS: only fleet certificates connect; a renewal applies to new handshakes."""
-        seen = {"generation": self.generation}
-
-        def configuration():
-            return grpc.ssl_server_certificate_configuration(
-                [(self.key_pem, self.cert_pem)], root_certificates=self.ca_pem
-            )
-
-        def fetch():
-            if seen["generation"] == self.generation:
-                return None
-            seen["generation"] = self.generation
-            return configuration()
-
-        return grpc.dynamic_ssl_server_credentials(
-            configuration(), fetch, require_client_authentication=True
-        )
+        return tls.renewable_server_credentials(self, require_client_auth=True)
 
     def channel(self, address: str) -> grpc.aio.Channel:
         """Mutual TLS to a coordinator's node listener."""

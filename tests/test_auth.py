@@ -169,8 +169,8 @@ def test_posture_refuses_plaintext_http_off_loopback():
     assert security.posture_problems(_config(http="0.0.0.0:8080", tls_auto=True)) == []
     assert security.posture_problems(_config(http="0.0.0.0:8080", insecure=True)) == []
     assert security.posture_problems(_config(tls_cert="c.pem"))  # without its key
-    assert security.is_loopback("[::1]:1") and security.is_loopback("localhost:1")
-    assert not security.is_loopback("10.0.0.5:1")
+    assert tls.is_loopback("[::1]:1") and tls.is_loopback("localhost:1")
+    assert not tls.is_loopback("10.0.0.5:1")
 
 
 def test_a_node_that_breaks_the_protocol_stays_out_whatever_it_reports():
@@ -187,3 +187,16 @@ def test_a_node_that_breaks_the_protocol_stays_out_whatever_it_reports():
     # A reasonless UNIMPLEMENTED is a node fault (failed over), never the caller's.
     assert grpc.StatusCode.UNIMPLEMENTED in PROTOCOL_BREAKS
     assert verdict(grpc.StatusCode.UNIMPLEMENTED, None) is Verdict.NODE_FAULT
+
+
+def test_a_relisted_mirror_forgets_keys_and_identities_deleted_while_it_was_away():
+    from coordinator.access import Access
+    from coordinator.keys import Keys
+
+    keys = Keys("/test/")
+    access = Access(None, keys, FleetCA.generate())
+    access._api_keys = {"kept": {}, "revoked": {}}
+    access.identities = {"n1": access_pb2.NodeIdentity(node_id="n1")}
+    access._forget_keys({keys.api_key("kept")})
+    access._forget_identities(set())
+    assert list(access._api_keys) == ["kept"] and access.identities == {}
