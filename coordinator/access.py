@@ -49,6 +49,7 @@ MAX_TOKEN_TTL_S = 365 * 86400.0
 MAX_LABELS = 32
 MAX_NAME = 128
 MAX_CSR_BYTES = 16 * 1024  # a P-256 CSR is well under 1 KiB
+JOIN_ATTEMPTS = 16  # compare-and-swap retries when joins race on one token
 MAX_AUDIT_ENTRIES = 1000
 
 
@@ -204,6 +205,36 @@ class Access:
                 "node_id: 1-128 of letters, digits, '.', '_' and '-', starting with a "
                 f"letter or digit; got {request.node_id[:64]!r}",
             )
+        # Joins racing on one token (a fleet brought up at once) each re-read it and
+        # retry: the token's use count is a compare-and-swap, not a lock.
+        for _ in range(JOIN_ATTEMPTS):
+            joined = await self._try_join(parsed, request)
+            if joined is not None:
+                break
+        else:
+            raise error_of(
+                Reason.ACCESS_CONFLICT, "concurrent joins kept changing the token; retry"
+            )
+        identity, certificate, record = joined
+        await self.audit(
+            Principal("node", request.node_id, request.node_id),
+            "node.join",
+            request.node_id,
+            token=parsed.token_id,
+            approved=str(identity.approved).lower(),
+        )
+        return access_pb2.JoinResponse(
+            node_id=request.node_id,
+            certificate_pem=certificate,
+            ca_pem=self.ca.cert_pem,
+            pending=not identity.approved,
+            labels=record["labels"],
+            node_endpoints=await self.endpoints(),
+        )
+
+    async def _try_join(self, parsed, request):
+        """One attempt: (identity, certificate, token record), or None if a concurrent
+        join changed the token or the id between the read and the write."""
         token_key = self._keys.token(parsed.token_id)
         kv = await self._etcd.get(token_key)
         if kv is None:
@@ -249,22 +280,8 @@ class Access:
             operations,
         )
         if not joined:  # another join spent the token or took the id meanwhile
-            raise error_of(Reason.ACCESS_CONFLICT, "a concurrent join changed the token; retry")
-        await self.audit(
-            Principal("node", request.node_id, request.node_id),
-            "node.join",
-            request.node_id,
-            token=parsed.token_id,
-            approved=str(identity.approved).lower(),
-        )
-        return access_pb2.JoinResponse(
-            node_id=request.node_id,
-            certificate_pem=certificate,
-            ca_pem=self.ca.cert_pem,
-            pending=not identity.approved,
-            labels=record["labels"],
-            node_endpoints=await self.endpoints(),
-        )
+            return None
+        return identity, certificate, record
 
     async def renew(self, node_id: str, csr_pem: bytes) -> bytes:
         """A new certificate for a node (its own id), rotating the accepted serials."""

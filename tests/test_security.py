@@ -254,6 +254,22 @@ def test_token_uses_and_lifetime_are_enforced(secure):
     )
 
 
+def test_joins_racing_on_one_token_all_get_in_and_spend_it_exactly(secure):
+    from concurrent.futures import ThreadPoolExecutor
+
+    with secure.admin() as admin:
+        token = admin.access(
+            "CreateJoinToken", access_pb2.CreateJoinTokenRequest(uses=6, approve=True)
+        ).token
+    with ThreadPoolExecutor(6) as pool:
+        joined = list(pool.map(lambda i: _join_rpc(secure, token, f"racer-{i}"), range(6)))
+    assert sorted(j.node_id for j in joined) == [f"racer-{i}" for i in range(6)]
+    assert _status_of(lambda: _join_rpc(secure, token, "racer-6")) == (
+        grpc.StatusCode.UNAUTHENTICATED,
+        Reason.TOKEN_USED_UP,
+    )
+
+
 def test_a_pin_mismatch_stops_the_node_before_it_sends_the_token(secure, tmp_path):
     with secure.admin() as admin:
         made = admin.access(
