@@ -23,6 +23,9 @@ class CoordinatorConfig:
     session_idle_ttl_s: float = 1800.0
     session_max_messages: int = 512
     session_max_bytes: int = 512 * 1024
+    # What one API key may keep in etcd (coordinator.usage; 0: no limit).
+    key_max_sessions: int = 1000  # live sessions
+    key_max_bytes: int = 64 * 1024 * 1024  # sessions and stored conversations
     etcd_timeout_s: float = 2.0
     startup_etcd_wait_s: float = 10.0
     shutdown_grace_s: float = 10.0

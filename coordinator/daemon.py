@@ -41,6 +41,7 @@ from coordinator.router import NodeChannels, Router
 from coordinator.service import SERVICE_NAME, CoordinatorServicer
 from coordinator.sessions import SessionLimits, Sessions
 from coordinator.turns import Turns
+from coordinator.usage import StorageLimits
 from edgefleet import auth, serving, telemetry, tls
 from edgefleet.errors import Unavailable
 from edgefleet.profile import default_state_dir
@@ -201,6 +202,9 @@ async def serve(config: CoordinatorConfig) -> int:
             ),
             replica_lease=lambda: replica.lease_id,
             coordinator_id=coordinator_id,
+            storage=StorageLimits(
+                max_sessions=config.key_max_sessions, max_bytes=config.key_max_bytes
+            ),
         )
         turns = Turns(router, sessions, fleet, metrics)
         servicer = CoordinatorServicer(

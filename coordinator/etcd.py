@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import grpc
 from etcd3aio import Etcd3Client, EtcdError, prefix_range_end
 from etcd3aio._protobuf import Compare as CompareProto
-from etcd3aio._protobuf import LeaseKeepAliveRequest
+from etcd3aio._protobuf import LeaseKeepAliveRequest, RangeRequest, RequestOp
 from etcd3aio.kv import KVService
 
 from edgefleet.errors import EdgefleetError, Reason, Unavailable, error_of
@@ -266,7 +266,14 @@ class Etcd:
         success: Sequence[Put | Delete],
         failure: Sequence[Put | Delete] = (),
     ) -> tuple[bool, int]:
-        """Apply ``success`` if every guard holds, else ``failure``; (succeeded, revision)."""
+        """Apply ``success`` if every guard holds, else ``failure``; (succeeded, revision).
+
+        Sent once, never retried here: a transaction whose reply was lost may
+        have been applied, and a blind second attempt would then see its own
+        write and report that a guard failed. Unavailable therefore means
+        *outcome unknown*; the caller resolves it by reading back what the
+        transaction would have written (``Sessions.commit_turn`` does).
+        """
         reply = await self._call(
             "txn",
             self._client.kv.txn(
@@ -274,9 +281,36 @@ class Etcd:
                 [self._op(op) for op in success],
                 [self._op(op) for op in failure],
                 timeout=self.timeout_s,
+                max_attempts=1,
             ),
         )
         return reply.succeeded, reply.header.revision
+
+    async def count_prefixes(self, prefixes: Sequence[str]) -> list[int]:
+        """How many keys are under each prefix, read at one revision in one
+        round trip (a read-only transaction of count-only ranges): no keys or
+        values cross the wire, however many there are."""
+        if not prefixes:
+            return []
+        reply = await self._call(
+            "count",
+            self._client.kv.txn(
+                [],
+                [
+                    RequestOp(
+                        request_range=RangeRequest(
+                            key=prefix.encode(),
+                            range_end=prefix_range_end(prefix),
+                            count_only=True,
+                        )
+                    )
+                    for prefix in prefixes
+                ],
+                [],
+                timeout=self.timeout_s,
+            ),
+        )
+        return [int(response.response_range.count) for response in reply.responses]
 
     @staticmethod
     def _compare(compare: Compare):
@@ -321,6 +355,13 @@ class Etcd:
         """Keep a lease alive once; returns its remaining TTL (0: it has expired)."""
         lane = self._keepalive[lease_id % len(self._keepalive)]
         return await self._call("lease keepalive", lane.refresh(lease_id))
+
+    async def lease_ttl(self, lease_id: int) -> tuple[int, int]:
+        """(TTL the lease was granted, seconds it has left); (0, -1) once it is gone."""
+        reply = await self._call(
+            "lease ttl", self._client.lease.time_to_live(lease_id, timeout=self.timeout_s)
+        )
+        return int(reply.grantedTTL), int(reply.TTL)
 
     async def revoke(self, lease_id: int) -> None:
         try:

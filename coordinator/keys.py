@@ -6,6 +6,7 @@
 <prefix>session-node/<node>/<session>  ""                  lease: session idle TTL
 <prefix>turns/<session_id>             turn id             lease: the replica's
 <prefix>responses/<response_id>        Session             lease: session idle TTL
+<prefix>usage/<owner>/<kind>/<class>/<id>  ""            lease: the record's (storage quota)
 <prefix>coordinators/<coordinator_id>  CoordinatorRecord   lease: the replica's
 <prefix>leader/<task>                  coordinator id      lease: the replica's
 <prefix>ca                             fleet CA (key sealed with the fleet secret)
@@ -18,6 +19,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from urllib.parse import quote
 
 DEFAULT_PREFIX = "/edgefleet/v1/"
 
@@ -63,6 +65,17 @@ class Keys:
 
     def turn(self, session_id: str) -> str:
         return f"{self.prefix}turns/{session_id}"
+
+    # --- storage quota: one usage key per stored record, under the record's lease ----
+    def usage(self, owner: str) -> str:
+        """Everything that ``owner`` (an API key, "anonymous") stores, by kind and class."""
+        return f"{self.prefix}usage/{quote(owner, safe=':')}/"
+
+    def usage_class(self, owner: str, kind: str, charge_class: int) -> str:
+        return f"{self.usage(owner)}{kind}/{charge_class:02d}/"
+
+    def usage_record(self, owner: str, kind: str, charge_class: int, record_id: str) -> str:
+        return f"{self.usage_class(owner, kind, charge_class)}{record_id}"
 
     @property
     def coordinators(self) -> str:

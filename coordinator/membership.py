@@ -7,7 +7,9 @@ a heartbeat for an epoch that no longer exists (the lease expired, the node
 was replaced) is answered with REREGISTER, so a node that was cut off must
 register again before it gets work. Each heartbeat refreshes the lease; the
 record is rewritten when something placement uses changed, or every
-``record_refresh_s`` otherwise.
+``record_refresh_s`` otherwise, and never more often than
+``record_min_interval_s`` (``coordinator.node_limits``: a record's size and
+rewrite rate are bounded, so no node can fill etcd).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from coordinator.etcd import Compare, Etcd, Put
 from coordinator.fleet import FleetView, NodeEntry
 from coordinator.keys import Keys
+from coordinator.node_limits import RecordPacer, record_too_large, trim_capacity
 from edgefleet.auth import CALLER
 from edgefleet.errors import (
     AlreadyExists,
@@ -103,9 +106,10 @@ def check_speaker(node_id: str) -> None:
 
 
 def declared_capacity(capacity: common_pb2.Capacity) -> common_pb2.Capacity:
-    """What a registration may declare: bounded slots and queues."""
+    """What a registration may declare: bounded slots and queues, a bounded report."""
     bounded = common_pb2.Capacity()
     bounded.CopyFrom(capacity)
+    trim_capacity(bounded)
     for model in bounded.models:
         _clamp(model, MAX_SLOTS, MAX_QUEUE)
     return bounded
@@ -122,6 +126,7 @@ class Membership:
         lease_ttl_s: float = 3.0,
         heartbeat_interval_s: float = 1.0,
         record_refresh_s: float = 5.0,
+        record_min_interval_s: float | None = None,
         admit: Callable[[str], Awaitable[dict[str, str]]] | None = None,
         node_endpoints: Callable[[], Awaitable[list[str]]] | None = None,
     ) -> None:
@@ -137,6 +142,10 @@ class Membership:
         self.lease_ttl_s = lease_ttl_s
         self.heartbeat_interval_s = heartbeat_interval_s
         self._record_refresh_s = record_refresh_s
+        # A node's record is rewritten at most this often, whatever it reports.
+        self._record_min_interval_s = (
+            heartbeat_interval_s / 2 if record_min_interval_s is None else record_min_interval_s
+        )
         # Wall time of the last heartbeat each node sent to this replica.
         self.last_beat: dict[str, float] = {}
         # Heartbeats missed in a row before the node counts as lost.
@@ -202,6 +211,9 @@ class Membership:
             coordinator_id=self._coordinator_id,
             version=request.version,
         )
+        too_large = record_too_large(record)
+        if too_large is not None:
+            raise too_large
         lease = await self._etcd.grant(self.lease_ttl_s)
         created, revision = await self._etcd.txn(
             [Compare(key, mod_revision=0)], [Put(key, record.SerializeToString(), lease=lease)]
@@ -227,8 +239,7 @@ class Membership:
         """Answer one node's heartbeat stream until it ends or the node is fenced."""
         node_id = ""
         entry: NodeEntry | None = None
-        written_signature = None
-        written_at = 0.0
+        pacer = RecordPacer(self._record_min_interval_s, self._record_refresh_s)
         goodbye = False
         beats = aiter(requests)
         try:
@@ -247,6 +258,7 @@ class Membership:
                     break
                 check_speaker(beat.node_id)
                 node_id = beat.node_id
+                trim_capacity(beat.capacity)
                 self._streams[node_id] = asyncio.current_task()
                 entry = self._fleet.nodes.get(node_id)
                 if entry is None or entry.epoch != beat.epoch:
@@ -258,20 +270,25 @@ class Membership:
                         yield coordinator_pb2.HeartbeatResponse(command=Command.COMMAND_REREGISTER)
                         return
                 try:
-                    if await self._etcd.refresh(entry.lease) <= 0:
-                        goodbye = True
-                        yield coordinator_pb2.HeartbeatResponse(command=Command.COMMAND_REREGISTER)
-                        return
-                    signature = placement_signature(beat.capacity, beat.state)
-                    now = time.time()
-                    if signature != written_signature or now - written_at >= self._record_refresh_s:
-                        if not await self._write_record(entry, beat, now):
+                    # Paced: a node beating faster than its interval costs etcd no more.
+                    paced_at = time.monotonic()
+                    if pacer.lease_due(paced_at):
+                        if await self._etcd.refresh(entry.lease) <= 0:
                             goodbye = True
                             yield coordinator_pb2.HeartbeatResponse(
                                 command=Command.COMMAND_REREGISTER
                             )
                             return
-                        written_signature, written_at = signature, now
+                        pacer.lease_refreshed(paced_at)
+                    signature = placement_signature(beat.capacity, beat.state)
+                    if pacer.record_due(signature, paced_at):
+                        if not await self._write_record(entry, beat, time.time()):
+                            goodbye = True
+                            yield coordinator_pb2.HeartbeatResponse(
+                                command=Command.COMMAND_REREGISTER
+                            )
+                            return
+                        pacer.record_written(signature, paced_at)
                 except Unavailable as exc:
                     # etcd is down: keep the stream; the node's lease may lapse.
                     log.warning("heartbeat of %s not recorded: %s", node_id, exc.message)
@@ -338,9 +355,12 @@ class Membership:
             if beat.capacity.draining
             else (beat.state or common_pb2.NODE_STATE_READY)
         )
-        record.models[:] = [m.alias for m in beat.capacity.models] or list(record.models)
+        record.models[:] = [m.alias for m in record.capacity.models] or list(record.models)
         record.heartbeat_at = now
         record.coordinator_id = self._coordinator_id
+        too_large = record_too_large(record)
+        if too_large is not None:
+            raise too_large  # ends the stream: the node breaks the protocol
         key = self._keys.node(entry.node_id)
         # Only while this registration (epoch) exists: never resurrect a fenced node.
         written, _ = await self._etcd.txn(

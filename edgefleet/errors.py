@@ -39,6 +39,10 @@ class Reason(enum.Enum):
     SESSION_BUSY = (Code.ABORTED, "another turn of the session is in progress")
     SESSION_CONFLICT = (Code.ABORTED, "the session changed during the turn")
     SESSION_FULL = (Code.RESOURCE_EXHAUSTED, "the session reached its size limit")
+    STORAGE_QUOTA = (
+        Code.RESOURCE_EXHAUSTED,
+        "the API key holds as many live sessions or stored bytes as its quota allows",
+    )
     NODE_NOT_FOUND = (Code.NOT_FOUND, "no such node in the fleet")
     # --- a node cannot take the request now (try another; not a fault) -------------
     MODEL_NOT_LOADED = (Code.FAILED_PRECONDITION, "the node does not have the model loaded")
@@ -66,6 +70,10 @@ class Reason(enum.Enum):
     # --- membership ----------------------------------------------------------------------
     NODE_ID_TAKEN = (Code.ALREADY_EXISTS, "another live node holds this node id")
     STALE_EPOCH = (Code.FAILED_PRECONDITION, "the registration (epoch) is not current")
+    NODE_RECORD_TOO_LARGE = (
+        Code.INVALID_ARGUMENT,
+        "the node's registration or capacity report is over the size limit",
+    )
     # --- who is calling (authentication and authorisation) -------------------------
     NOT_AUTHENTICATED = (Code.UNAUTHENTICATED, "no valid credential: API key or certificate")
     NOT_PERMITTED = (Code.PERMISSION_DENIED, "the caller may not do this (scope or identity)")

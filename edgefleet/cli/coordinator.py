@@ -55,6 +55,19 @@ def _add_coordinator(sub) -> None:
     p.add_argument("--session-max-messages", type=int, default=base.session_max_messages)
     p.add_argument("--session-max-bytes", type=int, default=base.session_max_bytes)
     p.add_argument(
+        "--key-max-sessions",
+        type=int,
+        default=base.key_max_sessions,
+        help="live sessions one API key may hold (0: no limit)",
+    )
+    p.add_argument(
+        "--key-max-bytes",
+        type=int,
+        default=base.key_max_bytes,
+        help="bytes of sessions and stored conversations one API key may keep in etcd "
+        "(0: no limit)",
+    )
+    p.add_argument(
         "--etcd-wait",
         type=float,
         default=base.startup_etcd_wait_s,
@@ -179,6 +192,9 @@ def _run_coordinator(args) -> int:
             file=sys.stderr,
         )
         return 2
+    if args.key_max_sessions < 0 or args.key_max_bytes < 0:
+        print("error: --key-max-sessions and --key-max-bytes must be >= 0", file=sys.stderr)
+        return 2
     return run(
         CoordinatorConfig(
             etcd=etcd,
@@ -193,6 +209,8 @@ def _run_coordinator(args) -> int:
             session_idle_ttl_s=args.session_idle_ttl,
             session_max_messages=args.session_max_messages,
             session_max_bytes=args.session_max_bytes,
+            key_max_sessions=args.key_max_sessions,
+            key_max_bytes=args.key_max_bytes,
             startup_etcd_wait_s=args.etcd_wait,
             stall_timeout_s=args.stall_timeout,
             first_token_timeout_s=args.first_token_timeout,
