@@ -34,6 +34,16 @@ class CoordinatorConfig:
     stall_timeout_s: float = 2.0
     first_token_timeout_s: float = 15.0
     max_failovers: int = 3
+    # --- the HTTP listener's connections (coordinator.http_app; 0: off) -----------
+    http_header_timeout_s: float = 10.0  # to send a whole request head
+    http_idle_timeout_s: float = 5.0  # keep-alive connection without a request
+    http_body_timeout_s: float = 30.0  # to send a body, plus 1 s per min-rate bytes
+    http_body_min_rate: int = 4096  # bytes/s
+    http_max_connections: int = 512  # beyond: 503 with Retry-After, then closed
+    # --- per-caller quotas on generations, per replica (coordinator.quotas; 0: off) --
+    rate_limit: float = 20.0  # generations/s per API key (keyless loopback: one caller)
+    rate_burst: int = 40
+    max_streams_per_key: int = 32  # generations in progress at once per API key
     # Bearer keys the HTTP API accepts; empty: no authentication.
     api_keys: tuple[str, ...] = ()
     # "model": "auto" table, task class -> alias (see coordinator.auto_model).

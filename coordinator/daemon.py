@@ -29,13 +29,14 @@ from coordinator.access_service import AccessServicer
 from coordinator.config import CoordinatorConfig
 from coordinator.etcd import Etcd, EtcdTls
 from coordinator.fleet import FleetView
-from coordinator.http_app import build_app, http_server
+from coordinator.http_app import HttpLimits, build_app, http_server
 from coordinator.keys import Keys
 from coordinator.leader import Leadership
 from coordinator.membership import Membership
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.openai_common import HttpServices
 from coordinator.placement import Placement
+from coordinator.quotas import QuotaLimits, Quotas
 from coordinator.replica import ReplicaLease
 from coordinator.router import NodeChannels, Router
 from coordinator.service import SERVICE_NAME, CoordinatorServicer
@@ -206,7 +207,14 @@ async def serve(config: CoordinatorConfig) -> int:
                 max_sessions=config.key_max_sessions, max_bytes=config.key_max_bytes
             ),
         )
-        turns = Turns(router, sessions, fleet, metrics)
+        quotas = Quotas(
+            QuotaLimits(
+                rate_per_s=config.rate_limit,
+                burst=config.rate_burst,
+                max_concurrent=config.max_streams_per_key,
+            )
+        )
+        turns = Turns(router, sessions, fleet, metrics, quotas=quotas)
         servicer = CoordinatorServicer(
             coordinator_id=coordinator_id,
             replica=replica,
@@ -235,10 +243,20 @@ async def serve(config: CoordinatorConfig) -> int:
                 ssl_files = (config.tls_cert, config.tls_key)
                 if config.tls_auto:
                     ssl_files = security.write_http_tls_files(own, state_dir)
+            limits = HttpLimits(
+                header_timeout_s=config.http_header_timeout_s,
+                idle_timeout_s=config.http_idle_timeout_s,
+                body_timeout_s=config.http_body_timeout_s,
+                body_min_rate=config.http_body_min_rate,
+                max_connections=config.http_max_connections,
+            )
             http = http_server(
-                build_app(services, metrics=metrics, etcd_ping=etcd.ping, dev=config.dev),
+                build_app(
+                    services, metrics=metrics, etcd_ping=etcd.ping, dev=config.dev, limits=limits
+                ),
                 config.http,
                 ssl_files=ssl_files,
+                limits=limits,
             )
             http_url = ("https://" if ssl_files else "http://") + config.http
         servicer = CoordinatorServicer(

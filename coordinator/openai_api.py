@@ -8,6 +8,7 @@ The handlers are module-level functions; ``register`` adds them to an app.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -41,6 +42,11 @@ from edgefleet.generation import sampling_params
 from edgefleet.v1 import common_pb2, coordinator_pb2
 
 MAX_BODY_BYTES = 4 * 1024 * 1024
+# A request body must arrive within BODY_TIMEOUT_S plus one second for every
+# BODY_MIN_RATE bytes received: a slow but steady upload goes on, a trickle
+# (or a stall) is answered 408 and its connection closed.
+BODY_TIMEOUT_S = 30.0
+BODY_MIN_RATE = 4096
 
 FINISH = {
     common_pb2.FINISH_REASON_STOP: "stop",
@@ -230,13 +236,13 @@ async def chat_completions(
     created = int(time.time())
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        reply = await started(stream)
+        reply = await started(stream, request)
         return StreamingResponse(
             _sse(reply, completion_id, created, body.model, include_usage, plan),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache"},
         )
-    reply, last = await collected(stream)
+    reply, last = await collected(stream, request)
     message: dict[str, Any] = {"role": "assistant", "content": reply}
     finish_reason = FINISH.get(last.finish_reason, "stop")
     calls = tools.parse_reply(plan, reply)
@@ -307,13 +313,39 @@ async def on_body_too_large(request: Request, error: BodyTooLarge) -> JSONRespon
     return JSONResponse(problem.body(), status_code=413)
 
 
+class BodyTooSlow(HTTPException):
+    """An HTTPException, so FastAPI's body parser lets it through unchanged."""
+
+    def __init__(self, timeout_s: float, min_rate: int) -> None:
+        super().__init__(
+            408,
+            f"the request body did not arrive in time ({timeout_s:g} s, "
+            f"then at least {min_rate} bytes/s)",
+        )
+
+
+async def on_body_too_slow(request: Request, error: BodyTooSlow) -> JSONResponse:
+    problem = ApiError(408, error.detail, code="request_timeout")
+    return JSONResponse(problem.body(), status_code=408, headers={"Connection": "close"})
+
+
 class BodyLimit:
     """Refuse request bodies over ``max_bytes`` by the bytes actually received,
-    so a chunked body (no Content-Length) is cut off too, before it is parsed."""
+    so a chunked body (no Content-Length) is cut off too, before it is parsed;
+    and bodies slower than ``timeout_s`` plus one second per ``min_rate``
+    bytes (0: no pace check)."""
 
-    def __init__(self, app, max_bytes: int = MAX_BODY_BYTES) -> None:
+    def __init__(
+        self,
+        app,
+        max_bytes: int = MAX_BODY_BYTES,
+        timeout_s: float = BODY_TIMEOUT_S,
+        min_rate: int = BODY_MIN_RATE,
+    ) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
+        self.min_rate = min_rate
 
     def _too_large(self) -> ApiError:
         return ApiError(413, f"request body over {self.max_bytes} bytes", code="request_too_large")
@@ -326,12 +358,28 @@ class BodyLimit:
                 error = self._too_large()
                 return await JSONResponse(error.body(), status_code=413)(scope, receive, send)
         received = 0
+        body_done = False
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+
+        async def paced():
+            # Only while the body is coming: afterwards receive() waits for the
+            # client to leave (http.disconnect), for as long as the reply takes.
+            if body_done or not self.timeout_s:
+                return await receive()
+            deadline = started + self.timeout_s + (received / self.min_rate if self.min_rate else 0)
+            try:
+                async with asyncio.timeout(max(0.0, deadline - loop.time())):
+                    return await receive()
+            except TimeoutError:
+                raise BodyTooSlow(self.timeout_s, self.min_rate) from None
 
         async def limited():
-            nonlocal received
-            message = await receive()
+            nonlocal received, body_done
+            message = await paced()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
+                body_done = not message.get("more_body", False)
                 if received > self.max_bytes:
                     raise BodyTooLarge(self.max_bytes)  # answered by on_body_too_large
             return message
@@ -339,8 +387,14 @@ class BodyLimit:
         await self.app(scope, limited, send)
 
 
-def register(app: FastAPI) -> None:
-    """The chat-completions routes, the OpenAI error handlers and the body limit."""
+def register(
+    app: FastAPI,
+    *,
+    max_body_bytes: int = MAX_BODY_BYTES,
+    body_timeout_s: float = BODY_TIMEOUT_S,
+    body_min_rate: int = BODY_MIN_RATE,
+) -> None:
+    """The chat-completions routes, the OpenAI error handlers and the body limits."""
     router = APIRouter(prefix="/v1", dependencies=[Depends(authorize)])
     router.add_api_route("/models", get_models, methods=["GET"])
     router.add_api_route("/chat/completions", chat_completions, methods=["POST"])
@@ -349,7 +403,10 @@ def register(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, on_invalid_request)
     app.add_exception_handler(UnicodeEncodeError, on_bad_unicode)
     app.add_exception_handler(BodyTooLarge, on_body_too_large)
-    app.add_middleware(BodyLimit)
+    app.add_exception_handler(BodyTooSlow, on_body_too_slow)
+    app.add_middleware(
+        BodyLimit, max_bytes=max_body_bytes, timeout_s=body_timeout_s, min_rate=body_min_rate
+    )
 
 
 async def _sse(

@@ -8,13 +8,18 @@
   no node serves, for every endpoint alike.
 - ``HttpServices`` is what the handlers use (the use cases, on ``app.state``):
   handlers are plain module-level functions registered explicitly.
+- ``collected`` and ``started`` run a reply only while its client is there:
+  a client that goes away cancels the generation, so the node's slot is free
+  at once (a streamed reply after its first chunk is Starlette's to cancel).
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, TypeVar
 
 from fastapi import Request
 from pydantic import AfterValidator, Field
@@ -94,6 +99,8 @@ OPENAI_FIELDS: dict[Reason, tuple[str | None, str | None]] = {
     Reason.BAD_TOOLS: ("tools", None),
     Reason.BAD_TOOL_CHOICE: ("tool_choice", None),
     Reason.UNKNOWN_MODEL: (None, "model_not_found"),
+    Reason.RATE_LIMITED: (None, "rate_limit_exceeded"),
+    Reason.TOO_MANY_STREAMS: (None, "too_many_concurrent_requests"),
 }
 
 
@@ -249,30 +256,77 @@ def list_models(fleet: FleetView) -> list[dict]:
     return [*served, auto]
 
 
-async def collected(
-    stream: AsyncIterator[Relayed],
-) -> tuple[str, coordinator_pb2.ChatChunk | None]:
-    """A whole non-streaming reply: its text and its last chunk (usage, finish)."""
-    text, last = [], None
+T = TypeVar("T")
+
+
+class ClientGone(ApiError):
+    """The client closed its connection before the reply was ready (nobody reads this)."""
+
+    def __init__(self) -> None:
+        super().__init__(499, "the client closed the connection", code="client_closed_request")
+
+
+async def _disconnected(request: Request) -> None:
+    """Return when the client of ``request`` has gone (its body is read already)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def while_connected(work: Awaitable[T], request: Request | None) -> T:
+    """``work``'s result; cancelled (and ``ClientGone`` raised) if the client goes first."""
+    if request is None:
+        return await work
+    job = asyncio.ensure_future(work)
+    watch = asyncio.ensure_future(_disconnected(request))
     try:
-        async for chunk, _ in stream:
-            text.append(chunk.text)
-            last = chunk
-    except EdgefleetError as error:
-        raise api_error(error) from None
-    return "".join(text), last
+        await asyncio.wait((job, watch), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (watch, job):
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+    if job.cancelled():
+        raise ClientGone
+    return job.result()
 
 
-async def started(stream: AsyncIterator[Relayed]) -> AsyncIterator[Relayed]:
+async def collected(
+    stream: AsyncIterator[Relayed], request: Request | None = None
+) -> tuple[str, coordinator_pb2.ChatChunk | None]:
+    """A whole non-streaming reply: its text and its last chunk (usage, finish).
+    With ``request``: cancelled when that client disconnects."""
+
+    async def collect():
+        text, last = [], None
+        try:
+            async for chunk, _ in stream:
+                text.append(chunk.text)
+                last = chunk
+        except EdgefleetError as error:
+            raise api_error(error) from None
+        return "".join(text), last
+
+    return await while_connected(collect(), request)
+
+
+async def started(
+    stream: AsyncIterator[Relayed], request: Request | None = None
+) -> AsyncIterator[Relayed]:
     """Begin a reply now, so that a failure before its first chunk becomes a
     proper HTTP error rather than a broken event stream; returns an iterator
-    over the whole reply, first chunk included."""
-    try:
-        first = await anext(stream)
-    except StopAsyncIteration:
-        first = None
-    except EdgefleetError as error:
-        raise api_error(error) from None
+    over the whole reply, first chunk included. With ``request``: the wait for
+    the first chunk (placement, prompt processing) ends if that client goes."""
+
+    async def first_chunk():
+        try:
+            return await anext(stream)
+        except StopAsyncIteration:
+            return None
+        except EdgefleetError as error:
+            raise api_error(error) from None
+
+    first = await while_connected(first_chunk(), request)
 
     async def whole():
         if first is not None:

@@ -196,8 +196,8 @@ async def create_response(body: ResponsesRequest, request: Request):
         complete, method="responses", metadata=list(request.headers.items())
     )
     if not body.stream:
-        return await response.finish(*await collected(stream))
-    reply = await started(stream)
+        return await response.finish(*await collected(stream, request))
+    reply = await started(stream, request)
     return StreamingResponse(
         response.events(reply),
         media_type="text/event-stream",

@@ -22,9 +22,11 @@ from collections.abc import AsyncIterator, Sequence
 
 from coordinator.fleet import FleetView
 from coordinator.metrics import CoordinatorMetrics
+from coordinator.quotas import Quotas
 from coordinator.router import Router
 from coordinator.sessions import Sessions, Turn
 from coordinator.tracking import RequestTracker
+from edgefleet.auth import CALLER
 from edgefleet.errors import EdgefleetError, Reason, Unavailable, error_of
 from edgefleet.generation import messages_from_proto, sampling_from_proto
 from edgefleet.v1 import common_pb2, coordinator_pb2, node_pb2
@@ -78,7 +80,9 @@ class Turns:
         sessions: Sessions,
         fleet: FleetView,
         metrics: CoordinatorMetrics | None = None,
+        quotas: Quotas | None = None,
     ) -> None:
+        self._quotas = quotas or Quotas()  # the caller's rate and streams (none: no limits)
         self._router = router
         self._sessions = sessions
         self._fleet = fleet
@@ -227,14 +231,17 @@ class Turns:
         affinity_node: str,
         session_id: str = "",
     ) -> AsyncIterator[Relayed]:
-        """The reply's text chunks, then its final chunk (usage, finish reason)."""
-        ranking = self._router.rank(
-            generate.model, affinity_node=affinity_node, parent=tracker.context
-        )
-        async for chunk in self._router.generate(generate, ranking, parent=tracker.context):
-            reply = tracker.relay(chunk, session_id)
-            if chunk.finish_reason:
-                yield reply, ranking.decision_us
-                return
-            if chunk.text:
-                yield reply, ranking.decision_us
+        """The reply's text chunks, then its final chunk (usage, finish reason).
+        Every generation passes here, so here the caller's quotas are spent."""
+        with self._quotas.admit(CALLER.get()) as admission:
+            ranking = self._router.rank(
+                generate.model, affinity_node=affinity_node, parent=tracker.context
+            )
+            async for chunk in self._router.generate(generate, ranking, parent=tracker.context):
+                reply = tracker.relay(chunk, session_id)
+                if chunk.finish_reason:
+                    admission.release()  # the generation is over, however long it is read
+                    yield reply, ranking.decision_us
+                    return
+                if chunk.text:
+                    yield reply, ranking.decision_us

@@ -67,6 +67,9 @@ class Reason(enum.Enum):
     NODE_PROTOCOL = (Code.FAILED_PRECONDITION, "a node broke the protocol")
     GENERATION_FAILED = (Code.INTERNAL, "the node's engine failed while generating")
     NO_COORDINATOR = (Code.UNAVAILABLE, "no coordinator replica answered")
+    # --- the caller's quotas (coordinator.quotas; per replica) ------------------------
+    RATE_LIMITED = (Code.RESOURCE_EXHAUSTED, "the caller is over its generation rate limit")
+    TOO_MANY_STREAMS = (Code.RESOURCE_EXHAUSTED, "the caller has too many generations at once")
     # --- membership ----------------------------------------------------------------------
     NODE_ID_TAKEN = (Code.ALREADY_EXISTS, "another live node holds this node id")
     STALE_EPOCH = (Code.FAILED_PRECONDITION, "the registration (epoch) is not current")

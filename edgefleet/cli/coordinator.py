@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 
 from edgefleet.cli.common import addresses, env
@@ -106,6 +107,55 @@ def _add_coordinator(sub) -> None:
         help='model for "model": "auto" requests of a task class (simple, complex); '
         "default: smallest / largest model served",
     )
+    limits = p.add_argument_group("connections and quotas (README: limits; 0 turns one off)")
+    limits.add_argument(
+        "--http-header-timeout",
+        type=float,
+        default=base.http_header_timeout_s,
+        help="seconds an HTTP connection has to send a whole request head",
+    )
+    limits.add_argument(
+        "--http-idle-timeout",
+        type=float,
+        default=base.http_idle_timeout_s,
+        help="seconds an idle keep-alive HTTP connection stays open",
+    )
+    limits.add_argument(
+        "--http-body-timeout",
+        type=float,
+        default=base.http_body_timeout_s,
+        help="seconds a request body may take, plus 1 s per --http-body-min-rate bytes",
+    )
+    limits.add_argument(
+        "--http-body-min-rate",
+        type=int,
+        default=base.http_body_min_rate,
+        help="bytes/s a request body must keep up after --http-body-timeout",
+    )
+    limits.add_argument(
+        "--http-max-connections",
+        type=int,
+        default=base.http_max_connections,
+        help="HTTP connections served at once; each one beyond gets 503 and is closed",
+    )
+    limits.add_argument(
+        "--rate-limit",
+        type=float,
+        default=base.rate_limit,
+        help="generations per second per API key, per replica",
+    )
+    limits.add_argument(
+        "--rate-burst",
+        type=int,
+        default=base.rate_burst,
+        help="generations an API key may start at once after a quiet spell",
+    )
+    limits.add_argument(
+        "--max-streams-per-key",
+        type=int,
+        default=base.max_streams_per_key,
+        help="generations in progress at once per API key, per replica",
+    )
     security = p.add_argument_group("security (README: Security)")
     security.add_argument(
         "--insecure",
@@ -192,6 +242,19 @@ def _run_coordinator(args) -> int:
             file=sys.stderr,
         )
         return 2
+    numbers = (
+        args.http_header_timeout,
+        args.http_idle_timeout,
+        args.http_body_timeout,
+        args.http_body_min_rate,
+        args.http_max_connections,
+        args.rate_limit,
+        args.rate_burst,
+        args.max_streams_per_key,
+    )
+    if not all(math.isfinite(n) and n >= 0 for n in numbers):
+        print("error: timeouts, rates and limits must be numbers >= 0", file=sys.stderr)
+        return 2
     if args.key_max_sessions < 0 or args.key_max_bytes < 0:
         print("error: --key-max-sessions and --key-max-bytes must be >= 0", file=sys.stderr)
         return 2
@@ -215,6 +278,14 @@ def _run_coordinator(args) -> int:
             stall_timeout_s=args.stall_timeout,
             first_token_timeout_s=args.first_token_timeout,
             max_failovers=args.max_failovers,
+            http_header_timeout_s=args.http_header_timeout,
+            http_idle_timeout_s=args.http_idle_timeout,
+            http_body_timeout_s=args.http_body_timeout,
+            http_body_min_rate=args.http_body_min_rate,
+            http_max_connections=args.http_max_connections,
+            rate_limit=args.rate_limit,
+            rate_burst=args.rate_burst,
+            max_streams_per_key=args.max_streams_per_key,
             api_keys=tuple(keys),
             auto_models=tuple(tuple(item.split("=", 1)) for item in args.auto_model),
             insecure=args.insecure,
