@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator, Awaitable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated, TypeVar
@@ -281,11 +280,11 @@ async def while_connected(work: Awaitable[T], request: Request | None) -> T:
     try:
         await asyncio.wait((job, watch), return_when=asyncio.FIRST_COMPLETED)
     finally:
-        for task in (watch, job):
-            if not task.done():
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        watch.cancel()
+        job.cancel()  # nothing if it is done; else its generation ends now
+        # Both wound up (their outcome is read below), without swallowing a
+        # cancellation of this handler itself.
+        await asyncio.gather(watch, job, return_exceptions=True)
     if job.cancelled():
         raise ClientGone
     return job.result()
