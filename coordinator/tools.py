@@ -15,6 +15,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from edgefleet import limits
 from edgefleet.errors import InvalidArgument, Reason
 from edgefleet.v1 import common_pb2
 
@@ -44,10 +45,21 @@ class ToolPlan:
 
 
 def parse_tools(tools: list[dict] | None, tool_choice: Any) -> ToolPlan:
-    """Check OpenAI ``tools``/``tool_choice`` (InvalidArgument naming the param)."""
+    """Check OpenAI ``tools``/``tool_choice`` (InvalidArgument naming the param),
+    within edgefleet.limits: how many, how big, and the schemas they bring."""
+    if tools and len(tools) > limits.MAX_TOOLS:
+        raise InvalidArgument(
+            f"tools has {len(tools)} entries; the limit is {limits.MAX_TOOLS}",
+            reason=Reason.BAD_TOOLS,
+        )
     parsed = []
+    total_bytes = 0
     for index, tool in enumerate(tools or []):
-        if tool.get("type") != "function" or not isinstance(tool.get("function"), dict):
+        if (
+            not isinstance(tool, dict)
+            or tool.get("type") != "function"
+            or not isinstance(tool.get("function"), dict)
+        ):
             raise InvalidArgument(
                 f"tools[{index}] must be {{'type': 'function', 'function': ...}}",
                 reason=Reason.BAD_TOOLS,
@@ -58,12 +70,28 @@ def parse_tools(tools: list[dict] | None, tool_choice: Any) -> ToolPlan:
             raise InvalidArgument(
                 f"tools[{index}].function.name is required", reason=Reason.BAD_TOOLS
             )
+        if len(name) > limits.MAX_TOOL_NAME:
+            raise InvalidArgument(
+                f"tools[{index}].function.name is {len(name)} characters; "
+                f"the limit is {limits.MAX_TOOL_NAME}",
+                reason=Reason.BAD_TOOLS,
+            )
         parameters = function.get("parameters") or {"type": "object", "properties": {}}
         if not isinstance(parameters, dict):
             raise InvalidArgument(
                 f"tools[{index}].function.parameters must be a JSON Schema", reason=Reason.BAD_TOOLS
             )
+        limits.check_schema(
+            parameters, what=f"tools[{index}].function.parameters", reason=Reason.BAD_TOOLS
+        )
         parsed.append(Tool(name, str(function.get("description") or ""), parameters))
+        total_bytes += len(json.dumps(tool).encode("utf-8", "surrogatepass"))
+        if total_bytes > limits.MAX_TOOLS_BYTES:
+            raise InvalidArgument(
+                f"tools are over {limits.MAX_TOOLS_BYTES // 1024} KiB as JSON "
+                f"(the limit for all tool definitions together)",
+                reason=Reason.BAD_TOOLS,
+            )
     names = {tool.name for tool in parsed}
     if tool_choice is None:
         mode, named = ("auto" if parsed else "none"), ""
@@ -82,7 +110,14 @@ def parse_tools(tools: list[dict] | None, tool_choice: Any) -> ToolPlan:
         )
     if mode in ("required", "named") and not parsed:
         raise InvalidArgument(f"tool_choice {mode!r} needs tools", reason=Reason.BAD_TOOL_CHOICE)
-    return ToolPlan(tuple(parsed), mode, named)
+    plan = ToolPlan(tuple(parsed), mode, named)
+    if plan.forced:  # the grammar of a forced call holds the allowed tools' schemas together
+        limits.check_schema(
+            call_schema(plan),
+            what="the tool-call schema (the allowed tools' parameters together)",
+            reason=Reason.BAD_TOOLS,
+        )
+    return plan
 
 
 def instruction(plan: ToolPlan) -> str:

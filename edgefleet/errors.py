@@ -34,6 +34,10 @@ class Reason(enum.Enum):
     BAD_SCHEMA = (Code.INVALID_ARGUMENT, "the JSON schema cannot be turned into a grammar")
     BAD_TOOLS = (Code.INVALID_ARGUMENT, "the tool definitions are invalid")
     BAD_TOOL_CHOICE = (Code.INVALID_ARGUMENT, "tool_choice names no usable tool")
+    PREPARE_FAILED = (
+        Code.INVALID_ARGUMENT,
+        "the node could not prepare this request (its template, grammar or tokens failed)",
+    )
     UNKNOWN_MODEL = (Code.NOT_FOUND, "no such model (catalog, file or fleet)")
     SESSION_NOT_FOUND = (Code.NOT_FOUND, "the session is unknown, closed or expired")
     SESSION_BUSY = (Code.ABORTED, "another turn of the session is in progress")

@@ -20,7 +20,7 @@ from edgefleet.v1 import common_pb2, node_pb2
 from node_agent.capacity import GpuProbe, HostProbe, ThroughputMeter
 from node_agent.catalog import CATALOG
 from node_agent.models import HostedModel, ModelManager
-from node_agent.requests import generation_request_from_proto
+from node_agent.requests import generation_request_from_proto, off_loop
 from node_agent.runtime.base import GenerationEvent, GenerationRequest
 
 log = logging.getLogger(__name__)
@@ -141,9 +141,10 @@ class Node:
         if self._draining:
             raise error_of(Reason.NODE_DRAINING, "node is draining and takes no new generations")
         model = self.models.get(request.model)
-        generation = generation_request_from_proto(request)
+        # Schema to grammar, template and tokens: off the event loop (requests.py).
+        generation = await off_loop(generation_request_from_proto, request)
         self._check_supported(generation)
-        prepared = model.instance.prepare(generation)
+        prepared = await off_loop(model.instance.prepare, generation)
         # A continued reply (its start was sent by a node that failed) has a
         # user waiting mid-sentence: it goes to the head of the queue. Among
         # free slots, one already holding much of this prompt (a

@@ -15,7 +15,7 @@ import uuid
 from opentelemetry import trace
 
 from edgefleet import telemetry
-from edgefleet.errors import EdgefleetError, abort_with
+from edgefleet.errors import EdgefleetError, Reason, abort_with, error_of
 from edgefleet.v1 import common_pb2, node_pb2, node_pb2_grpc
 from node_agent.metrics import NodeMetrics
 from node_agent.node import Admitted, Node, loaded_model
@@ -33,6 +33,23 @@ FINISH_REASONS = {
     FinishReason.TOOL_CALLS: common_pb2.FINISH_REASON_TOOL_CALLS,
     FinishReason.CANCELLED: common_pb2.FINISH_REASON_CANCELLED,
 }
+
+
+# Status details travel in a trailer, and a peer refuses trailers over its
+# metadata limit (8 KiB by default), which would turn a named refusal into a
+# bare transport error. Messages may quote input, so they are cut short.
+MAX_MESSAGE_CHARS = 1024
+
+
+def bounded(error: EdgefleetError) -> EdgefleetError:
+    """``error`` with its message cut to MAX_MESSAGE_CHARS (same reason, same code)."""
+    if len(error.message) <= MAX_MESSAGE_CHARS:
+        return error
+    return error_of(
+        error.reason,
+        error.message[:MAX_MESSAGE_CHARS] + "...",
+        retry_after_s=error.retry_after_s,
+    )
 
 
 def finish_reason_name(reason: int) -> str:
@@ -112,10 +129,23 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
                     log.info(
                         "generate %s refused: %s %s", request_id, error.reason.name, error.message
                     )
-                await abort_with(context, error)
+                await abort_with(context, bounded(error))
             except asyncio.CancelledError:
                 status = "CANCELLED"
                 raise
+            except Exception as exc:
+                # A bug, not a request's fault (those are EdgefleetErrors with their
+                # reasons, preparation included): a named INTERNAL, so that the
+                # coordinator fails over and suspects this node, rather than a bare
+                # UNKNOWN, which means "not an edgefleet node" and quarantines it.
+                status = "INTERNAL"
+                span.set_status(trace.Status(trace.StatusCode.ERROR, type(exc).__name__))
+                with trace.use_span(span):
+                    log.exception("generate %s failed", request_id)
+                await abort_with(
+                    context,
+                    error_of(Reason.INTERNAL, f"the node failed: {type(exc).__name__}"),
+                )
             finally:
                 if self._metrics is not None:
                     self._metrics.requests.labels(request.model, status).inc()

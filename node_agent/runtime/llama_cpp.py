@@ -9,8 +9,10 @@ and hands generations to the batcher.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import os
+import secrets
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -48,6 +50,12 @@ CHATML_TEMPLATE = (
 
 # Roles templates know; "developer" is OpenAI's newer name for "system".
 TEMPLATE_ROLE = {"developer": "system"}
+
+# Tokenizers whose every token stands for at most its own piece's bytes of the
+# input (byte-level BPE, SentencePiece): for them a prompt of more than
+# context * longest-piece bytes surely does not fit, and is refused before
+# it is tokenized. (WordPiece and Unigram drop or fold whitespace: no bound.)
+BOUNDED_VOCABS = frozenset({llama_cpp.LLAMA_VOCAB_TYPE_SPM, llama_cpp.LLAMA_VOCAB_TYPE_BPE})
 
 # Prompt tokens read per decode step, beside one token per generating stream:
 # small enough that a long prompt does not stall the others for long.
@@ -108,6 +116,7 @@ class LlamaCppRuntime:
             quantization=quantization,
             gpu_layers=self._gpu_layers,
         )
+        token_bytes = await loop.run_in_executor(None, longest_token_bytes, model)
         batcher = ContinuousBatcher(
             model,
             context,
@@ -116,7 +125,9 @@ class LlamaCppRuntime:
             prompt_chunk=self._prompt_chunk,
             on_token=lambda: self._throughput.add(1),
         )
-        return LlamaCppModel(model, batcher, info, chat_template=chat_template)
+        return LlamaCppModel(
+            model, batcher, info, chat_template=chat_template, max_token_bytes=token_bytes
+        )
 
     def _open(
         self, path: Path, slots: int, context_length: int, batch_tokens: int
@@ -162,6 +173,31 @@ class LlamaCppRuntime:
         pass
 
 
+def longest_token_bytes(model: LlamaModel) -> int | None:
+    """The most input bytes one token can stand for (its longest piece, special
+    tokens' text included; 4 at least: an unknown character), or None when the
+    tokenizer gives no such bound. Read once per load: one call per token."""
+    vocab = model.vocab
+    if llama_cpp.llama_vocab_type(vocab) not in BOUNDED_VOCABS:
+        return None
+    size = 256
+    buffer = ctypes.create_string_buffer(size)
+    longest = 4
+    for token in range(llama_cpp.llama_vocab_n_tokens(vocab)):
+        # A negative answer is the size the piece needs: its length all the same.
+        longest = max(
+            longest, abs(llama_cpp.llama_token_to_piece(vocab, token, buffer, size, 0, True))
+        )
+    return longest
+
+
+def adds_space_prefix(model: LlamaModel) -> bool:
+    """Whether the tokenizer puts a space before every text it is given (older
+    SentencePiece models): then a prompt tokenized in parts differs from the whole."""
+    tokens = model.tokenize(b"a", add_bos=False, special=False)
+    return bool(tokens) and model.token_to_piece(tokens[0], special=False).startswith(b" ")
+
+
 class LlamaCppModel:
     def __init__(
         self,
@@ -170,11 +206,14 @@ class LlamaCppModel:
         info: ModelInfo,
         *,
         chat_template: str | None = None,
+        max_token_bytes: int | None = None,
     ) -> None:
         self.info = info
         self._model = model
         self._batcher = batcher
         self._formatter = self._chat_formatter(model, chat_template)
+        self._max_token_bytes = max_token_bytes
+        self._split_prompts = not adds_space_prefix(model)
 
     @staticmethod
     def _chat_formatter(model: LlamaModel, fallback: str | None) -> Jinja2ChatFormatter:
@@ -189,19 +228,21 @@ class LlamaCppModel:
         )
 
     def prepare(self, request: GenerationRequest) -> PreparedPrompt:
+        """Template, a size check, tokens, the grammar checked. Runs in a worker
+        thread (node.py): tokenizing reads only the vocabulary, which the decode
+        loop never changes, so it is safe beside it (llama-server tokenizes in
+        its HTTP threads the same way)."""
         messages = [
             {"role": TEMPLATE_ROLE.get(m.role, m.role), "content": m.content}
             for m in request.messages
         ]
-        try:
-            prompt = self._formatter(messages=messages).prompt
-        except Exception as exc:  # a template may reject a message order
-            raise InvalidArgument(
-                f"the model's chat template rejected the messages: {exc}",
-                reason=Reason.BAD_MESSAGES,
-            ) from exc
-        prompt += request.assistant_prefix
-        tokens = self._model.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
+        prompt = self._render(messages)
+        self._check_size(
+            len(prompt.encode("utf-8")) + len(request.assistant_prefix.encode("utf-8"))
+        )
+        tokens = self._prompt_tokens(messages, prompt)
+        # The reply so far is the model's own text: never control tokens either.
+        tokens += self._tokenize(request.assistant_prefix, special=False)
         if not tokens:
             raise InvalidArgument("the prompt is empty", reason=Reason.BAD_MESSAGES)
         check_prompt_fits(len(tokens), self.info.context_length)
@@ -213,6 +254,113 @@ class LlamaCppModel:
                 )
             llama_cpp.llama_sampler_free(checked)
         return PreparedPrompt(request=request, tokens=tuple(tokens))
+
+    def _render(self, messages: list[dict]) -> str:
+        try:
+            return self._formatter(messages=messages).prompt
+        except Exception as exc:  # a template may reject a message order
+            raise InvalidArgument(
+                f"the model's chat template rejected the messages: {str(exc)[:300]}",
+                reason=Reason.BAD_MESSAGES,
+            ) from exc
+
+    def _check_size(self, prompt_bytes: int) -> None:
+        """Refuse, before tokenizing, a prompt too long for any tokenization to fit."""
+        if self._max_token_bytes is None:
+            return
+        most = self.info.context_length * self._max_token_bytes
+        if prompt_bytes > most:
+            raise InvalidArgument(
+                f"the prompt is {prompt_bytes} bytes; the model's context window is "
+                f"{self.info.context_length} tokens, which hold at most {most} bytes",
+                reason=Reason.PROMPT_TOO_LONG,
+            )
+
+    def _tokenize(self, text: str, *, special: bool) -> list[int]:
+        if not text:
+            return []
+        return self._model.tokenize(text.encode("utf-8"), add_bos=False, special=special)
+
+    def _prompt_tokens(self, messages: list[dict], prompt: str) -> list[int]:
+        """The rendered prompt's tokens, with message content always plain text.
+
+        The template's own markers (``<|im_start|>``, ...) become control
+        tokens; the same characters typed in a message stay text, so no one
+        can open a system turn from inside a user message. The template is
+        rendered again with a random sentinel in place of each content, which
+        tells the template's text from the messages' text.
+        """
+        segments = self._segments(messages, prompt) if self._split_prompts else None
+        if segments is None:
+            # The template changes content in a way the sentinels cannot follow
+            # (or the tokenizer cannot be run in parts): the whole prompt at once,
+            # which is safe only when no content holds control-token text.
+            for message in messages:
+                if any(
+                    self._is_control(t) for t in self._tokenize(message["content"], special=True)
+                ):
+                    raise InvalidArgument(
+                        "a message contains the text of one of the model's control tokens, "
+                        "and this model's chat template cannot keep it as plain text",
+                        reason=Reason.BAD_MESSAGES,
+                    )
+            return self._tokenize(prompt, special=True)
+        tokens: list[int] = []
+        for text, is_template in segments:
+            tokens += self._tokenize(text, special=is_template)
+        return tokens
+
+    def _is_control(self, token: int) -> bool:
+        attributes = llama_cpp.llama_vocab_get_attr(self._model.vocab, token)
+        return bool(
+            attributes & (llama_cpp.LLAMA_TOKEN_ATTR_CONTROL | llama_cpp.LLAMA_TOKEN_ATTR_UNKNOWN)
+        )
+
+    def _segments(self, messages: list[dict], prompt: str) -> list[tuple[str, bool]] | None:
+        """``prompt`` cut into (text, is_template) pieces, or None when the
+        template's output cannot be matched to the messages."""
+        nonce = secrets.token_hex(8)
+        sentinels = {f"\ue000{nonce}.{i}\ue001": i for i in range(len(messages))}
+        skeleton = self._render(
+            [{**m, "content": s} for m, s in zip(messages, sentinels, strict=True)]
+        )
+        pieces: list[tuple[str, int | None]] = []  # template text, or a message index
+        rest = skeleton
+        while True:
+            start = rest.find(f"\ue000{nonce}.")
+            if start < 0:
+                pieces.append((rest, None))
+                break
+            end = rest.find("\ue001", start)
+            index = sentinels.get(rest[start : end + 1]) if end > 0 else None
+            if index is None:
+                return None
+            pieces.append((rest[:start], None))
+            pieces.append(("", index))
+            rest = rest[end + 1 :]
+        # Walk the real prompt along the skeleton; a template may trim content.
+        segments: list[tuple[str, bool]] = []
+        position = 0
+        for number, (text, index) in enumerate(pieces):
+            if index is None:
+                if not prompt.startswith(text, position):
+                    return None
+                segments.append((text, True))
+                position += len(text)
+                continue
+            content = messages[index]["content"]
+            following = pieces[number + 1][0] if number + 1 < len(pieces) else ""
+            for variant in dict.fromkeys(
+                (content, content.strip(), content.lstrip(), content.rstrip())
+            ):
+                end = position + len(variant)
+                if prompt.startswith(variant, position) and prompt.startswith(following, end):
+                    segments.append((variant, False))
+                    position = end
+                    break
+            else:
+                return None
+        return segments if position == len(prompt) else None
 
     def cached_prefix(self, slot: int, prompt: PreparedPrompt) -> int:
         return self._batcher.cached_prefix(slot, prompt.tokens)
