@@ -14,6 +14,11 @@ Reported per fault kind:
 - the client-visible stall of each affected stream: the gap between its last
   chunk before the fault and its first chunk after;
 - the time until the dead node left placement on every replica.
+
+``node_kill_saturated`` is the hard case: every slot of the fleet busy (one
+session per slot) with replies of several hundred tokens when a node is
+killed. Its replies can only restart at once on the survivors' reserved
+continuation slots (``--continuation-slots``, default 1 per model).
 """
 
 from __future__ import annotations
@@ -33,12 +38,17 @@ from edgefleet.local.processes import free_port, start_coordinator, start_node
 
 PROMPT = "Write a very long story."
 MAX_TOKENS = 120
+SATURATED_MAX_TOKENS = 400  # "replies of several hundred tokens"
 STALL_TIMEOUT_S = 1.0
+NODES = 3
+SLOTS = 2
+KINDS = ("node_kill", "node_kill_saturated", "node_sigstop", "coordinator_kill")
 
 
 class Stream:
-    def __init__(self, client: FleetClient, session_id: str) -> None:
+    def __init__(self, client: FleetClient, session_id: str, max_tokens: int) -> None:
         self.session_id = session_id
+        self.max_tokens = max_tokens
         self.chunks: list[tuple[float, object]] = []
         self.error: BaseException | None = None
         self.done = threading.Event()
@@ -47,7 +57,9 @@ class Stream:
 
     def _run(self, client: FleetClient) -> None:
         try:
-            for chunk in client.chat(self.session_id, PROMPT, max_tokens=MAX_TOKENS, temperature=0):
+            for chunk in client.chat(
+                self.session_id, PROMPT, max_tokens=self.max_tokens, temperature=0
+            ):
                 self.chunks.append((time.monotonic(), chunk))
         except BaseException as error:
             self.error = error
@@ -133,7 +145,7 @@ class BenchFleet:
         return start_node(
             listen=f"127.0.0.1:{free_port()}",
             models="smollm2-135m",
-            slots=2,
+            slots=SLOTS,
             extra_args=("--coordinator", ",".join(live), "--node-id", node_id, "--threads", "1"),
             log_path=self.workdir / f"{node_id}.log",
             name=node_id,
@@ -171,10 +183,10 @@ class BenchFleet:
         self.etcd.stop()
 
 
-def run_round(fleet: BenchFleet, kind: str, sessions: int, reference: str) -> dict:
+def run_round(fleet: BenchFleet, kind: str, sessions: int, reference: str, max_tokens: int) -> dict:
     client = FleetClient(fleet.addresses)
     ids = [client.create_session("smollm2-135m").session_id for _ in range(sessions)]
-    streams = [Stream(client, sid) for sid in ids]
+    streams = [Stream(client, sid, max_tokens) for sid in ids]
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and not all(
         len(s.text) > 30 or s.done.is_set() for s in streams
@@ -195,7 +207,7 @@ def run_round(fleet: BenchFleet, kind: str, sessions: int, reference: str) -> di
         victim_id = max(serving, key=serving.get)
         victim = fleet.nodes[victim_id]
         fault_at = time.monotonic()
-        if kind == "node_kill":
+        if kind.startswith("node_kill"):
             victim.kill()
         else:
             os.kill(victim.pid, signal.SIGSTOP)
@@ -206,11 +218,16 @@ def run_round(fleet: BenchFleet, kind: str, sessions: int, reference: str) -> di
                 break
             time.sleep(0.02)
     for stream in streams:
-        stream.done.wait(180)
+        stream.done.wait(300)
     if kind == "node_sigstop":
         os.kill(victim.pid, signal.SIGCONT)
     completed = [
-        s for s in streams if s.error is None and s.chunks and s.chunks[-1][1].finish_reason
+        s
+        for s in streams
+        if s.error is None
+        and s.chunks
+        and s.chunks[-1][1].finish_reason
+        and s.chunks[-1][1].usage.completion_tokens == max_tokens
     ]
     stored_once = 0
     for stream in completed:
@@ -226,6 +243,7 @@ def run_round(fleet: BenchFleet, kind: str, sessions: int, reference: str) -> di
         "kind": kind,
         "victim": victim_id,
         "started": len(streams),
+        "busy_slots": sum(serving.values()),
         "completed": len(completed),
         "turns_lost": len(completed) - stored_once + (len(streams) - len(completed)),
         "bad_replies": sum(not check_reply(s, reference) for s in completed),
@@ -240,27 +258,32 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=2, help="rounds per fault kind")
     # Default load: 4 sessions on 3 nodes x 2 slots, the fleet sized N+1 so the
-    # survivors of one node have room. --sessions 12 measures a saturated fleet,
-    # where a continued reply must wait for a slot to free.
+    # survivors of one node have room; node_kill_saturated always fills every slot.
     parser.add_argument("--sessions", type=int, default=4, help="concurrent sessions per round")
     parser.add_argument("--full", action="store_true", help="5 rounds per fault kind")
     args = parser.parse_args(argv)
     if args.full:
         args.rounds = 5
     workdir = Path(tempfile.mkdtemp(prefix="edgefleet-bench-failover-"))
-    fleet = BenchFleet(workdir, nodes=3)
+    fleet = BenchFleet(workdir, nodes=NODES)
     rounds: list[dict] = []
     try:
         with FleetClient(fleet.addresses) as client:
-            reference = "".join(
-                c.text
-                for c in client.complete(
-                    "smollm2-135m", [("user", PROMPT)], max_tokens=MAX_TOKENS, temperature=0
+            references = {
+                tokens: "".join(
+                    c.text
+                    for c in client.complete(
+                        "smollm2-135m", [("user", PROMPT)], max_tokens=tokens, temperature=0
+                    )
                 )
-            )
-        for kind in ("node_kill", "node_sigstop", "coordinator_kill"):
+                for tokens in (MAX_TOKENS, SATURATED_MAX_TOKENS)
+            }
+        for kind in KINDS:
+            saturated = kind == "node_kill_saturated"
+            sessions = NODES * SLOTS if saturated else args.sessions
+            max_tokens = SATURATED_MAX_TOKENS if saturated else MAX_TOKENS
             for number in range(args.rounds):
-                result = run_round(fleet, kind, args.sessions, reference)
+                result = run_round(fleet, kind, sessions, references[max_tokens], max_tokens)
                 rounds.append(result)
                 print(
                     f"{kind} round {number + 1}: {result['completed']}/{result['started']} "
@@ -278,7 +301,7 @@ def main(argv: list[str] | None = None) -> dict:
     finally:
         fleet.stop()
     summary = {}
-    for kind in ("node_kill", "node_sigstop", "coordinator_kill"):
+    for kind in KINDS:
         mine = [r for r in rounds if r["kind"] == kind]
         stalls = [s for r in mine for s in r["stalls_s"]]
         left = [r["left_placement_s"] for r in mine if r["left_placement_s"] is not None]
@@ -296,8 +319,11 @@ def main(argv: list[str] | None = None) -> dict:
         "settings": {
             **vars(args),
             "max_tokens": MAX_TOKENS,
+            "saturated_max_tokens": SATURATED_MAX_TOKENS,
+            "saturated_sessions": NODES * SLOTS,
             "stall_timeout_s": STALL_TIMEOUT_S,
-            "nodes": 3,
+            "nodes": NODES,
+            "slots_per_node": SLOTS,
             "coordinators": 2,
         },
         "summary": summary,
@@ -332,8 +358,8 @@ def main(argv: list[str] | None = None) -> dict:
         )
     )
     print(
-        "targets: 100% completed, 0 turns lost, 0 bad replies, node_kill stall p99 < 1 s, "
-        "left placement < 3 s"
+        "targets: 100% completed, 0 turns lost, 0 bad replies, node_kill and "
+        "node_kill_saturated stall p99 < 1 s, left placement < 3 s"
     )
     print(f"results: {out}")
     return result

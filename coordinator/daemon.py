@@ -32,6 +32,7 @@ from coordinator.fleet import FleetView
 from coordinator.http_app import HttpLimits, build_app, http_server
 from coordinator.keys import Keys
 from coordinator.leader import Leadership
+from coordinator.loop_watch import LeaseKeeper, LoopClock
 from coordinator.membership import Membership
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.openai_common import HttpServices
@@ -60,12 +61,16 @@ SERVER_OPTIONS = [
 ]
 
 
+def etcd_tls_of(config: CoordinatorConfig) -> EtcdTls | None:
+    return EtcdTls.from_files(config.etcd_cacert, config.etcd_cert, config.etcd_key)
+
+
 async def _connect_etcd(config: CoordinatorConfig, metrics: CoordinatorMetrics) -> Etcd | None:
     etcd = Etcd(
         config.etcd,
         timeout_s=config.etcd_timeout_s,
         observe=metrics.observe_etcd,
-        tls=EtcdTls.from_files(config.etcd_cacert, config.etcd_cert, config.etcd_key),
+        tls=etcd_tls_of(config),
     )
     await etcd.connect()
     deadline = time.monotonic() + config.startup_etcd_wait_s
@@ -174,6 +179,8 @@ async def serve(config: CoordinatorConfig) -> int:
         cleanup.push_async_callback(channels.close_all)
         if own is not None:
             own.listeners.append(channels.renewed)
+        # This replica's own stalls must not evict the nodes it serves.
+        clock = LoopClock(observe=metrics.loop_lag.set)
         membership = Membership(
             etcd,
             keys,
@@ -183,6 +190,7 @@ async def serve(config: CoordinatorConfig) -> int:
             heartbeat_interval_s=config.heartbeat_interval_s,
             admit=access.check_may_register if access is not None else None,
             node_endpoints=replica.node_endpoints if access is not None else None,
+            clock=clock,
         )
         router = Router(
             fleet,
@@ -325,6 +333,15 @@ async def serve(config: CoordinatorConfig) -> int:
                 return 2
             cleanup.push_async_callback(http.stop)
         loops = await cleanup.enter_async_context(Supervisor(stop))
+        loops.start("loop-clock", clock.run, restart=True)
+        keeper = LeaseKeeper(
+            clock,
+            lambda: membership.live_leases(),
+            lambda: Etcd(config.etcd, timeout_s=config.etcd_timeout_s, tls=etcd_tls_of(config)),
+            lease_ttl_s=config.node_lease_ttl_s,
+        )
+        keeper.start()
+        cleanup.callback(keeper.stop)
         loops.start("fleet-mirror", fleet.run, restart=True)
         loops.start("replica-lease", replica.run, restart=True)
         loops.start("leadership", leadership.run, restart=True)

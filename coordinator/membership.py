@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from coordinator.etcd import Compare, Etcd, Put
 from coordinator.fleet import FleetView, NodeEntry
 from coordinator.keys import Keys
+from coordinator.loop_watch import LoopClock
 from coordinator.node_limits import RecordPacer, record_too_large, trim_capacity
 from edgefleet.auth import CALLER
 from edgefleet.errors import (
@@ -43,6 +44,9 @@ Command = coordinator_pb2.HeartbeatResponse.Command
 # What one node may claim at most, whatever it says (a model's slots, its queue).
 MAX_SLOTS = 256
 MAX_QUEUE = 4096
+MAX_RESERVED = 64  # continuation slots per model
+# A silent window in which this replica's loop stalled this long is not the node's fault.
+STALL_EXCUSE_S = 0.5
 
 
 def validate_address(address: str) -> None:
@@ -60,7 +64,14 @@ def placement_signature(capacity: common_pb2.Capacity, state: int) -> tuple:
         state,
         capacity.draining,
         tuple(
-            (m.alias, m.slots_total, m.slots_free, m.queue_depth, m.queue_limit)
+            (
+                m.alias,
+                m.slots_total,
+                m.slots_free,
+                m.queue_depth,
+                m.queue_limit,
+                m.continuation_slots_free,
+            )
             for m in capacity.models
         ),
     )
@@ -71,6 +82,10 @@ def _clamp(model: common_pb2.LoadedModel, slots_limit: int, queue_limit: int) ->
     model.slots_free = max(0, min(model.slots_free, model.slots_total))
     model.queue_limit = max(0, min(model.queue_limit, queue_limit, MAX_QUEUE))
     model.queue_depth = max(0, min(model.queue_depth, model.queue_limit))
+    model.continuation_slots_total = max(0, min(model.continuation_slots_total, MAX_RESERVED))
+    model.continuation_slots_free = max(
+        0, min(model.continuation_slots_free, model.continuation_slots_total)
+    )
 
 
 def checked_capacity(
@@ -129,12 +144,15 @@ class Membership:
         record_min_interval_s: float | None = None,
         admit: Callable[[str], Awaitable[dict[str, str]]] | None = None,
         node_endpoints: Callable[[], Awaitable[list[str]]] | None = None,
+        clock: LoopClock | None = None,
     ) -> None:
         # admit(node_id): raises if the node's identity may not register
         # (pending approval, revoked), else gives the labels its join token
         # set (a node does not choose its own); None in a fleet run --insecure.
         self._admit = admit
         self._node_endpoints = node_endpoints
+        # This replica's event-loop clock: its own stalls are not nodes' silence.
+        self._clock = clock
         self._etcd = etcd
         self._keys = keys
         self._fleet = fleet
@@ -155,6 +173,36 @@ class Membership:
         self.closing = False
         # The task serving each node's heartbeat stream on this replica.
         self._streams: dict[str, asyncio.Task] = {}
+
+    def live_leases(self) -> list[int]:
+        """Leases of the nodes heartbeating to this replica now (read from the
+        lease keeper's thread: only whole-dict copies, which the GIL keeps atomic)."""
+        now = time.time()
+        nodes = dict(self._fleet.nodes)
+        return [
+            entry.lease
+            for node_id, beat_at in list(self.last_beat.items())
+            if now - beat_at < self.silence_timeout_s and (entry := nodes.get(node_id))
+        ]
+
+    async def _next_beat(self, beats):
+        """The next heartbeat; TimeoutError when the node fell silent (frozen,
+        cut off) although its connection looks open. A window in which this
+        replica's own loop was stalled does not count: it gets another."""
+        pending = asyncio.ensure_future(anext(beats))
+        try:
+            while True:
+                started = time.monotonic()
+                done, _ = await asyncio.wait({pending}, timeout=self.silence_timeout_s)
+                if done:
+                    return pending.result()
+                stalled = self._clock.stalled_since(started) if self._clock else 0.0
+                if stalled < STALL_EXCUSE_S:
+                    raise TimeoutError
+                log.info("heartbeat wait overlapped a %.1fs stall of this replica", stalled)
+        finally:
+            if not pending.done():
+                pending.cancel()
 
     # --- register ---------------------------------------------------------------------
     async def register(
@@ -245,10 +293,7 @@ class Membership:
         try:
             while True:
                 try:
-                    # A node that falls silent (frozen, cut off) is lost even
-                    # though its connection looks open.
-                    async with asyncio.timeout(self.silence_timeout_s):
-                        beat = await anext(beats)
+                    beat = await self._next_beat(beats)
                 except StopAsyncIteration:
                     break
                 except TimeoutError:

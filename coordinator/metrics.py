@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+)
 from prometheus_client.core import GaugeMetricFamily
 
 from edgefleet.v1 import common_pb2
@@ -68,6 +74,11 @@ class CoordinatorMetrics:
         )
         self.etcd_errors = Counter(
             "edgefleet_etcd_errors", "etcd operations that failed", ["operation"], registry=r
+        )
+        self.loop_lag = Gauge(
+            "edgefleet_event_loop_lag_seconds",
+            "How late the coordinator's event loop ran its last 100 ms tick",
+            registry=r,
         )
 
     def observe_etcd(self, operation: str, seconds: float, ok: bool) -> None:

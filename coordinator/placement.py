@@ -43,6 +43,7 @@ class LoadedModelView(Protocol):
     slots_free: int
     queue_depth: int
     queue_limit: int
+    continuation_slots_free: int
 
 
 class NodeView(Protocol):
@@ -72,6 +73,9 @@ class PlacementRequest:
     model: str
     affinity_node: str = ""  # served this session/conversation before
     exclude: frozenset[str] = frozenset()  # failed during this request
+    # A reply continued after its node failed: it may use reserved slots and
+    # jumps queues, so a full node can still take it.
+    continuation: bool = False
 
 
 @dataclass(frozen=True)
@@ -85,6 +89,7 @@ class Candidate:
     # Generations this replica started (+) or finished (-) since the node reported.
     pending: int = 0
     affinity: bool = False  # served this session/conversation before
+    continuation_slots_free: int = 0  # reserved for continued replies
 
     @property
     def busy_now(self) -> int:
@@ -95,6 +100,13 @@ class Candidate:
     @property
     def free_now(self) -> int:
         return max(0, self.slots_total - self.busy_now)
+
+    @property
+    def reserve_now(self) -> int:
+        """Free continuation slots, less those this replica's recent dispatches
+        may have taken since the report (once the free ordinary slots ran out)."""
+        overflow = max(0, self.pending - self.slots_free)
+        return max(0, self.continuation_slots_free - overflow)
 
     @property
     def saturated(self) -> bool:
@@ -165,6 +177,7 @@ def candidates(
                 tokens_per_second=node.tokens_per_second,
                 pending=fleet.pending(node.node_id),
                 affinity=node.node_id == request.affinity_node,
+                continuation_slots_free=loaded.continuation_slots_free,
             )
         )
     return found
@@ -190,9 +203,27 @@ def score(candidate: Candidate, fastest: float) -> float:
     return value
 
 
-def rank(found: Sequence[Candidate], policy: str, *, turn: int = 0) -> Ranking:
+def continuation_score(candidate: Candidate) -> float:
+    """Higher is better, for a continued reply: a free slot, else a reserved
+    one, else the shortest queue (it would wait at the head of it)."""
+    if candidate.free_now > 0:
+        return 100.0 + candidate.free_now
+    if candidate.reserve_now > 0:
+        return 50.0 + candidate.reserve_now
+    return -float(candidate.busy_now - candidate.slots_total)
+
+
+def rank(
+    found: Sequence[Candidate], policy: str, *, turn: int = 0, continuation: bool = False
+) -> Ranking:
     """Order ``found`` by ``policy``, best first, leaving saturated nodes out.
-    ``turn`` rotates round_robin (the caller counts the turns)."""
+    ``turn`` rotates round_robin (the caller counts the turns). A continued
+    reply ranks every node by where it restarts soonest: no node is too full
+    for it, whatever the policy."""
+    if continuation:
+        scores = {c.node_id: continuation_score(c) for c in found}
+        order = tuple(sorted(scores, key=lambda node: (-scores[node], node)))
+        return Ranking(policy=policy, order=order, scores=scores, saturated=())
     open_nodes = [c for c in found if not c.saturated]
     saturated = tuple(c.node_id for c in found if c.saturated)
     if policy == "round_robin":
@@ -250,7 +281,7 @@ def choose(
             f"no ready node serves model {request.model!r} (nodes may be draining or failed)",
             retry_after_s=placement.retry_after_s,
         )
-    ranking = rank(found, placement.policy, turn=turn)
+    ranking = rank(found, placement.policy, turn=turn, continuation=request.continuation)
     if not ranking.order:
         raise saturated_error(request.model, placement.retry_after_s)
     return ranking

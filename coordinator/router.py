@@ -35,7 +35,7 @@ from edgefleet.errors import (
     error_of,
     reason_of,
 )
-from edgefleet.generation import continued, count_carried_tokens
+from edgefleet.generation import QUEUED_METADATA_KEY, continued, count_carried_tokens
 from edgefleet.v1 import common_pb2, node_pb2, node_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -46,6 +46,10 @@ PLACEMENT_OUTCOMES = {
     Reason.NO_READY_NODE: "no_node",
     Reason.FLEET_SATURATED: "saturated",
 }
+
+
+# How often a queued request checks that its node still holds its registration.
+QUEUE_CHECK_S = 0.5
 
 
 # Codes no edgefleet node answers Generate with: whatever listens there is not one.
@@ -221,6 +225,7 @@ class Router:
         *,
         affinity_node: str = "",
         exclude: frozenset[str] = frozenset(),
+        continuation: bool = False,
         parent: Context | None = None,
     ) -> Ranking:
         """Order the ready nodes serving ``model``; raise when none can take it."""
@@ -229,7 +234,7 @@ class Router:
             try:
                 ranking = placement.choose(
                     self._fleet,
-                    PlacementRequest(model, affinity_node, frozenset(exclude)),
+                    PlacementRequest(model, affinity_node, frozenset(exclude), continuation),
                     self._placement,
                     self._rng,
                     turn=self._placement.next_turn() if self.policy == "round_robin" else 0,
@@ -327,6 +332,8 @@ class Router:
                         f"the generation failed on {len(failures)} nodes; last: {cause}",
                     ) from None
                 attempt = continued(request, "".join(sent), sent_tokens)
+                if attempt is not None:
+                    attempt.continuation = True  # head of the queue, reserved slots
                 if attempt is None:  # max_tokens already reached
                     yield node_pb2.GenerateChunk(
                         seq=seq,
@@ -336,7 +343,12 @@ class Router:
                     )
                     return
                 try:
-                    ranking = self.rank(request.model, exclude=frozenset(failures), parent=parent)
+                    ranking = self.rank(
+                        request.model,
+                        exclude=frozenset(failures),
+                        continuation=True,
+                        parent=parent,
+                    )
                 except EdgefleetError as error:
                     raise error_of(
                         Reason.FAILOVER_EXHAUSTED,
@@ -374,7 +386,7 @@ class Router:
                 request, metadata=telemetry.outgoing_metadata(span)
             )
             try:
-                first = await self._admitted(call, node_id)
+                first = await self._admitted(call, node_id, entry.epoch)
             except BaseException:
                 self._fleet.release(node_id)
                 span.end()
@@ -428,11 +440,22 @@ class Router:
             if chunk.finish_reason:
                 return
 
-    async def _admitted(self, call, node_id: str) -> node_pb2.GenerateChunk | None:
+    async def _admitted(self, call, node_id: str, epoch: int) -> node_pb2.GenerateChunk | None:
         """The node's first message, or None when it did not admit the request
-        (refused for now, or failed: then it is also excluded from placement)."""
+        (refused for now, or failed: then it is also excluded from placement).
+
+        A node that queues the request says so at once (initial metadata); a
+        queued request then waits for its slot as long as the node stays
+        registered, instead of being failed over as if the node had stalled.
+        """
+        read = asyncio.ensure_future(call.read())
         try:
-            first = await asyncio.wait_for(call.read(), self._admission_timeout_s)
+            async with asyncio.timeout(self._admission_timeout_s) as window:
+                position = queue_position(await call.initial_metadata())
+                if position:
+                    window.reschedule(None)
+                    await self._while_registered(read, node_id, epoch)
+                first = await read
         except grpc.RpcError as error:
             judged = verdict(error.code(), reason_of(error))
             if judged is Verdict.CALLER_ERROR:
@@ -447,8 +470,30 @@ class Router:
         except TimeoutError:
             self._fleet.suspect(node_id, "no admission within the deadline")
             return None
+        finally:
+            if not read.done():
+                read.cancel()
         if first is grpc.aio.EOF:
             # Not the client's problem: the node broke the protocol; try another.
             self._fleet.quarantine(node_id, "ended the stream without an answer")
             return None
         return first
+
+    async def _while_registered(self, read: asyncio.Future, node_id: str, epoch: int) -> None:
+        """Wait for ``read`` while the node keeps its registration (a queued
+        request); TimeoutError when the node's lease ends or it turns suspect."""
+        while not read.done():
+            await asyncio.wait({read}, timeout=QUEUE_CHECK_S)
+            entry = self._fleet.nodes.get(node_id)
+            if not read.done() and (
+                entry is None or entry.epoch != epoch or self._fleet.is_suspect(node_id)
+            ):
+                raise TimeoutError
+
+
+def queue_position(metadata) -> int:
+    """The queue position a node reported in its initial metadata; 0 if none."""
+    for key, value in metadata or ():
+        if key == QUEUED_METADATA_KEY:
+            return int(value) if value.isdigit() else 1
+    return 0

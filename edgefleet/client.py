@@ -232,6 +232,7 @@ class FleetClient:
         messages: list[tuple[str, str]],
         *,
         assistant_prefix: str = "",
+        constraint: common_pb2.OutputConstraint | None = None,
         **sampling,
     ) -> ReplyStream:
         return self._stream(
@@ -241,6 +242,7 @@ class FleetClient:
                 messages=[common_pb2.ChatMessage(role=r, content=c) for r, c in messages],
                 sampling=common_pb2.SamplingParams(**sampling),
                 assistant_prefix=assistant_prefix,
+                constraint=constraint,
             ),
         )
 

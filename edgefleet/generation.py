@@ -23,6 +23,9 @@ MAX_TOKENS_LIMIT = 131072  # no node holds a longer context
 REPEAT_PENALTY_LIMIT = 10.0
 FLOAT32_MIN_NORMAL = 1.1754943508222875e-38
 MAX_MESSAGES = 4096
+# Initial metadata a node sends when a generation waits for a slot: its queue
+# position, so the coordinator does not take a queued request for a stalled one.
+QUEUED_METADATA_KEY = "edgefleet-queued"
 
 
 @dataclass(frozen=True)

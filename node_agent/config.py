@@ -16,6 +16,9 @@ class NodeConfig:
     # Slots are sequences in one batched context: cheap (KV cache only).
     slots: int = 4
     queue: int = 16
+    # Extra slots per model kept for replies continued after a failure on
+    # another node, so they restart at once on a full fleet (one KV stream each).
+    continuation_slots: int = 1
     context_length: int = 2048
     threads: int = field(default_factory=lambda: os.cpu_count() or 1)
     gpu_layers: int = 0

@@ -60,6 +60,7 @@ async def serve(config: NodeConfig, store: ModelStore | None = None) -> int:
         default_slots=config.slots,
         queue_limit=config.queue,
         default_context=config.context_length,
+        continuation_slots=config.continuation_slots,
     )
     server = grpc.aio.server(options=SERVER_OPTIONS)
     credentials = None

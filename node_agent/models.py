@@ -36,12 +36,14 @@ class ModelManager:
         default_slots: int,
         queue_limit: int,
         default_context: int,
+        continuation_slots: int = 1,
     ) -> None:
         self._runtime = runtime
         self._store = store
         self._default_slots = default_slots
         self._queue_limit = queue_limit
         self._default_context = default_context
+        self._continuation_slots = continuation_slots
         self._models: dict[str, HostedModel] = {}
         self._lock = asyncio.Lock()
 
@@ -92,9 +94,11 @@ class ModelManager:
                 "load_model",
                 attributes={"gen_ai.request.model": ref.name, "edgefleet.model.slots": slots},
             ):
+                # Reserved continuation slots are sequences like any other in
+                # the runtime; only the pool keeps them for continued replies.
                 instance = await self._runtime.load(
                     path,
-                    slots=slots,
+                    slots=slots + self._continuation_slots,
                     context_length=context,
                     quantization=quantization,
                     chat_template=ref.entry.chat_template if ref.entry else None,
@@ -103,7 +107,7 @@ class ModelManager:
                 name=ref.name,
                 ref=ref,
                 instance=instance,
-                pool=SlotPool(slots, self._queue_limit),
+                pool=SlotPool(slots, self._queue_limit, reserved=self._continuation_slots),
                 sha256=sha256,
             )
             self._models[ref.name] = model

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import signal
 import threading
@@ -129,6 +130,8 @@ def test_parallel_slots_bounded_queue_and_cancel_frees_a_slot(node_factory):
         # The refusal came while both slots were still generating.
         assert all(stream.running() for stream in running)
         assert not admitted.is_set()
+        # The queued request was told so at once (its headers), before any slot.
+        assert ("edgefleet-queued", "1") in tuple(queued.initial_metadata())
 
         running[0].cancel()  # the client goes away: its slot goes to the queued request
         assert admitted.wait(30), "the queued request never got the freed slot"
@@ -139,6 +142,70 @@ def test_parallel_slots_bounded_queue_and_cancel_frees_a_slot(node_factory):
             what="all slots to be free again",
         )
     assert capacity.queue_depth == 0 and capacity.active_generations == 0
+
+
+def test_a_continued_reply_takes_the_reserved_slot_on_a_full_node(node_factory):
+    node = node_factory.start(slots=1, queue=0)  # and one continuation slot by default
+    channel, stub = node_stub(node.address)
+    long_request = chat_request("Write a very long story.", temperature=0, max_tokens=1500)
+    with channel:
+        running = stub.Generate(long_request)
+        _first_chunk(running)
+        [model] = stub.GetCapacity(node_pb2.GetCapacityRequest()).models
+        assert (model.slots_free, model.continuation_slots_total) == (0, 1)
+        # A client's own assistant_prefix is no continuation: the node is full for it.
+        prefixed = chat_request("Write a very long story.", temperature=0, max_tokens=8)
+        prefixed.assistant_prefix = "Once upon a time"
+        refused = rpc_error(lambda: next(stub.Generate(prefixed)))
+        assert reason_of(refused) is Reason.QUEUE_FULL
+        # A coordinator's continuation gets the reserved slot at once and finishes.
+        prefixed.continuation = True
+        text, _ = collect(stub.Generate(prefixed))
+        assert text and running.running()
+        running.cancel()
+        wait_until(
+            lambda: (
+                (m := stub.GetCapacity(node_pb2.GetCapacityRequest()).models[0]).slots_free == 1
+                and m.continuation_slots_free == 1
+            ),
+            what="both slots free again",
+        )
+
+
+def test_a_constrained_reply_resumes_its_grammar_after_the_text_already_sent(shared_node):
+    schema = {
+        "type": "object",
+        "properties": {
+            "city": {"type": "string", "maxLength": 30},
+            "facts": {
+                "type": "array",
+                "items": {"type": "string", "maxLength": 40},
+                "maxItems": 3,
+            },
+        },
+        "required": ["city", "facts"],
+    }
+
+    def constrained(max_tokens, prefix=""):
+        request = chat_request("Describe Lisbon as JSON.", temperature=0, max_tokens=max_tokens)
+        request.constraint.json_schema = json.dumps(schema)
+        request.assistant_prefix = prefix
+        return request
+
+    channel, stub = node_stub(shared_node.address)
+    with channel:
+        full, _ = collect(stub.Generate(constrained(200)))
+        prefix = full[: max(2, len(full) // 2)]
+        rest, _ = collect(stub.Generate(constrained(200, prefix)))
+        document = json.loads(prefix + rest)  # one document, not a second one started mid-way
+        assert set(document) == {"city", "facts"}
+        # A prefix the grammar cannot produce is the request's error; the node carries on.
+        error = rpc_error(lambda: collect(stub.Generate(constrained(8, "no json here"))))
+        assert (error.code(), reason_of(error)) == (
+            grpc.StatusCode.INVALID_ARGUMENT,
+            Reason.BAD_GRAMMAR,
+        )
+        assert collect(stub.Generate(chat_request("Hi", max_tokens=4)))[0]
 
 
 def test_concurrent_streams_all_complete(node_factory):

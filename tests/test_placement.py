@@ -20,6 +20,7 @@ class Loaded:
     slots_free: int = 2
     queue_depth: int = 0
     queue_limit: int = 4
+    continuation_slots_free: int = 0
 
 
 @dataclass(frozen=True)
@@ -164,6 +165,30 @@ def test_saturated_nodes_are_left_out_and_named():
     )
     ranking = choose(fleet)
     assert ranking.order == ("open",) and ranking.saturated == ("full",)
+
+
+def test_a_continued_reply_goes_where_it_restarts_soonest_even_on_a_full_fleet():
+    fleet = fleet_of(
+        Node("full", models={MODEL: Loaded(slots_free=0, queue_depth=4)}),
+        Node("queued", models={MODEL: Loaded(slots_free=0, queue_depth=1)}),
+        Node("reserve", models={MODEL: Loaded(slots_free=0, continuation_slots_free=1)}),
+    )
+    request = PlacementRequest(MODEL, continuation=True)
+    ranking = placement.choose(fleet, request, Placement(), random.Random(0))
+    # The reserved slot first; then the shorter queue; no node is "saturated" for it.
+    assert ranking.order == ("reserve", "queued", "full") and ranking.saturated == ()
+    with_free = fleet_of(*fleet.nodes.values(), Node("free"))
+    ranking = placement.choose(with_free, request, Placement(), random.Random(0))
+    assert ranking.order[0] == "free"
+    # Two continuations in a row from this replica (the view not yet updated)
+    # do not both go to the one reserved slot.
+    taken = fleet_of(*fleet.nodes.values(), pending={"reserve": 1})
+    ranking = placement.choose(taken, request, Placement(), random.Random(0))
+    assert ranking.order[0] == "queued"
+    # An ordinary request on the same fleet leaves the full node out, and never
+    # counts reserved slots as room.
+    ordinary = placement.choose(fleet, PlacementRequest(MODEL), Placement(), random.Random(0))
+    assert "full" not in ordinary.order and ordinary.saturated == ("full",)
 
 
 # --- why nothing can take it, by named reason ------------------------------------------------

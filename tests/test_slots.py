@@ -88,7 +88,7 @@ def test_a_continued_reply_goes_to_the_head_of_the_queue():
         order = []
 
         async def wait(name, first):
-            async with pool.acquire(first_in_line=first):
+            async with pool.acquire(continuation=first):
                 order.append(name)
 
         async with pool.acquire():
@@ -100,3 +100,57 @@ def test_a_continued_reply_goes_to_the_head_of_the_queue():
         assert order == ["continued", "a", "b"]
 
     run(scenario())
+
+
+def test_reserved_slots_take_continued_replies_only():
+    async def scenario():
+        pool = SlotPool(slots=1, queue_limit=0, reserved=1)
+        async with pool.acquire() as ordinary:
+            assert ordinary == 0 and not pool.would_queue(continuation=True)
+            # An ordinary request finds the node full (no queue room)...
+            with pytest.raises(ResourceExhausted):
+                async with pool.acquire():
+                    pass
+            # ...a continued reply takes the reserved slot at once.
+            async with pool.acquire(continuation=True) as reserved:
+                assert reserved == 1 and pool.reserve_free == 0
+                # A second continuation waits (the queue limit does not refuse it)
+                # and gets the first slot to come back, reserved or not.
+                second = asyncio.create_task(_hold(pool, continuation=True))
+                await asyncio.sleep(0.01)
+                assert pool.queue_depth == 1
+            assert await second == 1
+        assert pool.free == 1 and pool.reserve_free == 1
+        assert await pool.wait_idle(0.01)
+
+    run(scenario())
+
+
+def test_a_reserved_slot_coming_back_is_not_given_to_an_ordinary_request():
+    async def scenario():
+        pool = SlotPool(slots=1, queue_limit=2, reserved=1)
+        async with pool.acquire():
+            held = asyncio.Event()
+            release = asyncio.Event()
+
+            async def continued():
+                async with pool.acquire(continuation=True):
+                    held.set()
+                    await release.wait()
+
+            task = asyncio.create_task(continued())
+            await held.wait()
+            ordinary = asyncio.create_task(_hold(pool))
+            await asyncio.sleep(0.01)
+            release.set()
+            await task
+            await asyncio.sleep(0.01)
+            assert not ordinary.done() and pool.reserve_free == 1
+        assert await ordinary == 0
+
+    run(scenario())
+
+
+async def _hold(pool, *, continuation=False):
+    async with pool.acquire(continuation=continuation) as slot:
+        return slot

@@ -45,6 +45,13 @@ def _add_node(sub) -> None:
         help="requests that may wait for a slot before RESOURCE_EXHAUSTED",
     )
     p.add_argument(
+        "--continuation-slots",
+        type=int,
+        default=int(env("NODE_CONTINUATION_SLOTS", base.continuation_slots)),
+        help="extra slots per model only for replies continued after another node "
+        "failed, so they restart at once even when every slot is busy",
+    )
+    p.add_argument(
         "--context",
         type=int,
         default=int(env("NODE_CONTEXT", base.context_length)),
@@ -140,9 +147,16 @@ def _run_node(args) -> int:
     if args.sim_tokens_per_s <= 0 or args.sim_cold_start_s < 0:
         print("error: need --sim-tokens-per-s > 0 and --sim-cold-start-s >= 0", file=sys.stderr)
         return 2
-    if args.slots < 1 or args.queue < 0 or args.context < 64 or args.threads < 1:
+    if (
+        args.slots < 1
+        or args.queue < 0
+        or not 0 <= args.continuation_slots <= 64
+        or args.context < 64
+        or args.threads < 1
+    ):
         print(
-            "error: need --slots >= 1, --queue >= 0, --context >= 64, --threads >= 1",
+            "error: need --slots >= 1, --queue >= 0, --continuation-slots in [0, 64], "
+            "--context >= 64, --threads >= 1",
             file=sys.stderr,
         )
         return 2
@@ -152,6 +166,7 @@ def _run_node(args) -> int:
             models=models,
             slots=args.slots,
             queue=args.queue,
+            continuation_slots=args.continuation_slots,
             context_length=args.context,
             threads=args.threads,
             gpu_layers=args.gpu_layers,

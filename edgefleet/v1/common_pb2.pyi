@@ -140,7 +140,7 @@ class GpuInfo(_message.Message):
     def __init__(self, index: _Optional[int] = ..., name: _Optional[str] = ..., memory_total_bytes: _Optional[int] = ..., memory_used_bytes: _Optional[int] = ..., utilization_percent: _Optional[float] = ...) -> None: ...
 
 class LoadedModel(_message.Message):
-    __slots__ = ("alias", "path", "quantization", "runtime", "file_size_bytes", "memory_bytes", "context_length", "slots_total", "slots_free", "queue_depth", "queue_limit", "sha256", "gpu_layers")
+    __slots__ = ("alias", "path", "quantization", "runtime", "file_size_bytes", "memory_bytes", "context_length", "slots_total", "slots_free", "queue_depth", "queue_limit", "sha256", "gpu_layers", "continuation_slots_total", "continuation_slots_free")
     ALIAS_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
     QUANTIZATION_FIELD_NUMBER: _ClassVar[int]
@@ -154,6 +154,8 @@ class LoadedModel(_message.Message):
     QUEUE_LIMIT_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
     GPU_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    CONTINUATION_SLOTS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    CONTINUATION_SLOTS_FREE_FIELD_NUMBER: _ClassVar[int]
     alias: str
     path: str
     quantization: str
@@ -167,7 +169,9 @@ class LoadedModel(_message.Message):
     queue_limit: int
     sha256: str
     gpu_layers: int
-    def __init__(self, alias: _Optional[str] = ..., path: _Optional[str] = ..., quantization: _Optional[str] = ..., runtime: _Optional[str] = ..., file_size_bytes: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., context_length: _Optional[int] = ..., slots_total: _Optional[int] = ..., slots_free: _Optional[int] = ..., queue_depth: _Optional[int] = ..., queue_limit: _Optional[int] = ..., sha256: _Optional[str] = ..., gpu_layers: _Optional[int] = ...) -> None: ...
+    continuation_slots_total: int
+    continuation_slots_free: int
+    def __init__(self, alias: _Optional[str] = ..., path: _Optional[str] = ..., quantization: _Optional[str] = ..., runtime: _Optional[str] = ..., file_size_bytes: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., context_length: _Optional[int] = ..., slots_total: _Optional[int] = ..., slots_free: _Optional[int] = ..., queue_depth: _Optional[int] = ..., queue_limit: _Optional[int] = ..., sha256: _Optional[str] = ..., gpu_layers: _Optional[int] = ..., continuation_slots_total: _Optional[int] = ..., continuation_slots_free: _Optional[int] = ...) -> None: ...
 
 class Capacity(_message.Message):
     __slots__ = ("cpu_count", "cpu_percent", "load_average_1m", "memory_total_bytes", "memory_available_bytes", "process_rss_bytes", "models", "slots_total", "slots_free", "queue_depth", "queue_limit", "tokens_per_second", "gpus", "draining", "active_generations", "simulated")

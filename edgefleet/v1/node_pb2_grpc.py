@@ -72,7 +72,10 @@ class NodeServiceServicer:
 
     def Generate(self, request, context):
         """Stream one chat generation. The first message is sent once the request
-        holds a slot; the last one carries finish_reason, usage and timings.
+        holds a slot; the last one carries finish_reason, usage and timings. A
+        request that has to wait for a slot gets initial metadata
+        "edgefleet-queued: <position>" at once, so the caller knows it is queued,
+        not stalled.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

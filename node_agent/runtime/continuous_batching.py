@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import ctypes
 import logging
+import math
 import random
 import threading
 import time
@@ -74,6 +76,8 @@ class Generation:
     sampler: LlamaSampler | None = None
     decoder: TokenTextDecoder = field(default_factory=TokenTextDecoder)
     stops: StopStringFilter | None = None
+    # Reply text already sent (a continued reply): the grammar resumes after it.
+    grammar_prefix: str = ""
 
 
 class ContinuousBatcher:
@@ -354,6 +358,10 @@ def _sampler(model: LlamaModel, generation: Generation) -> LlamaSampler:
         if grammar is None:
             sampler.close()
             raise ValueError("llama.cpp could not parse the grammar")
+        if not resume_grammar(model, grammar, generation.grammar_prefix):
+            llama_cpp.llama_sampler_free(grammar)
+            sampler.close()
+            raise ValueError("the reply so far does not fit the grammar")
         llama_cpp.llama_sampler_chain_add(sampler.sampler, grammar)  # the chain owns it now
     if sampling.temperature == 0.0:
         sampler.add_greedy()
@@ -371,6 +379,28 @@ def grammar_sampler(model: LlamaModel, gbnf: str):
     """A llama.cpp grammar sampler, or None when the grammar does not parse."""
     sampler = llama_cpp.llama_sampler_init_grammar(model.vocab, gbnf.encode("utf-8"), b"root")
     return sampler or None
+
+
+def resume_grammar(model: LlamaModel, grammar, text: str) -> bool:
+    """Advance a grammar sampler over ``text``, the reply so far (sent by a node
+    that failed), so a continued reply goes on from that point of the grammar
+    instead of starting it over. False if the text does not fit the grammar.
+
+    Each token is checked before it is accepted: llama.cpp aborts the process
+    when a grammar is made to accept a token it does not allow.
+    """
+    if not text:
+        return True
+    for token in model.tokenize(text.encode("utf-8"), add_bos=False, special=False):
+        cell = llama_cpp.llama_token_data(id=token, logit=0.0, p=0.0)
+        candidates = llama_cpp.llama_token_data_array(
+            data=ctypes.pointer(cell), size=1, selected=-1, sorted=False
+        )
+        llama_cpp.llama_sampler_apply(grammar, ctypes.byref(candidates))
+        if math.isinf(cell.logit):
+            return False
+        llama_cpp.llama_sampler_accept(grammar, token)
+    return True
 
 
 def _common_prefix(cached: list[int], tokens: list[int]) -> int:
