@@ -48,6 +48,13 @@ class Admitted:
     admitted_ns: int  # wall clock, for spans
 
 
+@dataclass(frozen=True)
+class Queued:
+    """A generation has to wait for a slot; ``position`` in the queue, from 1."""
+
+    position: int
+
+
 class Node:
     def __init__(
         self,
@@ -131,8 +138,9 @@ class Node:
     # --- generation ----------------------------------------------------------------------
     async def generate(
         self, request: node_pb2.GenerateRequest
-    ) -> AsyncIterator[Admitted | GenerationEvent]:
-        """``Admitted`` once a slot is held, then the runtime's events.
+    ) -> AsyncIterator[Queued | Admitted | GenerationEvent]:
+        """``Queued`` if it has to wait, ``Admitted`` once a slot is held, then
+        the runtime's events.
 
         Refusals (draining, model not loaded, bad request, full queue) raise
         before ``Admitted``; closing the iterator cancels the generation.
@@ -145,12 +153,16 @@ class Node:
         generation = await off_loop(generation_request_from_proto, request)
         self._check_supported(generation)
         prepared = await off_loop(model.instance.prepare, generation)
-        # A continued reply (its start was sent by a node that failed) has a
-        # user waiting mid-sentence: it goes to the head of the queue. Among
+        # A continued reply (its start was sent by a node that failed, and only
+        # a coordinator says so) has a user waiting mid-sentence: it may take a
+        # reserved slot and otherwise waits at the head of the queue. Among
         # free slots, one already holding much of this prompt (a
         # conversation's history); otherwise the least recently used.
+        continuation = request.continuation
+        if model.pool.would_queue(continuation=continuation):
+            yield Queued(model.pool.next_position(continuation=continuation))
         async with model.pool.acquire(
-            first_in_line=bool(request.assistant_prefix),
+            continuation=continuation,
             prefer=lambda slot: worth_reusing(model.instance.cached_prefix(slot, prepared)),
         ) as slot:
             admitted_ns = time.time_ns()
@@ -224,6 +236,8 @@ def loaded_model(model: HostedModel) -> common_pb2.LoadedModel:
         context_length=info.context_length,
         slots_total=model.pool.total,
         slots_free=model.pool.free,
+        continuation_slots_total=model.pool.reserved,
+        continuation_slots_free=model.pool.reserve_free,
         queue_depth=model.pool.queue_depth,
         queue_limit=model.pool.queue_limit,
         sha256=model.sha256,

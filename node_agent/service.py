@@ -16,9 +16,10 @@ from opentelemetry import trace
 
 from edgefleet import telemetry
 from edgefleet.errors import EdgefleetError, Reason, abort_with, error_of
+from edgefleet.generation import QUEUED_METADATA_KEY
 from edgefleet.v1 import common_pb2, node_pb2, node_pb2_grpc
 from node_agent.metrics import NodeMetrics
-from node_agent.node import Admitted, Node, loaded_model
+from node_agent.node import Admitted, Node, Queued, loaded_model
 from node_agent.runtime.base import Finish, FinishReason
 
 log = logging.getLogger(__name__)
@@ -120,7 +121,7 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
                 span.set_attributes(request_attributes(request, self._node.node_id))
             try:
                 async with contextlib.aclosing(self._node.generate(request)) as events:
-                    async for chunk in self._chunks(events, span, in_span, arrived_ns):
+                    async for chunk in self._chunks(events, span, in_span, arrived_ns, context):
                         yield chunk
             except EdgefleetError as error:
                 status = error.code.name
@@ -152,14 +153,19 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
         finally:
             span.end()
 
-    async def _chunks(self, events, span, in_span, arrived_ns: int):
+    async def _chunks(self, events, span, in_span, arrived_ns: int, context):
         """The node's events as GenerateChunks: an empty first chunk when a slot
-        is held, text chunks with their token counts, one final chunk."""
+        is held, text chunks with their token counts, one final chunk. A queued
+        request gets its queue position as initial metadata first."""
         node_id = self._node.node_id
         seq = 0
         pending_tokens = 0
         admitted: Admitted | None = None
         async for event in events:
+            if isinstance(event, Queued):
+                # Headers go out now: the caller learns it waits, not stalls.
+                await context.send_initial_metadata(((QUEUED_METADATA_KEY, str(event.position)),))
+                continue
             if isinstance(event, Admitted):
                 admitted = event
                 if span.is_recording():

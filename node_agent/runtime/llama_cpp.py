@@ -37,6 +37,7 @@ from node_agent.runtime.continuous_batching import (
     ContinuousBatcher,
     Generation,
     grammar_sampler,
+    resume_grammar,
 )
 
 log = logging.getLogger(__name__)
@@ -252,7 +253,14 @@ class LlamaCppModel:
                 raise InvalidArgument(
                     "invalid grammar: llama.cpp could not parse it", reason=Reason.BAD_GRAMMAR
                 )
+            # A continued reply: the grammar resumes after the text already sent.
+            fits = resume_grammar(self._model, checked, request.assistant_prefix)
             llama_cpp.llama_sampler_free(checked)
+            if not fits:
+                raise InvalidArgument(
+                    "assistant_prefix does not fit the output constraint (grammar or JSON schema)",
+                    reason=Reason.BAD_GRAMMAR,
+                )
         return PreparedPrompt(request=request, tokens=tuple(tokens))
 
     def _render(self, messages: list[dict]) -> str:
@@ -383,6 +391,7 @@ class LlamaCppModel:
             prompt=list(prompt.tokens),
             sampling=sampling,
             grammar=prompt.request.grammar,
+            grammar_prefix=prompt.request.assistant_prefix,
             limit=limit,
             length_reason=length_reason,
             emit=events.put_nowait,
