@@ -100,6 +100,8 @@ OPENAI_FIELDS: dict[Reason, tuple[str | None, str | None]] = {
     Reason.UNKNOWN_MODEL: (None, "model_not_found"),
     Reason.RATE_LIMITED: (None, "rate_limit_exceeded"),
     Reason.TOO_MANY_STREAMS: (None, "too_many_concurrent_requests"),
+    Reason.STORAGE_QUOTA: (None, "storage_quota_exceeded"),
+    Reason.SESSION_FULL: (None, "conversation_too_large"),
 }
 
 

@@ -191,12 +191,20 @@ async def create_response(body: ResponsesRequest, request: Request):
         constraint=constraint,
         affinity_key=body.previous_response_id or body.user or "",
     )
+    if body.store:
+        try:  # a response that could not be stored is refused before it is generated
+            await services_.sessions.check_conversation(messages)
+        except EdgefleetError as error:
+            raise api_error(error) from None
     response = ResponseBuilder(services_, body, plan, messages)
     stream = services_.turns.complete(
         complete, method="responses", metadata=list(request.headers.items())
     )
     if not body.stream:
-        return await response.finish(*await collected(stream, request))
+        try:
+            return await response.finish(*await collected(stream, request))
+        except EdgefleetError as error:  # storing it failed (its quota, etcd away)
+            raise api_error(error) from None
     reply = await started(stream, request)
     return StreamingResponse(
         response.events(reply),
@@ -354,7 +362,8 @@ class ResponseBuilder:
                             logprobs=[],
                         )
                 last = chunk
-        except EdgefleetError as error:
+            done = await self.finish("".join(text), last)
+        except EdgefleetError as error:  # the generation, or storing its conversation
             yield event(
                 "response.failed",
                 response={
@@ -365,7 +374,6 @@ class ResponseBuilder:
                 },
             )
             return
-        done = await self.finish("".join(text), last)
         item = done["output"][0]
         if as_text and item["type"] == "message":
             full = "".join(text)

@@ -26,6 +26,7 @@ from coordinator.quotas import Quotas
 from coordinator.router import Router
 from coordinator.sessions import Sessions, Turn
 from coordinator.tracking import RequestTracker
+from edgefleet import limits
 from edgefleet.auth import CALLER
 from edgefleet.errors import EdgefleetError, Reason, Unavailable, error_of
 from edgefleet.generation import messages_from_proto, sampling_from_proto
@@ -202,6 +203,12 @@ class Turns:
             try:
                 messages_from_proto(request.messages)
                 sampling_from_proto(request.sampling)
+                # Refused here, before a node spends anything on it (nodes check again).
+                limits.check_constraint(
+                    request.constraint,
+                    schema_field="constraint.json_schema",
+                    grammar_field="constraint.gbnf",
+                )
                 generate = node_pb2.GenerateRequest(
                     request_id=uuid.uuid4().hex,
                     model=request.model,

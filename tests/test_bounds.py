@@ -420,6 +420,10 @@ def test_schemas_that_break_every_node_are_400s_and_no_node_is_excluded(fleet):
         reply = _http(fleet, response_format=response_format)
         assert reply.status_code == 400, reply.text
         assert reply.json()["error"]["param"] == "response_format.json_schema"
+    # Only the schema within the limits reached a node (its converter refused it);
+    # the coordinator refused the three over the limits itself.
+    node_logs = "".join(n.log_path.read_text(errors="replace") for n in fleet.nodes.started)
+    assert node_logs.count("refused: BAD_SCHEMA") == 1
     reply = _http(fleet, response_format={"type": "text"}, tools=[_tool(parameters=nested(40))])
     assert reply.status_code == 400 and reply.json()["error"]["param"] == "tools", reply.text
     # The next ordinary request is served (its tokens are as they always were:

@@ -571,12 +571,6 @@ def _try_create(client, model):
         raise
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="coordinator/responses_api.py does not yet turn an EdgefleetError from "
-    "Sessions.store_conversation into an OpenAI error (500 today); it should also call "
-    "Sessions.check_conversation before generating",
-)
 def test_keyless_http_over_its_byte_quota_gets_429_naming_the_limit(quota_fleet):
     """Stored responses of keyless loopback HTTP (one caller, "anonymous")
     fill its 8 KiB: the next one is a 429 whose message names the limit."""
@@ -603,3 +597,4 @@ def test_keyless_http_over_its_byte_quota_gets_429_naming_the_limit(quota_fleet)
     assert "--key-max-bytes" in payload["error"]["message"]
     assert "anonymous callers" in payload["error"]["message"]
     assert payload["error"]["type"] == "rate_limit_error"
+    assert payload["error"]["code"] == "storage_quota_exceeded"
