@@ -27,6 +27,7 @@ from coordinator.access import Access
 from coordinator.access_service import SERVICE_NAME as ACCESS_SERVICE_NAME
 from coordinator.access_service import AccessServicer
 from coordinator.config import CoordinatorConfig
+from coordinator.deploy_routes import DeploySettings
 from coordinator.etcd import Etcd, EtcdTls
 from coordinator.fleet import FleetView
 from coordinator.http_app import HttpLimits, build_app, http_server
@@ -44,7 +45,7 @@ from coordinator.service import SERVICE_NAME, CoordinatorServicer
 from coordinator.sessions import SessionLimits, Sessions
 from coordinator.turns import Turns
 from coordinator.usage import StorageLimits
-from edgefleet import auth, serving, telemetry, tls
+from edgefleet import auth, serving, systemd, telemetry, tls
 from edgefleet.errors import Unavailable
 from edgefleet.profile import default_state_dir
 from edgefleet.supervise import Supervisor
@@ -115,7 +116,7 @@ async def serve(config: CoordinatorConfig) -> int:
         cleanup.push_async_callback(etcd.close)
         keys = Keys(config.etcd_prefix)
         coordinator_id = _coordinator_id(config)
-        server = grpc.aio.server(options=SERVER_OPTIONS)
+        server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[serving.RequestParseGuard()])
         node_server = None
         own = ca = None
         node_address = ""
@@ -140,7 +141,9 @@ async def serve(config: CoordinatorConfig) -> int:
             port = server.add_secure_port(
                 config.grpc, own.server_credentials(require_client_auth=False)
             )
-            node_server = grpc.aio.server(options=SERVER_OPTIONS)
+            node_server = grpc.aio.server(
+                options=SERVER_OPTIONS, interceptors=[serving.RequestParseGuard()]
+            )
             node_port = node_server.add_secure_port(
                 node_listen, own.server_credentials(require_client_auth=True)
             )
@@ -260,7 +263,16 @@ async def serve(config: CoordinatorConfig) -> int:
             )
             http = http_server(
                 build_app(
-                    services, metrics=metrics, etcd_ping=etcd.ping, dev=config.dev, limits=limits
+                    services,
+                    metrics=metrics,
+                    etcd_ping=etcd.ping,
+                    dev=config.dev,
+                    limits=limits,
+                    deploy=DeploySettings(
+                        bundle_dir=config.bundle_dir,
+                        grpc_port=port,
+                        ca_pem=ca.cert_pem if ca is not None and config.tls_auto else b"",
+                    ),
                 ),
                 config.http,
                 ssl_files=ssl_files,
@@ -392,7 +404,9 @@ async def serve(config: CoordinatorConfig) -> int:
         if node_address:
             ready += f" nodes={node_address} profile={state_dir / 'admin-profile.json'}"
         print(ready, flush=True)
+        systemd.ready(f"serving gRPC on {grpc_address}")  # Type=notify units
         await stop.wait()
+        systemd.stopping("draining")
         log.info("shutting down: streams get %.1fs to finish", config.shutdown_grace_s)
         membership.closing = True  # nodes will move to another replica: keep their leases
         await set_serving(False)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import grpc
 
-from edgefleet import auth, serving, telemetry, tls
+from edgefleet import auth, serving, systemd, telemetry, tls
 from edgefleet.errors import EdgefleetError
 from edgefleet.profile import default_state_dir
 from edgefleet.supervise import Supervisor
@@ -62,7 +62,7 @@ async def serve(config: NodeConfig, store: ModelStore | None = None) -> int:
         default_context=config.context_length,
         continuation_slots=config.continuation_slots,
     )
-    server = grpc.aio.server(options=SERVER_OPTIONS)
+    server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[serving.RequestParseGuard()])
     credentials = None
     if config.insecure or not (config.coordinators or config.join_token):
         if not config.insecure and not tls.is_loopback(config.listen):
@@ -138,7 +138,9 @@ async def serve(config: NodeConfig, store: ModelStore | None = None) -> int:
         loaded = ",".join(m.name for m in models.hosted())
         # One line on stdout that scripts and tests can wait for.
         print(f"edgefleet node ready id={node_id} address={address} models={loaded}", flush=True)
+        systemd.ready(f"serving {address} as {node_id}")  # Type=notify units
         await stop.wait()
+        systemd.stopping("draining")
         log.info("shutting down: in-flight streams get %.1fs to finish", config.shutdown_grace_s)
         await node.set_draining(True)
         if registrar is not None:

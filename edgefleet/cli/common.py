@@ -12,6 +12,27 @@ def env(name: str, default):
     return os.environ.get(f"EDGEFLEET_{name}", default)
 
 
+def option(p, *flags: str, env: str | None = None, many: bool = False, **kwargs):
+    """``p.add_argument`` for a daemon's flag. ``env``: the default comes from
+    ``EDGEFLEET_<env>`` when that is set (argparse converts it with ``type``),
+    and a config file gives way to it (flags > env > config file > defaults).
+    ``many``: a comma-separated list, which a config file may write as a list."""
+    if env is not None:
+        value = os.environ.get(f"EDGEFLEET_{env}")
+        if value is not None:
+            kind = kwargs.get("action")
+            if kind == "store_true":
+                kwargs["default"] = value == "1"
+            elif kind == "append":
+                kwargs["default"] = [value] if value else []
+            else:
+                kwargs["default"] = value
+    action = p.add_argument(*flags, **kwargs)
+    action.env = f"EDGEFLEET_{env}" if env else None
+    action.many = many
+    return action
+
+
 def addresses(value: str) -> tuple[str, ...]:
     return tuple(a.strip() for a in value.split(",") if a.strip())
 

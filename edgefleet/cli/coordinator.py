@@ -5,7 +5,10 @@ from __future__ import annotations
 import math
 import sys
 
-from edgefleet.cli.common import addresses, env
+from edgefleet.cli.common import addresses, option
+from edgefleet.config_file import add_config
+
+COORDINATOR_CONFIG = "/etc/edgefleet/coordinator.yaml"
 
 
 def _add_coordinator(sub) -> None:
@@ -14,25 +17,33 @@ def _add_coordinator(sub) -> None:
 
     base = CoordinatorConfig()
     p = sub.add_parser("coordinator", help="run a coordinator replica (state in etcd)")
-    p.add_argument(
+    add_config(p, COORDINATOR_CONFIG)
+    option(
+        p,
         "--etcd",
-        default=env("ETCD", ",".join(base.etcd)),
+        many=True,
+        env="ETCD",
+        default=",".join(base.etcd),
         help="etcd endpoint(s) host:port[,host:port...]",
     )
-    p.add_argument(
+    option(
+        p,
         "--etcd-prefix",
-        default=env("ETCD_PREFIX", base.etcd_prefix),
+        env="ETCD_PREFIX",
+        default=base.etcd_prefix,
         help="key prefix, so several fleets can share one etcd",
     )
-    p.add_argument("--grpc", default=env("COORDINATOR_GRPC", base.grpc), help="gRPC address")
-    p.add_argument(
+    option(p, "--grpc", env="COORDINATOR_GRPC", default=base.grpc, help="gRPC address")
+    option(
+        p,
         "--http",
-        default=env("COORDINATOR_HTTP", base.http),
+        env="COORDINATOR_HTTP",
+        default=base.http,
         help='HTTP address: /healthz, /readyz, /metrics ("off" to disable)',
     )
-    p.add_argument("--id", default=env("COORDINATOR_ID", ""), help="default: hostname-port")
-    p.add_argument(
-        "--policy", default=env("POLICY", base.policy), choices=POLICIES, help="placement policy"
+    option(p, "--id", env="COORDINATOR_ID", default="", help="default: hostname-port")
+    option(
+        p, "--policy", env="POLICY", default=base.policy, choices=POLICIES, help="placement policy"
     )
     p.add_argument(
         "--placement-sample",
@@ -92,10 +103,12 @@ def _add_coordinator(sub) -> None:
         default=base.max_failovers,
         help="node failovers allowed per reply (0 = none)",
     )
-    p.add_argument(
+    option(
+        p,
         "--api-key",
         action="append",
-        default=[k for k in [env("API_KEY", "")] if k],
+        env="API_KEY",
+        default=[],
         help="require this Bearer key on the HTTP API (repeatable; env EDGEFLEET_API_KEY)",
     )
     p.add_argument("--api-key-file", default="", help="file with one accepted key per line")
@@ -157,20 +170,26 @@ def _add_coordinator(sub) -> None:
         help="generations in progress at once per API key, per replica",
     )
     security = p.add_argument_group("security (README: Security)")
-    security.add_argument(
+    option(
+        security,
         "--insecure",
         action="store_true",
-        default=env("INSECURE", "") == "1",
+        env="INSECURE",
+        default=False,
         help="no TLS, no certificates, no key checks on gRPC: one trusted machine only",
     )
-    security.add_argument(
+    option(
+        security,
         "--node-grpc",
-        default=env("COORDINATOR_NODE_GRPC", ""),
+        env="COORDINATOR_NODE_GRPC",
+        default="",
         help="where nodes register, mutual TLS (default: the --grpc host, port + 1)",
     )
-    security.add_argument(
+    option(
+        security,
         "--state-dir",
-        default=env("STATE_DIR", ""),
+        env="STATE_DIR",
+        default="",
         help="fleet secret and admin profile (default /var/lib/edgefleet/coordinator "
         "as root, else ~/.local/state/edgefleet/coordinator)",
     )
@@ -207,9 +226,15 @@ def _add_coordinator(sub) -> None:
     security.add_argument(
         "--dev", action="store_true", help="gRPC reflection, /docs and /openapi.json"
     )
-    security.add_argument("--etcd-cacert", default=env("ETCD_CACERT", ""), help="etcd's CA")
-    security.add_argument("--etcd-cert", default=env("ETCD_CERT", ""), help="client cert")
-    security.add_argument("--etcd-key", default=env("ETCD_KEY", ""), help="client key")
+    option(security, "--etcd-cacert", env="ETCD_CACERT", default="", help="etcd's CA")
+    option(security, "--etcd-cert", env="ETCD_CERT", default="", help="client cert")
+    option(security, "--etcd-key", env="ETCD_KEY", default="", help="client key")
+    p.add_argument(
+        "--bundle-dir",
+        default="",
+        help="serve the node bundles in this folder (`edgefleet bundle`) to holders of a join "
+        "token: GET /install.sh and /bundle/FILE on the HTTP listener (README: Deploy)",
+    )
     p.set_defaults(func=_run_coordinator)
 
 
@@ -304,6 +329,7 @@ def _run_coordinator(args) -> int:
             etcd_cacert=args.etcd_cacert,
             etcd_cert=args.etcd_cert,
             etcd_key=args.etcd_key,
+            bundle_dir=args.bundle_dir,
         )
     )
 

@@ -5,7 +5,10 @@ from __future__ import annotations
 import sys
 
 from edgefleet import defaults
-from edgefleet.cli.common import addresses, env
+from edgefleet.cli.common import addresses, env, option
+from edgefleet.config_file import add_config
+
+NODE_CONFIG = "/etc/edgefleet/node.yaml"
 
 
 def _add_node(sub) -> None:
@@ -17,6 +20,7 @@ def _add_node(sub) -> None:
         help="run a node agent serving local models over gRPC; "
         "`node ls|approve ID|revoke ID` manage the fleet's node identities",
     )
+    add_config(p, NODE_CONFIG)
     p.add_argument(
         "action",
         nargs="?",
@@ -26,75 +30,99 @@ def _add_node(sub) -> None:
     )
     p.add_argument("target", nargs="?", default="", help="node id (approve, revoke)")
     p.add_argument("--profile", default="", help="client profile (ls, approve, revoke)")
-    p.add_argument("--listen", default=env("NODE_LISTEN", base.listen), help="host:port")
-    p.add_argument(
+    option(p, "--listen", env="NODE_LISTEN", default=base.listen, help="host:port")
+    option(
+        p,
         "--models",
-        default=env("NODE_MODELS", ",".join(base.models)),
+        many=True,
+        env="NODE_MODELS",
+        default=",".join(base.models),
         help="comma-separated catalog aliases or .gguf paths to load at start",
     )
-    p.add_argument(
+    option(
+        p,
         "--slots",
         type=int,
-        default=int(env("NODE_SLOTS", base.slots)),
+        env="NODE_SLOTS",
+        default=base.slots,
         help="parallel generations per model",
     )
-    p.add_argument(
+    option(
+        p,
         "--queue",
         type=int,
-        default=int(env("NODE_QUEUE", base.queue)),
+        env="NODE_QUEUE",
+        default=base.queue,
         help="requests that may wait for a slot before RESOURCE_EXHAUSTED",
     )
-    p.add_argument(
+    option(
+        p,
         "--continuation-slots",
         type=int,
-        default=int(env("NODE_CONTINUATION_SLOTS", base.continuation_slots)),
+        env="NODE_CONTINUATION_SLOTS",
+        default=base.continuation_slots,
         help="extra slots per model only for replies continued after another node "
         "failed, so they restart at once even when every slot is busy",
     )
-    p.add_argument(
+    option(
+        p,
         "--context",
         type=int,
-        default=int(env("NODE_CONTEXT", base.context_length)),
+        env="NODE_CONTEXT",
+        default=base.context_length,
         help="context window per slot, in tokens",
     )
-    p.add_argument(
+    option(
+        p,
         "--threads",
         type=int,
-        default=int(env("NODE_THREADS", base.threads)),
+        env="NODE_THREADS",
+        default=base.threads,
         help="CPU threads for inference (shared by running generations)",
     )
-    p.add_argument(
+    option(
+        p,
         "--gpu-layers",
         type=int,
-        default=int(env("NODE_GPU_LAYERS", 0)),
+        env="NODE_GPU_LAYERS",
+        default=0,
         help="layers to offload to a GPU (-1 = all)",
     )
-    p.add_argument("--node-id", default=env("NODE_ID", ""), help="default: hostname-port")
+    option(p, "--node-id", env="NODE_ID", default="", help="default: hostname-port")
     p.add_argument(
         "--shutdown-grace",
         type=float,
         default=base.shutdown_grace_s,
         help="seconds in-flight streams get to finish on SIGTERM",
     )
-    p.add_argument(
+    option(
+        p,
         "--coordinator",
-        default=env("COORDINATOR", ""),
+        many=True,
+        env="COORDINATOR",
+        default="",
         help="coordinator address(es) host:port[,host:port...] to join; none = standalone",
     )
-    p.add_argument(
+    option(
+        p,
         "--advertise",
-        default=env("NODE_ADVERTISE", ""),
+        env="NODE_ADVERTISE",
+        default="",
         help="address coordinators reach this node at (default: --listen)",
     )
-    p.add_argument(
+    option(
+        p,
         "--metrics",
-        default=env("NODE_METRICS", ""),
+        env="NODE_METRICS",
+        default="",
         help="host:port for a Prometheus /metrics listener (default: none)",
     )
-    p.add_argument(
+    option(
+        p,
         "--runtime",
         choices=("llama.cpp", "simulated"),
-        default=env("NODE_RUNTIME", base.runtime),
+        env="NODE_RUNTIME",
+        default=base.runtime,
         help="inference engine; 'simulated' emits fake tokens at a fixed rate and exists only "
         "for control-plane benchmarks (the node reports itself as simulated)",
     )
@@ -111,23 +139,29 @@ def _add_node(sub) -> None:
         help="simulated runtime: delay of the first generation (a cold model)",
     )
     security = p.add_argument_group("security (README: Security)")
-    security.add_argument(
+    option(
+        security,
         "--join",
-        default=env("JOIN_TOKEN", ""),
+        env="JOIN_TOKEN",
+        default="",
         metavar="TOKEN",
         help="join the fleet with this token (env EDGEFLEET_JOIN_TOKEN); once joined, "
         "the identity in --state-dir is used and the token is not needed again",
     )
-    security.add_argument(
+    option(
+        security,
         "--state-dir",
-        default=env("STATE_DIR", ""),
+        env="STATE_DIR",
+        default="",
         help="the node's identity (default /var/lib/edgefleet/node as root, else "
         "~/.local/state/edgefleet/node)",
     )
-    security.add_argument(
+    option(
+        security,
         "--insecure",
         action="store_true",
-        default=env("INSECURE", "") == "1",
+        env="INSECURE",
+        default=False,
         help="plaintext, no certificates: only with a coordinator run --insecure",
     )
     security.add_argument("--dev", action="store_true", help="gRPC reflection")

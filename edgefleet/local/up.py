@@ -19,8 +19,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from edgefleet import config_file
 from edgefleet.client import FleetClient
 from edgefleet.local.etcd_server import EtcdCluster
+from edgefleet.local.fleet_file import FleetSpec, NodeSpec
 from edgefleet.local.processes import (
     DaemonProcess,
     admin_client,
@@ -67,65 +69,109 @@ def start_fleet(
     workdir: Path,
     say=print,
     secure: bool = True,
+    spec: FleetSpec | None = None,
 ) -> Fleet:
     """``secure``: a fleet CA, nodes joined with a token, mutual TLS between
     coordinator and nodes, API keys (the admin one in the coordinator's
-    profile); else every daemon runs ``--insecure``."""
+    profile); else every daemon runs ``--insecure``. ``spec``: the nodes (ids,
+    labels, settings) and coordinator settings of a fleet file; else ``nodes``
+    nodes named node-1, node-2, ... ``model`` and ``slots`` are the nodes'
+    defaults. Each daemon gets a config file in ``workdir`` (so no
+    /etc/edgefleet file on this machine leaks into the local fleet)."""
+    spec = spec or FleetSpec.plain(nodes)
     say(f"starting etcd (data in {workdir / 'etcd'})")
     etcd = EtcdCluster(1, base_dir=workdir / "etcd").start()
     say(f"starting coordinator on {grpc_address}")
+    coordinator_config = workdir / "coordinator.yaml"
+    config_file.write(coordinator_config, spec.coordinator)
     coordinator = start_coordinator(
         grpc_address=grpc_address,
         etcd=etcd.endpoints,
         http_address=http_address,
+        extra_args=("--config", str(coordinator_config)),
         log_path=workdir / "coordinator.log",
         state_dir=workdir / "coordinator" if secure else None,
     )
     fleet = Fleet(workdir=workdir, etcd=etcd, coordinator=coordinator, nodes=[], secure=secure)
     try:
         coordinator.wait_serving(timeout_s=60)
-        token = join_token(coordinator, uses=nodes, ttl_s=600) if secure else ""
+        tokens = _join_tokens(coordinator, spec.nodes) if secure else {}
         if secure:
-            say("made a join token for the nodes (one use each, 10 minutes)")
+            say("made join tokens for the nodes (one use each, 10 minutes)")
         # The nodes share this machine's cores: split them rather than
         # oversubscribe (llama.cpp's worker threads spin while they wait).
-        threads = max(1, (os.cpu_count() or 1) // nodes)
-        say(f"starting {nodes} node(s) with {model}, {threads} inference thread(s) each")
-        for index in range(1, nodes + 1):
-            address = f"127.0.0.1:{free_port()}"
-            fleet.nodes.append(
-                start_node(
-                    listen=address,
-                    models=model,
-                    slots=slots,
-                    extra_args=(
-                        "--coordinator",
-                        grpc_address,
-                        "--node-id",
-                        f"node-{index}",
-                        "--threads",
-                        str(threads),
-                    ),
-                    log_path=workdir / f"node-{index}.log",
-                    name=f"node-{index}",
-                    join=(token, workdir / f"node-{index}") if secure else None,
-                )
+        threads = max(1, (os.cpu_count() or 1) // len(spec.nodes))
+        say(f"starting {len(spec.nodes)} node(s) with {model}, {threads} inference thread(s) each")
+        for node in spec.nodes:
+            settings = dict(node.settings)
+            # What `up` itself chose goes on the command line; the rest in the file.
+            node_models = str(settings.pop("models", model))
+            node_slots = int(settings.pop("slots", slots))
+            node_threads = int(settings.pop("threads", threads))
+            address = str(settings.pop("listen", "") or f"127.0.0.1:{free_port()}")
+            node_config = workdir / f"{node.node_id}.yaml"
+            config_file.write(node_config, settings)
+            process = start_node(
+                listen=address,
+                models=node_models,
+                slots=node_slots,
+                extra_args=(
+                    "--coordinator",
+                    grpc_address,
+                    "--node-id",
+                    node.node_id,
+                    "--threads",
+                    str(node_threads),
+                    "--config",
+                    str(node_config),
+                ),
+                log_path=workdir / f"{node.node_id}.log",
+                name=node.node_id,
+                join=(tokens[node.node_id], workdir / node.node_id) if secure else None,
             )
+            process.extra["labels"] = dict(node.labels)
+            fleet.nodes.append(process)
         for node in fleet.nodes:
             node.wait_serving(timeout_s=300)
         with fleet.client() as client:
             deadline = time.monotonic() + 60
             while True:
                 ready = [n for n in client.status().nodes if n.state == common_pb2.NODE_STATE_READY]
-                if len(ready) >= nodes:
+                if len(ready) >= len(spec.nodes):
                     break
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"only {len(ready)} of {nodes} nodes joined the fleet")
+                    raise TimeoutError(
+                        f"only {len(ready)} of {len(spec.nodes)} nodes joined the fleet"
+                    )
                 time.sleep(0.1)
     except BaseException:
         fleet.stop()
         raise
     return fleet
+
+
+def _join_tokens(coordinator: DaemonProcess, nodes: list[NodeSpec]) -> dict[str, str]:
+    """A join token per node id: one shared by the nodes of each label set (the
+    token carries the labels), one use per node, 10 minutes."""
+    from edgefleet.v1 import access_pb2
+
+    groups: dict[tuple, list[str]] = {}
+    for node in nodes:
+        groups.setdefault(tuple(sorted(node.labels.items())), []).append(node.node_id)
+    tokens = {}
+    for labels, ids in groups.items():
+        if labels:
+            with admin_client(coordinator) as client:
+                token = client.access(
+                    "CreateJoinToken",
+                    access_pb2.CreateJoinTokenRequest(
+                        ttl_seconds=600, uses=len(ids), approve=True, labels=dict(labels)
+                    ),
+                ).token
+        else:
+            token = join_token(coordinator, uses=len(ids), ttl_s=600)
+        tokens.update(dict.fromkeys(ids, token))
+    return tokens
 
 
 def describe(fleet: Fleet, grpc_address: str, http_address: str, ready_s: float) -> str:
@@ -135,7 +181,8 @@ def describe(fleet: Fleet, grpc_address: str, http_address: str, ready_s: float)
         f"  coordinator  grpc {grpc_address}  http {http_address}  pid {fleet.coordinator.pid}",
     ]
     for node in fleet.nodes:
-        lines.append(f"  {node.name:<12} {node.address}  pid {node.pid}")
+        labels = ",".join(f"{k}={v}" for k, v in sorted(node.extra.get("labels", {}).items()))
+        lines.append(f"  {node.name:<12} {node.address}  pid {node.pid}  {labels}".rstrip())
     lines += [f"  logs         {fleet.workdir}"]
     if fleet.secure:
         lines += [
@@ -179,6 +226,7 @@ def run(
     chat: str | None,
     keep_logs: bool,
     secure: bool = True,
+    spec: FleetSpec | None = None,
 ) -> int:
     started = time.monotonic()
     workdir = Path(tempfile.mkdtemp(prefix="edgefleet-up-"))
@@ -196,6 +244,7 @@ def run(
             slots=slots,
             workdir=workdir,
             secure=secure,
+            spec=spec,
         )
         if secure:
             fleet.extra_profile = publish_profile(fleet)
@@ -206,7 +255,7 @@ def run(
     try:
         print(describe(fleet, grpc_address, http_address, time.monotonic() - started), flush=True)
         if chat is not None:
-            return _chat_once(fleet, model, chat)
+            return _chat_once(fleet, _first_model(spec) or model, chat)
         while not stop.wait(1.0):
             for node in fleet.nodes:
                 if not node.alive() and not node.extra.get("reported"):
@@ -224,6 +273,14 @@ def run(
         if not keep_logs:
             shutil.rmtree(workdir, ignore_errors=True)
         print("fleet stopped", flush=True)
+
+
+def _first_model(spec: FleetSpec | None) -> str:
+    """The model a fleet file's ``--chat`` asks for: its first node's first."""
+    if spec is None:
+        return ""
+    models = str(spec.nodes[0].settings.get("models", ""))
+    return next((m.strip() for m in models.split(",") if m.strip()), "")
 
 
 def _chat_once(fleet: Fleet, model: str, prompt: str) -> int:
