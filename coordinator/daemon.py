@@ -27,7 +27,6 @@ from coordinator.access import Access
 from coordinator.access_service import SERVICE_NAME as ACCESS_SERVICE_NAME
 from coordinator.access_service import AccessServicer
 from coordinator.config import CoordinatorConfig
-from coordinator.deploy_routes import DeploySettings
 from coordinator.etcd import Etcd, EtcdTls
 from coordinator.fleet import FleetView
 from coordinator.http_app import HttpLimits, build_app, http_server
@@ -116,7 +115,7 @@ async def serve(config: CoordinatorConfig) -> int:
         cleanup.push_async_callback(etcd.close)
         keys = Keys(config.etcd_prefix)
         coordinator_id = _coordinator_id(config)
-        server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[serving.RequestParseGuard()])
+        server = grpc.aio.server(options=SERVER_OPTIONS)
         node_server = None
         own = ca = None
         node_address = ""
@@ -141,9 +140,7 @@ async def serve(config: CoordinatorConfig) -> int:
             port = server.add_secure_port(
                 config.grpc, own.server_credentials(require_client_auth=False)
             )
-            node_server = grpc.aio.server(
-                options=SERVER_OPTIONS, interceptors=[serving.RequestParseGuard()]
-            )
+            node_server = grpc.aio.server(options=SERVER_OPTIONS)
             node_port = node_server.add_secure_port(
                 node_listen, own.server_credentials(require_client_auth=True)
             )
@@ -263,16 +260,7 @@ async def serve(config: CoordinatorConfig) -> int:
             )
             http = http_server(
                 build_app(
-                    services,
-                    metrics=metrics,
-                    etcd_ping=etcd.ping,
-                    dev=config.dev,
-                    limits=limits,
-                    deploy=DeploySettings(
-                        bundle_dir=config.bundle_dir,
-                        grpc_port=port,
-                        ca_pem=ca.cert_pem if ca is not None and config.tls_auto else b"",
-                    ),
+                    services, metrics=metrics, etcd_ping=etcd.ping, dev=config.dev, limits=limits
                 ),
                 config.http,
                 ssl_files=ssl_files,
