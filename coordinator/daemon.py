@@ -115,7 +115,7 @@ async def serve(config: CoordinatorConfig) -> int:
         cleanup.push_async_callback(etcd.close)
         keys = Keys(config.etcd_prefix)
         coordinator_id = _coordinator_id(config)
-        server = grpc.aio.server(options=SERVER_OPTIONS)
+        server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[serving.RequestParseGuard()])
         node_server = None
         own = ca = None
         node_address = ""
@@ -140,7 +140,9 @@ async def serve(config: CoordinatorConfig) -> int:
             port = server.add_secure_port(
                 config.grpc, own.server_credentials(require_client_auth=False)
             )
-            node_server = grpc.aio.server(options=SERVER_OPTIONS)
+            node_server = grpc.aio.server(
+                options=SERVER_OPTIONS, interceptors=[serving.RequestParseGuard()]
+            )
             node_port = node_server.add_secure_port(
                 node_listen, own.server_credentials(require_client_auth=True)
             )

@@ -18,6 +18,7 @@ from fastapi import APIRouter, Depends, FastAPI, Header, Request
 from fastapi.exceptions import HTTPException, RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from coordinator import tools
 from coordinator.openai_common import (
@@ -293,6 +294,12 @@ async def on_invalid_request(request: Request, error: RequestValidationError) ->
     return JSONResponse(ApiError(400, message, param=param).body(), status_code=400)
 
 
+async def on_http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+    """FastAPI's own refusals (a body that is not UTF-8 JSON, ...) in OpenAI's shape."""
+    problem = ApiError(error.status_code, str(error.detail))
+    return JSONResponse(problem.body(), status_code=error.status_code, headers=error.headers)
+
+
 async def on_bad_unicode(request: Request, error: UnicodeEncodeError) -> JSONResponse:
     """A lone surrogate (``"\\ud800"``) parses as JSON but is no text: 400, not a reset."""
     problem = ApiError(
@@ -404,6 +411,7 @@ def register(
     app.add_exception_handler(UnicodeEncodeError, on_bad_unicode)
     app.add_exception_handler(BodyTooLarge, on_body_too_large)
     app.add_exception_handler(BodyTooSlow, on_body_too_slow)
+    app.add_exception_handler(StarletteHTTPException, on_http_error)
     app.add_middleware(
         BodyLimit, max_bytes=max_body_bytes, timeout_s=body_timeout_s, min_rate=body_min_rate
     )

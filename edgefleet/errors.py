@@ -214,10 +214,21 @@ def trailers_of(error: EdgefleetError) -> tuple[tuple[str, str], ...]:
     return tuple(trailers)
 
 
+# A status message travels percent-encoded in the grpc-message header, which a
+# client refuses beyond 8-16 KiB: a message quoting a huge input is cut.
+MAX_MESSAGE_CHARS = 300
+
+
+def bounded_message(message: str) -> str:
+    if len(message) <= MAX_MESSAGE_CHARS:
+        return message
+    return message[:MAX_MESSAGE_CHARS] + f"... ({len(message)} characters)"
+
+
 async def abort_with(context: grpc.aio.ServicerContext, error: EdgefleetError) -> None:
     """End an RPC with the error's status, its reason and its retry hint."""
     context.set_trailing_metadata(trailers_of(error))
-    await context.abort(error.code, error.message)
+    await context.abort(error.code, bounded_message(error.message))
 
 
 def reason_of(error: grpc.RpcError) -> Reason | None:

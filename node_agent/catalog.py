@@ -120,9 +120,13 @@ def resolve(name: str) -> ModelRef:
     path = Path(name).expanduser().resolve()
     if not path.is_file():
         raise NotFound(f"model file not found: {path}", reason=Reason.UNKNOWN_MODEL)
-    with path.open("rb") as f:
-        if f.read(4) != GGUF_MAGIC:
-            raise InvalidArgument(
-                f"{path} is not a GGUF file (bad magic bytes)", reason=Reason.NOT_GGUF
-            )
+    try:
+        with path.open("rb") as f:
+            magic = f.read(4)
+    except OSError as exc:
+        raise InvalidArgument(f"{path} cannot be read: {exc}", reason=Reason.NOT_GGUF) from None
+    if magic != GGUF_MAGIC:
+        raise InvalidArgument(
+            f"{path} is not a GGUF file (bad magic bytes)", reason=Reason.NOT_GGUF
+        )
     return ModelRef(name=str(path), entry=None, local_path=path)

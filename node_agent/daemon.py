@@ -62,7 +62,7 @@ async def serve(config: NodeConfig, store: ModelStore | None = None) -> int:
         default_context=config.context_length,
         continuation_slots=config.continuation_slots,
     )
-    server = grpc.aio.server(options=SERVER_OPTIONS)
+    server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[serving.RequestParseGuard()])
     credentials = None
     if config.insecure or not (config.coordinators or config.join_token):
         if not config.insecure and not tls.is_loopback(config.listen):
