@@ -261,7 +261,13 @@ def main(argv: list[str] | None = None) -> dict:
     # survivors of one node have room; node_kill_saturated always fills every slot.
     parser.add_argument("--sessions", type=int, default=4, help="concurrent sessions per round")
     parser.add_argument("--full", action="store_true", help="5 rounds per fault kind")
+    parser.add_argument(
+        "--kinds", default=",".join(KINDS), help=f"fault kinds to run, of {','.join(KINDS)}"
+    )
     args = parser.parse_args(argv)
+    kinds = [k for k in args.kinds.split(",") if k]
+    if unknown := set(kinds) - set(KINDS):
+        parser.error(f"unknown fault kinds: {', '.join(sorted(unknown))}")
     if args.full:
         args.rounds = 5
     workdir = Path(tempfile.mkdtemp(prefix="edgefleet-bench-failover-"))
@@ -278,7 +284,7 @@ def main(argv: list[str] | None = None) -> dict:
                 )
                 for tokens in (MAX_TOKENS, SATURATED_MAX_TOKENS)
             }
-        for kind in KINDS:
+        for kind in kinds:
             saturated = kind == "node_kill_saturated"
             sessions = NODES * SLOTS if saturated else args.sessions
             max_tokens = SATURATED_MAX_TOKENS if saturated else MAX_TOKENS
@@ -301,7 +307,7 @@ def main(argv: list[str] | None = None) -> dict:
     finally:
         fleet.stop()
     summary = {}
-    for kind in KINDS:
+    for kind in kinds:
         mine = [r for r in rounds if r["kind"] == kind]
         stalls = [s for r in mine for s in r["stalls_s"]]
         left = [r["left_placement_s"] for r in mine if r["left_placement_s"] is not None]
