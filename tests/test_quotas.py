@@ -525,6 +525,13 @@ def quota_fleet(tmp_path: Path):
             join=(join_token(coordinator), tmp_path / "node"),
         )
         node.wait_serving(60)
+        from edgefleet.local.processes import admin_client
+
+        def node_ready() -> bool:
+            with admin_client(coordinator) as admin:
+                return any(n.state == common_pb2.NODE_STATE_READY for n in admin.status().nodes)
+
+        wait_until(node_ready, what="the simulated node in the coordinator's view")
         yield coordinator
     finally:
         if node is not None:
