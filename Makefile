@@ -16,6 +16,7 @@ NODE ?=
 UNDO ?=
 
 .PHONY: help install demo fleet status chat drain etcd traces test chaos lint format proto node bench bench-failover clean
+.PHONY: bundle bundle-test join-line
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -77,6 +78,21 @@ $(PEERS_STAMP): $(STAMP)
 
 bench-failover: install  ## failover under load: kill -9 / SIGSTOP nodes and a coordinator mid-stream (FULL=1)
 	$(PY) -m bench failover $(if $(FULL),--full)
+
+# Devices (README: Deploy, "Offline bundle" and "One line from the coordinator").
+MODELS ?= smollm2-135m
+ARCH ?=
+USES ?= 1
+APPROVE ?=
+
+bundle: install  ## offline node bundle edgefleet-node-VERSION-ARCH.tar.gz (MODELS=a,b ARCH=)
+	$(EDGEFLEET) bundle --models $(MODELS) $(if $(ARCH),--arch $(ARCH))
+
+bundle-test: install  ## build the real bundle, install it offline, join, chat, upgrade
+	$(PY) -m pytest -m bundle tests/test_bundle.py $(PYTEST_ARGS)
+
+join-line: install  ## print a device's one-line install with a new token (USES=1, APPROVE=1)
+	@$(EDGEFLEET) token create --join-line --uses $(USES) $(if $(APPROVE),--approve) $(if $(COORDINATOR),--coordinator $(COORDINATOR))
 
 clean:  ## remove the venv and caches (not the model store or the wheel cache)
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

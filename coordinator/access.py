@@ -232,11 +232,10 @@ class Access:
             node_endpoints=await self.endpoints(),
         )
 
-    async def _try_join(self, parsed, request):
-        """One attempt: (identity, certificate, token record), or None if a concurrent
-        join changed the token or the id between the read and the write."""
-        token_key = self._keys.token(parsed.token_id)
-        kv = await self._etcd.get(token_key)
+    async def _live_token(self, parsed) -> tuple[KeyValue, dict]:
+        """A token's stored record, if it may still be used: the right secret, not
+        expired, uses left."""
+        kv = await self._etcd.get(self._keys.token(parsed.token_id))
         if kv is None:
             raise error_of(Reason.TOKEN_UNKNOWN, "the join token is unknown, revoked or expired")
         record = json.loads(kv.value)
@@ -246,6 +245,22 @@ class Access:
             raise error_of(Reason.TOKEN_EXPIRED, "the join token has expired")
         if not record["unlimited"] and record["uses_left"] <= 0:
             raise error_of(Reason.TOKEN_USED_UP, "the join token has no uses left")
+        return kv, record
+
+    async def check_token(self, token: str) -> str:
+        """Validate a join token without spending a use (a device downloading the
+        installer before it joins); its id."""
+        parsed = parse_token(token)
+        if not pin_matches(parsed.pin, self.ca.fingerprint):
+            raise error_of(Reason.TOKEN_UNKNOWN, "the join token was made for another fleet's CA")
+        await self._live_token(parsed)
+        return parsed.token_id
+
+    async def _try_join(self, parsed, request):
+        """One attempt: (identity, certificate, token record), or None if a concurrent
+        join changed the token or the id between the read and the write."""
+        token_key = self._keys.token(parsed.token_id)
+        kv, record = await self._live_token(parsed)
         identity_key = self._keys.identity(request.node_id)
         existing = await self._etcd.get(identity_key)
         if existing is not None and not access_pb2.NodeIdentity.FromString(existing.value).revoked:

@@ -67,3 +67,5 @@ class CoordinatorConfig:
     etcd_cacert: str = ""
     etcd_cert: str = ""
     etcd_key: str = ""
+    # Node bundles (`edgefleet bundle`) served to joining devices (coordinator.deploy_routes).
+    bundle_dir: str = ""

@@ -27,6 +27,7 @@ from coordinator.access import Access
 from coordinator.access_service import SERVICE_NAME as ACCESS_SERVICE_NAME
 from coordinator.access_service import AccessServicer
 from coordinator.config import CoordinatorConfig
+from coordinator.deploy_routes import DeploySettings
 from coordinator.etcd import Etcd, EtcdTls
 from coordinator.fleet import FleetView
 from coordinator.http_app import HttpLimits, build_app, http_server
@@ -262,7 +263,16 @@ async def serve(config: CoordinatorConfig) -> int:
             )
             http = http_server(
                 build_app(
-                    services, metrics=metrics, etcd_ping=etcd.ping, dev=config.dev, limits=limits
+                    services,
+                    metrics=metrics,
+                    etcd_ping=etcd.ping,
+                    dev=config.dev,
+                    limits=limits,
+                    deploy=DeploySettings(
+                        bundle_dir=config.bundle_dir,
+                        grpc_port=port,
+                        ca_pem=ca.cert_pem if ca is not None and config.tls_auto else b"",
+                    ),
                 ),
                 config.http,
                 ssl_files=ssl_files,

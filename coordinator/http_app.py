@@ -1,5 +1,6 @@
 """The coordinator's HTTP listener: the OpenAI-compatible API (``/v1``),
-health, readiness and Prometheus metrics.
+health, readiness, Prometheus metrics, and the installer and bundles for
+joining devices (``coordinator.deploy_routes``).
 
 An ASGI app (FastAPI, on Starlette) served by uvicorn inside the
 coordinator's event loop.
@@ -43,7 +44,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from coordinator import openai_api, responses_api
+from coordinator import deploy_routes, openai_api, responses_api
+from coordinator.deploy_routes import DeploySettings
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.openai_common import ApiError, HttpServices, authorize_metrics
 from edgefleet import __version__
@@ -71,6 +73,7 @@ def build_app(
     etcd_ping: Callable[[], Awaitable[None]],
     dev: bool = True,
     limits: HttpLimits = HttpLimits(),
+    deploy: DeploySettings | None = None,
 ) -> FastAPI:
     fleet = services.fleet
 
@@ -115,6 +118,8 @@ def build_app(
         body_min_rate=limits.body_min_rate,
     )
     responses_api.register(app)
+    # /install.sh and /bundle/<file>, for devices joining the fleet
+    deploy_routes.register(app, deploy or DeploySettings())
     return app
 
 

@@ -11,7 +11,7 @@ import argparse
 import sys
 
 from edgefleet import __version__
-from edgefleet.cli import access, coordinator, fleet, local, models, node
+from edgefleet.cli import access, bundle, coordinator, fleet, local, models, node
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,7 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"edgefleet {__version__}")
     parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING, ERROR")
     sub = parser.add_subparsers(dest="command", required=True)
-    for group in (node, models, coordinator, local, fleet, access):
+    for group in (node, models, coordinator, local, fleet, access, bundle):
         group.add(sub)
     return parser
 

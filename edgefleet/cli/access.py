@@ -3,9 +3,11 @@ who may join and call the fleet (admin API key, from the profile)."""
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 
+from edgefleet.cli.bundle import join_line
 from edgefleet.cli.common import client, coordinator_arg
 
 
@@ -61,6 +63,9 @@ def _token(args) -> int:
                         approve=args.approve,
                     ),
                 )
+                if args.join_line:  # the one-liner alone (make join-line)
+                    print(join_line(args, reply.token))
+                    return
                 print(reply.token)
                 info = reply.info
                 uses = "unlimited uses" if info.unlimited else f"{info.uses_left} use(s)"
@@ -70,6 +75,9 @@ def _token(args) -> int:
                     "Join a device with: edgefleet node --join TOKEN --coordinator HOST:PORT",
                     file=sys.stderr,
                 )
+                with contextlib.suppress(ValueError):  # no HTTP address known: no line
+                    line = join_line(args, reply.token)
+                    print(f"# or in one line (bash): {line}", file=sys.stderr)
             elif args.token_command == "ls":
                 reply = fleet.access("ListJoinTokens", access_pb2.ListJoinTokensRequest())
                 print(f"{'ID':18} {'EXPIRES':20} {'USES':>9} {'APPROVE':8} LABELS")
@@ -183,6 +191,18 @@ def add(sub) -> None:
     create.add_argument("--labels", default="", help="k=v[,k=v...] given to joining nodes")
     create.add_argument(
         "--approve", action="store_true", help="nodes serve at once (else: pending approval)"
+    )
+    create.add_argument(
+        "--join-line",
+        action="store_true",
+        help="print only the one-line install for a device (curl ... | sudo sh), "
+        "README: Deploy > One line from the coordinator",
+    )
+    create.add_argument(
+        "--http-url",
+        default="",
+        help="the coordinator's HTTP listener as devices reach it, for the one-line install "
+        "(default: the profile's; env EDGEFLEET_HTTP_URL)",
     )
     listing = tokens.add_parser("ls", help="live tokens (secrets are not shown)")
     revoke = tokens.add_parser("revoke", help="revoke a token by id")

@@ -229,6 +229,12 @@ def _add_coordinator(sub) -> None:
     option(security, "--etcd-cacert", env="ETCD_CACERT", default="", help="etcd's CA")
     option(security, "--etcd-cert", env="ETCD_CERT", default="", help="client cert")
     option(security, "--etcd-key", env="ETCD_KEY", default="", help="client key")
+    p.add_argument(
+        "--bundle-dir",
+        default="",
+        help="serve the node bundles in this folder (`edgefleet bundle`) to holders of a join "
+        "token: GET /install.sh and /bundle/FILE on the HTTP listener (README: Deploy)",
+    )
     p.set_defaults(func=_run_coordinator)
 
 
@@ -323,6 +329,7 @@ def _run_coordinator(args) -> int:
             etcd_cacert=args.etcd_cacert,
             etcd_cert=args.etcd_cert,
             etcd_key=args.etcd_key,
+            bundle_dir=args.bundle_dir,
         )
     )
 
