@@ -17,6 +17,7 @@ UNDO ?=
 
 .PHONY: help install demo fleet status chat drain etcd traces test chaos lint format proto node bench bench-failover clean
 .PHONY: bundle bundle-test join-line
+.PHONY: image containers compose-up compose-down
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -78,6 +79,28 @@ $(PEERS_STAMP): $(STAMP)
 
 bench-failover: install  ## failover under load: kill -9 / SIGSTOP nodes and a coordinator mid-stream (FULL=1)
 	$(PY) -m bench failover $(if $(FULL),--full)
+
+# Containers (README: Deploy, "Containers"). BASE_IMAGE=name to build on another
+# base, OFFLINE=1 to fetch nothing inside the build, ENGINE=docker; COMPOSE_HOST=1
+# runs the compose fleet on the host network. CONTAINERS_CONF=deploy/container/containers.conf
+# on sandboxes like the developers' machines (runc, no ulimits, host network).
+BASE_IMAGE ?=
+OFFLINE ?=
+COMPOSE ?= $(shell command -v podman-compose >/dev/null 2>&1 && echo podman-compose || echo docker compose)
+COMPOSE_FILES = -p edgefleet -f deploy/compose.yaml $(if $(COMPOSE_HOST),-f deploy/compose.host.yaml)
+VOLUMES ?=
+
+image: install  ## container images edgefleet-node and edgefleet-coordinator (BASE_IMAGE=, OFFLINE=1)
+	$(if $(BASE_IMAGE),BASE_IMAGE=$(BASE_IMAGE)) $(if $(OFFLINE),OFFLINE=1) deploy/container/build.sh
+
+containers: install  ## build the images here and test them: node containers join, serve, survive kill (podman)
+	$(PY) -m pytest -m containers tests/test_containers.py $(PYTEST_ARGS)
+
+compose-up: image  ## a fleet in containers: 3 etcd, 2 coordinators, 2 nodes (COMPOSE_HOST=1: host network)
+	$(COMPOSE) $(COMPOSE_FILES) up -d
+
+compose-down:  ## stop the compose fleet (VOLUMES=1 also deletes its volumes)
+	$(COMPOSE) $(COMPOSE_FILES) down $(if $(VOLUMES),-v)
 
 # Devices (README: Deploy, "Offline bundle" and "One line from the coordinator").
 MODELS ?= smollm2-135m
