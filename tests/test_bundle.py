@@ -729,3 +729,115 @@ def test_an_upgrade_in_place_drains_replaces_restarts_and_loses_no_stream(fleet,
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-v"]))
+
+
+# --- the one line under systemd, in a container ---------------------------------------------------
+SYSTEMD_IMAGE = "localhost/edgefleet-systemd-device:latest"
+SYSTEMD_CONTAINERFILE = """\
+FROM {base}
+USER root
+RUN apt-get update -qq \\
+ && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \\
+    systemd systemd-sysv curl passwd python3 libgomp1 libstdc++6 ca-certificates >/dev/null \\
+ && apt-get clean && rm -rf /var/lib/apt/lists/* /opt/edgefleet /etc/edgefleet \\
+ && (userdel edgefleet 2>/dev/null || true) && (groupdel edgefleet 2>/dev/null || true)
+ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+ENTRYPOINT []
+CMD ["/sbin/init"]
+"""
+
+
+def podman(*args: str, timeout: float = 120, check: bool = False) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    conf = ROOT / "deploy" / "container" / "containers.conf"
+    if conf.is_file():
+        env.setdefault("CONTAINERS_CONF", str(conf))
+    return subprocess.run(
+        ["podman", *args], capture_output=True, text=True, timeout=timeout, env=env, check=check
+    )
+
+
+def systemd_device_image(work: Path) -> str:
+    """A Debian image that boots systemd: a local Debian image (the containers'
+    base) plus systemd from Debian's archive. Skips with the reason when there is none."""
+    if not shutil.which("podman") or podman("info").returncode != 0:
+        pytest.skip("no podman here to boot a systemd container")
+    if podman("image", "exists", SYSTEMD_IMAGE).returncode == 0:
+        return SYSTEMD_IMAGE
+    bases = ["localhost/edgefleet-base:bookworm", "localhost/edgefleet-node:latest"]
+    base = next((b for b in bases if podman("image", "exists", b).returncode == 0), None)
+    if base is None:
+        pytest.skip("no local Debian image to add systemd to (make image builds one)")
+    (work / "Containerfile").write_text(SYSTEMD_CONTAINERFILE.format(base=base))
+    built = podman("build", "-q", "-t", SYSTEMD_IMAGE, str(work), timeout=900)
+    if built.returncode != 0:
+        pytest.skip(f"cannot build a systemd image here: {built.stderr.strip()[-300:]}")
+    return SYSTEMD_IMAGE
+
+
+@pytest.mark.bundle
+def test_the_one_line_install_under_systemd_in_a_container(fleet, installed, tmp_path):
+    """The join line in a container that boots systemd: bootstrap, install, the
+    user, `systemctl enable --now` of the real unit (Type=notify), the join, a chat."""
+    image = systemd_device_image(tmp_path)
+    name = f"edgefleet-device-{os.getpid()}"
+    served = fleet.bundle_dir / installed.archive.name
+    shutil.copy2(installed.archive, served)  # the newest bundle for this arch: served first
+    served.chmod(0o644)
+    started = podman(
+        "run", "-d", "--rm", "--name", name, "--network", "host", "--systemd", "always", image
+    )  # fmt: skip
+    if started.returncode != 0:
+        pytest.skip(f"cannot boot systemd in a container here: {started.stderr.strip()[-300:]}")
+    try:
+        booted = wait_until(
+            lambda: (
+                podman("exec", name, "systemctl", "is-system-running").stdout.strip()
+                in ("running", "degraded")
+            ),
+            60,
+            interval_s=0.5,
+            what="systemd to boot in the container",
+        )
+        assert booted
+        line = subprocess.run(
+            edgefleet_command(
+                "token",
+                "create",
+                "--approve",
+                "--join-line",
+                "--profile",
+                str(fleet.profile_path),
+                "--coordinator",
+                fleet.coordinator.address,
+            ),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        ).stdout.strip()
+        listen = f"127.0.0.1:{free_port()}"
+        device = line.replace("| sudo sh", "| sh")  # root in the container; no sudo there
+        device += f" --listen {listen} --node-id sd-node"
+        started_at = time.monotonic()
+        result = podman("exec", name, "bash", "-c", device, timeout=600)
+        print(f"\none-line install under systemd: {time.monotonic() - started_at:.1f} s")
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        assert "enabling and starting edgefleet-node.service" in result.stdout
+        active = podman("exec", name, "systemctl", "is-active", "edgefleet-node")
+        assert active.stdout.strip() == "active"
+        assert podman("exec", name, "id", "-u", "edgefleet").returncode == 0
+        wait_until(lambda: "sd-node" in ready_nodes(fleet), 60, what="sd-node to join")
+        with admin_client(fleet.coordinator) as admin:
+            others = [n for n in ready_nodes(fleet) if n != "sd-node"]
+            for other in others:
+                admin.drain(other)
+            try:
+                chunks = list(admin.complete("smollm2-135m", [("user", "Hi")], max_tokens=8))
+            finally:
+                for other in others:
+                    admin.drain(other, drain=False)
+        assert {c.node_id for c in chunks if c.node_id} == {"sd-node"}
+    finally:
+        podman("rm", "-f", name, timeout=120)
+        served.unlink(missing_ok=True)

@@ -76,8 +76,10 @@ main() {
     dir=${EDGEFLEET_DOWNLOAD_DIR:-/var/tmp/edgefleet-download}
     mkdir -p "$dir"
     chmod 700 "$dir"
-    umask 077
-    printf 'Authorization: Bearer %s\n' "$token" >"$dir/auth-header"
+    (
+        umask 077  # the token, for curl -H @file: never on a command line
+        printf 'Authorization: Bearer %s\n' "$token" >"$dir/auth-header"
+    )
     if [ -n "$CA_PEM" ]; then printf '%s\n' "$CA_PEM" >"$dir/fleet-ca.pem"; fi
 
     target="$dir/$file"
@@ -85,8 +87,8 @@ main() {
         echo "[bootstrap] $file already downloaded"
     else
         part="$target.part"
-        have=$(wc -c <"$part" 2>/dev/null | tr -d ' ' || true)
-        have=${have:-0}
+        have=0
+        if [ -f "$part" ]; then have=$(wc -c <"$part" | tr -d ' '); fi
         if [ "$have" -gt "$size" ]; then rm -f "$part"; have=0; fi
         if [ "$have" -lt "$size" ]; then
             if [ "$have" -gt 0 ]; then

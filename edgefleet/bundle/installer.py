@@ -459,7 +459,9 @@ class Install:
         self.release.mkdir(mode=0o755)
         self.undo.append(lambda: shutil.rmtree(self.release, ignore_errors=True))
         say("creating the Python environment")
-        _run([sys.executable, "-m", "venv", "--without-pip", str(self.release)], "python -m venv")
+        # The system's interpreter, even when install.sh found python3 in some virtualenv.
+        python = getattr(sys, "_base_executable", "") or sys.executable
+        _run([python, "-m", "venv", "--without-pip", str(self.release)], "python -m venv")
         wheels = sorted((plan.bundle / "wheels").glob("*.whl"))
         pip = next((w for w in wheels if w.name.startswith("pip-")), None)
         if pip is None:
@@ -963,6 +965,9 @@ def _run(command: list[str], what: str, *, env=None, timeout: float | None = Non
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(sys.argv[1:] if argv is None else argv)
+    # What is installed must be readable by the node's user, whatever the caller's
+    # umask (sudo may keep 077); secrets get their modes explicitly.
+    os.umask(0o022)
     bundle = Path(__file__).resolve().parent
     try:
         plan = Plan(args, bundle)
