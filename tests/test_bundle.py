@@ -310,6 +310,23 @@ def test_the_join_line_installs_from_the_coordinator(fleet, tmp_path):
     )
     assert made.returncode == 0, made.stderr
     line = made.stdout.strip()
+    # Without --join-line: the token alone on stdout (scripts read it), the line on stderr.
+    plain = subprocess.run(
+        edgefleet_command(
+            "token",
+            "create",
+            "--profile",
+            str(fleet.profile_path),
+            "--coordinator",
+            fleet.coordinator.address,
+        ),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert plain.returncode == 0, plain.stderr
+    assert re.fullmatch(r"EF1\.[0-9a-f]{32}\.\w+\.\S+\n", plain.stdout)
+    assert "# or in one line (bash): T=EF1." in plain.stderr
     assert line.startswith("T=EF1.") and '| sudo sh -s -- --join "$T"' in line
     assert "--cacert <(printf" in line and "--connect-to coordinator.edgefleet:" in line
 
