@@ -57,9 +57,16 @@ fi
 start=$(date +%s)
 for target in $TARGETS; do
     say "$ENGINE build --target $target on $BASE_IMAGE"
+    previous=$("$ENGINE" image inspect --format '{{.Id}}' "edgefleet-$target:$VERSION" 2>/dev/null || true)
     "$ENGINE" build -f deploy/container/Containerfile --target "$target" "${build_args[@]}" \
         -t "edgefleet-$target:$VERSION" -t "edgefleet-$target:latest" .
+    # The image these tags named before, if nothing else uses it now (no pile-up of old builds).
+    if [ -n "$previous" ] && [ "$previous" != "$("$ENGINE" image inspect --format '{{.Id}}' "edgefleet-$target:$VERSION")" ]; then
+        "$ENGINE" rmi "$previous" >/dev/null 2>&1 || true
+    fi
 done
+# Earlier builds' intermediate stages (untagged): only this file's, by their label.
+"$ENGINE" image prune -f --filter label=io.edgefleet.stage=build >/dev/null 2>&1 || true
 say "built in $(($(date +%s) - start))s:"
 for target in $TARGETS; do
     size=$("$ENGINE" image inspect --format '{{.Size}}' "edgefleet-$target:$VERSION")
