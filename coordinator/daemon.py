@@ -279,6 +279,10 @@ async def serve(config: CoordinatorConfig) -> int:
                 limits=limits,
             )
             http_url = ("https://" if ssl_files else "http://") + config.http
+            if own is not None and config.tls_auto:
+                own.listeners.append(
+                    lambda: http.reload_certificate(*security.write_http_tls_files(own, state_dir))
+                )
         servicer = CoordinatorServicer(
             coordinator_id=coordinator_id,
             replica=replica,

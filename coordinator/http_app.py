@@ -147,6 +147,12 @@ class EmbeddedServer(uvicorn.Server):
         if self.started:
             await self.shutdown()
 
+    def reload_certificate(self, certfile: str, keyfile: str) -> None:
+        """Serve a renewed certificate from the next handshake on (the TLS
+        context is uvicorn's own; open connections keep the one they have)."""
+        if self.config.loaded and self.config.ssl is not None:
+            self.config.ssl.load_cert_chain(certfile, keyfile)
+
 
 class ConnectionGate:
     """How many connections are being served, of at most ``limit`` (0: any number)."""

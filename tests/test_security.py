@@ -485,7 +485,15 @@ def test_replicas_share_the_ca_and_serve_https(secure, tmp_path):
     replica = start_coordinator(
         grpc_address=f"127.0.0.1:{free_port()}",
         etcd=secure.etcd.endpoints,
-        extra_args=("--id", "coord-t", "--fleet-secret-file", str(first_secret), "--tls-auto"),
+        extra_args=(
+            "--id",
+            "coord-t",
+            "--fleet-secret-file",
+            str(first_secret),
+            "--tls-auto",
+            "--cert-ttl",
+            str(CERT_TTL_S),
+        ),
         log_path=tmp_path / "replica.log",
         state_dir=tmp_path / "replica",
     )
@@ -495,6 +503,13 @@ def test_replicas_share_the_ca_and_serve_https(secure, tmp_path):
         assert profile.ca_pem == secure.profile.ca_pem  # one fleet CA, from etcd
         assert profile.http.startswith("https://")
         context = ssl.create_default_context(cadata=profile.ca_pem)
+        reply = httpx.get(f"https://{replica.extra['http']}/v1/models", verify=context)
+        assert reply.status_code == 200
+        # HTTPS serves each renewed certificate: past the first one's life it still verifies.
+        host, port = replica.extra["http"].rsplit(":", 1)
+        first = ssl.get_server_certificate((host, int(port)))
+        time.sleep(CERT_TTL_S + 1)
+        assert ssl.get_server_certificate((host, int(port))) != first
         reply = httpx.get(f"https://{replica.extra['http']}/v1/models", verify=context)
         assert reply.status_code == 200
         with FleetClient([replica.address], ca_pem=profile.ca_pem, api_key=profile.api_key) as c:
