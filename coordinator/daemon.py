@@ -67,14 +67,22 @@ def etcd_tls_of(config: CoordinatorConfig) -> EtcdTls | None:
 
 
 async def _connect_etcd(config: CoordinatorConfig, metrics: CoordinatorMetrics) -> Etcd | None:
-    etcd = Etcd(
-        config.etcd,
-        timeout_s=config.etcd_timeout_s,
-        observe=metrics.observe_etcd,
-        tls=etcd_tls_of(config),
-    )
-    await etcd.connect()
     deadline = time.monotonic() + config.startup_etcd_wait_s
+    while True:
+        try:
+            etcd = Etcd(
+                config.etcd,
+                timeout_s=config.etcd_timeout_s,
+                observe=metrics.observe_etcd,
+                tls=etcd_tls_of(config),
+            )
+            break
+        except ValueError as exc:  # a name not (yet) in DNS: etcd's pods may still start
+            if time.monotonic() >= deadline:
+                log.error("%s", exc)
+                return None
+            await asyncio.sleep(0.5)
+    await etcd.connect()
     while True:
         try:
             await etcd.ping()

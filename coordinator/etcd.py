@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import ipaddress
 import logging
+import socket
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
@@ -176,6 +178,33 @@ class EtcdTls:
         return cls(read(cacert), read(cert), read(key))
 
 
+def resolve_endpoints(endpoints: Sequence[str]) -> tuple[list[str], str]:
+    """``host:port`` endpoints as IPv4 ``address:port`` (the etcd client's
+    channel takes addresses only), and the first host name given, for TLS.
+
+    Names are resolved once, when the client is made: a member that moves to
+    another address is found again when the coordinator restarts.
+    """
+    addresses, hostname = [], ""
+    for endpoint in endpoints:
+        host, _, port = endpoint.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"etcd endpoint {endpoint!r} is not host:port")
+        try:
+            ipaddress.IPv4Address(host)
+            addresses.append(endpoint)
+            continue
+        except ValueError:
+            pass
+        try:
+            found = socket.getaddrinfo(host, int(port), socket.AF_INET, socket.SOCK_STREAM)
+        except (OSError, UnicodeError) as exc:
+            raise ValueError(f"cannot resolve etcd endpoint {endpoint!r}: {exc}") from None
+        addresses.append(f"{found[0][4][0]}:{port}")
+        hostname = hostname or host
+    return addresses, hostname
+
+
 class Etcd:
     def __init__(
         self,
@@ -190,10 +219,13 @@ class Etcd:
         self.endpoints = list(endpoints)
         self.timeout_s = timeout_s
         self._observe = observe  # (operation, seconds, ok): metrics
+        addresses, hostname = resolve_endpoints(self.endpoints)
         tls_args = {}
         if tls is not None:
             tls_args = {"ca_cert": tls.ca_pem, "cert_key": tls.key_pem, "cert_chain": tls.cert_pem}
-        self._client = Etcd3Client(self.endpoints, rpc_max_attempts=2, **tls_args)
+            if hostname:  # certificates name the hosts, not the addresses they resolve to
+                tls_args["tls_server_name"] = hostname
+        self._client = Etcd3Client(addresses, rpc_max_attempts=2, **tls_args)
         # etcd serves one keep-alive stream's renewals one after another: a
         # few streams side by side keep a thousand renewals a second moving.
         self._keepalive = [_SharedKeepAlive(self._client) for _ in range(KEEPALIVE_STREAMS)]
