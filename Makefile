@@ -16,7 +16,7 @@ NODE ?=
 UNDO ?=
 
 .PHONY: help install demo fleet status chat drain etcd traces test chaos lint format proto node bench bench-failover clean
-.PHONY: bundle bundle-test join-line
+.PHONY: bundle bundle-test join-line portable
 .PHONY: image containers compose-up compose-down
 
 help:  ## list targets
@@ -107,6 +107,9 @@ MODELS ?= smollm2-135m
 ARCH ?=
 USES ?= 1
 APPROVE ?=
+
+portable:  ## portable llama-cpp-python wheel for bundles (every CPU variant, chosen at run time; ~45 min on 2 cores) in .venv-portable
+	PORTABLE=1 VENV=.venv-portable ./deploy/install.sh
 
 bundle: install  ## offline node bundle edgefleet-node-VERSION-ARCH.tar.gz (MODELS=a,b ARCH=)
 	$(EDGEFLEET) bundle --models $(MODELS) $(if $(ARCH),--arch $(ARCH))

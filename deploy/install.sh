@@ -43,14 +43,21 @@ PIP=("$VENV/bin/pip" --disable-pip-version-check)
 
 # llama-cpp-python ships no binary wheel here: build it once per machine and
 # CPU (it compiles with -march=native) and keep the wheel. On a machine with
-# the CUDA toolkit, the build offloads to the GPU.
+# the CUDA toolkit, the build offloads to the GPU. PORTABLE=1 builds the wheel
+# for offline bundles instead: no -march=native, one CPU backend per
+# instruction-set level, the best one picked at run time (several times the
+# compile time of a native build); one such wheel serves every device of the arch.
 variant=cpu
 cmake_args=${CMAKE_ARGS:-}
-if [ -z "$cmake_args" ] && command -v nvcc >/dev/null && command -v nvidia-smi >/dev/null; then
+cpu_key=$( (grep -m1 '^flags' /proc/cpuinfo 2>/dev/null || uname -m) | md5sum | cut -c1-8)
+if [ "${PORTABLE:-0}" = 1 ]; then
+    variant=portable
+    cpu_key=$(uname -m)
+    cmake_args="-DGGML_NATIVE=OFF -DGGML_BACKEND_DL=ON -DGGML_CPU_ALL_VARIANTS=ON -DCMAKE_PROJECT_INCLUDE=$PWD/deploy/llama-cpu-variants.cmake $cmake_args"
+elif [ -z "$cmake_args" ] && command -v nvcc >/dev/null && command -v nvidia-smi >/dev/null; then
     variant=cuda
     cmake_args="-DGGML_CUDA=on"
 fi
-cpu_key=$( (grep -m1 '^flags' /proc/cpuinfo 2>/dev/null || uname -m) | md5sum | cut -c1-8)
 wheels="$CACHE/wheels/llama-cpp-python-$LLAMA_CPP_VERSION-$variant-$cpu_key"
 if ! ls "$wheels"/llama_cpp_python-*.whl >/dev/null 2>&1; then
     say "building llama-cpp-python $LLAMA_CPP_VERSION ($variant); this compiles llama.cpp (about 6 minutes on 2 cores)"

@@ -23,6 +23,7 @@ from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from edgefleet.errors import FailedPrecondition, InvalidArgument, Reason
 from node_agent.capacity import ThroughputMeter
+from node_agent.runtime import cpu_backend
 from node_agent.runtime.base import (
     Capabilities,
     Finish,
@@ -75,6 +76,10 @@ class LlamaCppRuntime:
         rss: Callable[[], int] | None = None,
         prompt_chunk: int = PROMPT_CHUNK_TOKENS,
     ) -> None:
+        # A portable build registers no CPU backend until one is loaded.
+        self.cpu_backend = cpu_backend.ensure_loaded()
+        if self.cpu_backend == "native":
+            log.info("llama.cpp CPU backend: built for this machine's CPU (native build)")
         llama_cpp.llama_backend_init()
         llama_cpp_logging.set_verbose(False)  # llama.cpp logs debug lines per decode
         self._threads = max(1, threads or os.cpu_count() or 1)
