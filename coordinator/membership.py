@@ -74,6 +74,8 @@ def placement_signature(capacity: common_pb2.Capacity, state: int) -> tuple:
             )
             for m in capacity.models
         ),
+        # What on-demand loading reads (memory is refreshed with the record).
+        tuple((m.alias, m.cached) for m in capacity.stored_models),
     )
 
 

@@ -29,12 +29,16 @@ MAX_RECORD_BYTES = 64 * 1024
 
 
 def trim_capacity(capacity: common_pb2.Capacity) -> None:
-    """Cut a report (in place) to the bounds above: the first models and GPUs,
-    each text field to its length."""
+    """Cut a report (in place) to the bounds above: the first models (loaded
+    and stored) and GPUs, each text field to its length."""
     if len(capacity.models) > MAX_MODELS:
         del capacity.models[MAX_MODELS:]
     if len(capacity.gpus) > MAX_GPUS:
         del capacity.gpus[MAX_GPUS:]
+    if len(capacity.stored_models) > MAX_MODELS:
+        del capacity.stored_models[MAX_MODELS:]
+    for stored in capacity.stored_models:
+        stored.alias = stored.alias[:MAX_TEXT_CHARS]
     for model in capacity.models:
         model.alias = model.alias[:MAX_TEXT_CHARS]
         model.path = model.path[:MAX_PATH_CHARS]

@@ -192,6 +192,34 @@ class Node:
             )
 
     # --- capacity ------------------------------------------------------------------------
+    # The catalog models this node could load, as last looked up in its store:
+    # (loaded models when looked, monotonic time, the list). Looked up again when
+    # a model was loaded or unloaded, and every STORE_RECHECK_S (a pull by hand).
+    _stored: tuple[frozenset[str], float, list[common_pb2.StoredModel]] | None = None
+    STORE_RECHECK_S = 30.0
+
+    def stored_models(self) -> list[common_pb2.StoredModel]:
+        """Catalog models the node could load on request, each marked cached
+        when its file is in the model store (a load then needs no transfer)."""
+        loaded = frozenset(model.name for model in self.models.hosted())
+        now = time.monotonic()
+        if (
+            self._stored is None
+            or self._stored[0] != loaded
+            or now - self._stored[1] > self.STORE_RECHECK_S
+        ):
+            store = self.models.store
+            stored = [
+                common_pb2.StoredModel(
+                    alias=entry.alias,
+                    size_bytes=entry.size_bytes,
+                    cached=not self.models.capabilities.needs_weights or store.is_cached(entry),
+                )
+                for entry in CATALOG.values()
+            ]
+            self._stored = (loaded, now, stored)
+        return self._stored[2]
+
     def capacity(self) -> common_pb2.Capacity:
         host = self._host.read()
         models = [loaded_model(model) for model in self.models.hosted()]
@@ -221,6 +249,8 @@ class Node:
             draining=self._draining,
             active_generations=self._active,
             simulated=bool(models) and self.models.capabilities.simulated,
+            stored_models=self.stored_models(),
+            model_memory_available_bytes=host.memory_available_bytes,
         )
 
 
