@@ -75,6 +75,26 @@ class CoordinatorMetrics:
         self.etcd_errors = Counter(
             "edgefleet_etcd_errors", "etcd operations that failed", ["operation"], registry=r
         )
+        self.model_loads = Counter(
+            "edgefleet_model_loads",
+            "On-demand model loads this replica asked a node for, by outcome "
+            "(loaded, already_loaded, refused, no_room)",
+            ["model", "outcome"],
+            registry=r,
+        )
+        self.model_load_waits = Counter(
+            "edgefleet_model_load_waits",
+            "Requests that waited for an on-demand load: one started it, the rest shared it",
+            ["model", "kind"],
+            registry=r,
+        )
+        self.model_load_duration = Histogram(
+            "edgefleet_model_load_duration_seconds",
+            "Time a node took to load a model on demand (LoadModel)",
+            ["model"],
+            buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+            registry=r,
+        )
         self.loop_lag = Gauge(
             "edgefleet_event_loop_lag_seconds",
             "How late the coordinator's event loop ran its last 100 ms tick",

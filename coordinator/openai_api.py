@@ -14,13 +14,14 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, FastAPI, Header, Request
+from fastapi import APIRouter, Depends, FastAPI, Header, Request, Response
 from fastapi.exceptions import HTTPException, RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from coordinator import tools
+from coordinator.model_loads import LoadNote
 from coordinator.openai_common import (
     ApiError,
     NoLogprobs,
@@ -206,6 +207,15 @@ def to_complete_request(body: ChatCompletionRequest, session_header: str | None,
 
 
 # --- handlers ----------------------------------------------------------------------------
+MODEL_LOAD_HEADER = "x-edgefleet-model-load-ms"
+
+
+def load_headers(note: LoadNote) -> dict[str, str]:
+    """The response header saying how long the request waited for its model to
+    load on demand (none when it did not wait)."""
+    if note.wait is None:
+        return {}
+    return {MODEL_LOAD_HEADER: f"{note.wait.waited_ms:.0f}"}
 
 
 async def get_models(request: Request) -> dict:
@@ -215,6 +225,7 @@ async def get_models(request: Request) -> dict:
 async def chat_completions(
     body: ChatCompletionRequest,
     request: Request,
+    response: Response,
     x_session_id: Annotated[str | None, Header()] = None,
 ):
     services_ = services(request)
@@ -230,8 +241,9 @@ async def chat_completions(
     except EdgefleetError as error:
         raise api_error(error) from None
     complete = to_complete_request(body, x_session_id, plan)
+    note = LoadNote()
     stream = services_.turns.complete(
-        complete, method="chat.completions", metadata=list(request.headers.items())
+        complete, method="chat.completions", metadata=list(request.headers.items()), note=note
     )
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
@@ -241,9 +253,10 @@ async def chat_completions(
         return StreamingResponse(
             _sse(reply, completion_id, created, body.model, include_usage, plan),
             media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache"},
+            headers={"Cache-Control": "no-cache", **load_headers(note)},
         )
     reply, last = await collected(stream, request)
+    response.headers.update(load_headers(note))
     message: dict[str, Any] = {"role": "assistant", "content": reply}
     finish_reason = FINISH.get(last.finish_reason, "stop")
     calls = tools.parse_reply(plan, reply)

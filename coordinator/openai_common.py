@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Annotated, TypeVar
 from fastapi import Request
 from pydantic import AfterValidator, Field
 
-from coordinator import auto_model
+from coordinator import auto_model, model_loads
 from coordinator.fleet import FleetView
 from coordinator.sessions import Sessions
 from coordinator.turns import Relayed, Turns
@@ -217,7 +217,7 @@ def resolve_model(
     services_: HttpServices, model: str, *, last_user: str, message_count: int, has_tools: bool
 ) -> str:
     """The alias to serve: ``"auto"`` chosen by task, else ``model`` if the fleet
-    serves it; 404 ``model_not_found`` otherwise."""
+    serves it or a ready node can load it; 404 ``model_not_found`` otherwise."""
     fleet = services_.fleet
     if model == AUTO:
         try:
@@ -230,7 +230,7 @@ def resolve_model(
             )
         except EdgefleetError as error:
             raise api_error(error) from None
-    if model not in fleet.models():
+    if model not in fleet.models() and not model_loads.loadable(fleet, model):
         raise ApiError(
             404,
             f"the model {model!r} does not exist in this fleet",

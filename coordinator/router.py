@@ -26,6 +26,7 @@ from opentelemetry.context import Context
 from coordinator import placement
 from coordinator.fleet import FleetView
 from coordinator.metrics import CoordinatorMetrics
+from coordinator.model_loads import LoadWait, ModelLoads
 from coordinator.placement import Placement, PlacementRequest, Ranking
 from edgefleet import telemetry, tls
 from edgefleet.errors import (
@@ -46,6 +47,10 @@ PLACEMENT_OUTCOMES = {
     Reason.NO_READY_NODE: "no_node",
     Reason.FLEET_SATURATED: "saturated",
 }
+
+
+# Placement failures an on-demand load may cure: no ready node has the model loaded.
+ON_DEMAND = frozenset({Reason.UNKNOWN_MODEL, Reason.NO_READY_NODE})
 
 
 # How often a queued request checks that its node still holds its registration.
@@ -214,6 +219,8 @@ class Router:
         self._max_failovers = max_failovers
         self._metrics = metrics
         self._rng = rng or random.Random()
+        # Models no ready node serves, loaded on demand where some node can.
+        self.loads = ModelLoads(fleet, channels, metrics=metrics)
 
     @property
     def policy(self) -> str:
@@ -260,6 +267,48 @@ class Router:
                     }
                 )
             return ranking
+
+    async def place(
+        self, model: str, *, affinity_node: str = "", parent: Context | None = None
+    ) -> tuple[Ranking, LoadWait | None]:
+        """``rank``, and when no ready node serves ``model`` but some ready node
+        can load it, load it there first (the request waits; concurrent ones
+        share the load): the ranking, and the wait for a load if there was one."""
+        try:
+            return self.rank(model, affinity_node=affinity_node, parent=parent), None
+        except EdgefleetError as error:
+            if error.reason not in ON_DEMAND or not self.loads.loadable(model):
+                raise
+            unplaced = error
+        wait = None
+        node_id = self.loads.fresh_node(model)  # loaded a moment ago, not yet in the view
+        if not node_id:
+            try:
+                wait = await self.loads.ensure(model, parent=parent)
+            except EdgefleetError as error:
+                if error.reason is Reason.UNKNOWN_MODEL:
+                    raise unplaced from None
+                raise
+            node_id = wait.node_id
+            trace.get_current_span(parent).add_event(
+                "model_load",
+                {
+                    "gen_ai.request.model": model,
+                    "edgefleet.node.id": node_id,
+                    "edgefleet.model_load.wait_ms": wait.waited_ms,
+                    "edgefleet.model_load.shared": wait.shared,
+                },
+            )
+        try:
+            ranking = self.rank(model, affinity_node=affinity_node, parent=parent)
+        except EdgefleetError as error:
+            if error.reason not in ON_DEMAND:
+                raise
+            # The node's next report shows the model; until then, that node alone.
+            ranking = Ranking(
+                policy=self.policy, order=(node_id,), scores={node_id: 0.0}, saturated=()
+            )
+        return ranking, wait
 
     def _count_placement(self, outcome: str, decision_us: float | None = None) -> None:
         if self._metrics is not None:

@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator, Sequence
 
 from coordinator.fleet import FleetView
 from coordinator.metrics import CoordinatorMetrics
+from coordinator.model_loads import LoadNote
 from coordinator.quotas import Quotas
 from coordinator.router import Router
 from coordinator.sessions import Sessions, Turn
@@ -94,7 +95,9 @@ class Turns:
     async def create_session(
         self, request: coordinator_pb2.CreateSessionRequest
     ) -> coordinator_pb2.Session:
-        if request.model not in self._fleet.models():
+        if request.model not in self._fleet.models() and not self._router.loads.loadable(
+            request.model
+        ):
             raise error_of(
                 Reason.UNKNOWN_MODEL, f"no node in the fleet serves model {request.model!r}"
             )
@@ -195,9 +198,15 @@ class Turns:
 
     # --- stateless ---------------------------------------------------------------------------
     async def complete(
-        self, request: coordinator_pb2.CompleteRequest, *, method: str, metadata: Sequence = ()
+        self,
+        request: coordinator_pb2.CompleteRequest,
+        *,
+        method: str,
+        metadata: Sequence = (),
+        note: LoadNote | None = None,
     ) -> AsyncIterator[Relayed]:
-        """A reply to a whole conversation the client sends; raises EdgefleetError."""
+        """A reply to a whole conversation the client sends; raises EdgefleetError.
+        ``note`` learns how long the request waited for its model to load, if it did."""
         with RequestTracker(method, metadata, self._metrics, request.sampling) as tracker:
             tracker.describe(request.model, "", self._router.policy)
             try:
@@ -220,7 +229,7 @@ class Turns:
                 )
                 key = conversation_key(request)
                 async for reply, placement_us in self._generate(
-                    generate, tracker, affinity_node=self._affinity.get(key)
+                    generate, tracker, affinity_node=self._affinity.get(key), note=note
                 ):
                     if reply.finish_reason:
                         self._affinity.remember(key, reply.node_id)
@@ -237,13 +246,18 @@ class Turns:
         *,
         affinity_node: str,
         session_id: str = "",
+        note: LoadNote | None = None,
     ) -> AsyncIterator[Relayed]:
         """The reply's text chunks, then its final chunk (usage, finish reason).
-        Every generation passes here, so here the caller's quotas are spent."""
+        Every generation passes here, so here the caller's quotas are spent, and
+        a model no ready node serves is loaded on demand (the wait is the
+        ranking's: the first token comes later, without an error)."""
         with self._quotas.admit(CALLER.get()) as admission:
-            ranking = self._router.rank(
+            ranking, wait = await self._router.place(
                 generate.model, affinity_node=affinity_node, parent=tracker.context
             )
+            if note is not None:
+                note.wait = wait
             async for chunk in self._router.generate(generate, ranking, parent=tracker.context):
                 reply = tracker.relay(chunk, session_id)
                 if chunk.finish_reason:

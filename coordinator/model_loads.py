@@ -1,0 +1,345 @@
+"""Models on demand: load a model that no ready node serves on the best node that can hold it.
+
+Nodes report, on every heartbeat, the catalog models they could load
+(``Capacity.stored_models``: cached in their model store, or fetchable) and the
+memory they have for more models. When placement finds no ready node with a
+requested model loaded, and some ready node can load it, the router asks
+``ModelLoads`` to load it (``NodeService.LoadModel``) and then places the
+request as usual. The choice is pure functions over the fleet snapshot, tested
+table-driven:
+
+- ``load_candidates``: ready nodes that can load the model and do not serve it;
+- ``load_order``: those with room for it, file cached first, then the most
+  memory available (in coarse steps, so that nodes sharing a host compare
+  equal), then the fewest generations running, then the node id;
+- ``no_room_error``: why no node can ever hold it (needed vs largest free).
+
+``ModelLoads`` is the one use case with I/O: one load in flight per model on
+this replica (concurrent requests for the model wait for the same load), a
+node that refuses (too big, load failed, unreachable) is skipped for the next
+one and left alone for a while, and every load is a span in the trace and
+counted in the replica's metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+import grpc
+from opentelemetry import trace
+from opentelemetry.context import Context
+
+from edgefleet import telemetry
+from edgefleet.errors import EdgefleetError, Reason, error_of, reason_of
+from edgefleet.v1 import common_pb2, node_pb2
+
+log = logging.getLogger(__name__)
+
+# Memory a load takes besides the file, when the node gives no estimate:
+# weights plus a quarter (KV cache, compute buffers) plus a fixed margin.
+FILE_OVERHEAD = 1.25
+FIXED_OVERHEAD_BYTES = 64 << 20
+# Memory is compared in steps of this size: below it, load decides.
+MEMORY_STEP_BYTES = 512 << 20
+# How long LoadModel may take (a node may have to fetch the file first).
+LOAD_TIMEOUT_S = 300.0
+# A node that refused a model is not asked for it again for this long.
+REFUSED_S = 60.0
+# After a load, requests go to that node until the fleet view shows the model there.
+FRESH_S = 15.0
+
+
+# --- what the choice reads ---------------------------------------------------------------
+class NodeEntryView(Protocol):
+    @property
+    def node_id(self) -> str: ...
+
+    record: object  # a NodeStatus: .capacity (stored_models, models, memory, ...)
+
+
+class FleetSnapshot(Protocol):
+    nodes: Mapping[str, NodeEntryView]
+
+    def is_ready(self, entry) -> bool: ...
+
+    def pending(self, node_id: str) -> int: ...
+
+
+@dataclass(frozen=True)
+class LoadCandidate:
+    node_id: str
+    cached: bool  # the file is in the node's store
+    memory_available: int  # bytes the node has for models
+    memory_needed: int  # bytes the model is expected to take
+    busy: int  # generations running and queued on the node
+
+    @property
+    def fits(self) -> bool:
+        return self.memory_needed <= self.memory_available
+
+
+def memory_needed(stored: common_pb2.StoredModel) -> int:
+    """The node's estimate, else the file's size plus the usual overhead."""
+    if stored.memory_estimate_bytes:
+        return stored.memory_estimate_bytes
+    return int(stored.size_bytes * FILE_OVERHEAD) + FIXED_OVERHEAD_BYTES
+
+
+def candidate(
+    node_id: str, capacity: common_pb2.Capacity, model: str, pending: int = 0
+) -> LoadCandidate | None:
+    """The node as a place to load ``model``; None when it cannot load it or
+    already has it loaded."""
+    if any(m.alias == model for m in capacity.models):
+        return None
+    stored = next((s for s in capacity.stored_models if s.alias == model), None)
+    if stored is None:
+        return None
+    busy = sum(m.slots_total - m.slots_free + m.queue_depth for m in capacity.models)
+    return LoadCandidate(
+        node_id=node_id,
+        cached=stored.cached,
+        memory_available=capacity.model_memory_available_bytes,
+        memory_needed=memory_needed(stored),
+        busy=max(0, busy + pending),
+    )
+
+
+def load_candidates(
+    fleet: FleetSnapshot, model: str, exclude: Iterable[str] = ()
+) -> list[LoadCandidate]:
+    """Ready nodes, not excluded, that could load ``model`` and do not serve it."""
+    excluded = set(exclude)
+    found = []
+    for entry in list(fleet.nodes.values()):
+        if entry.node_id in excluded or not fleet.is_ready(entry):
+            continue
+        found_one = candidate(
+            entry.node_id, entry.record.capacity, model, fleet.pending(entry.node_id)
+        )
+        if found_one is not None:
+            found.append(found_one)
+    return found
+
+
+def loadable(fleet: FleetSnapshot, model: str) -> bool:
+    """Some ready node reports ``model`` among the models it could load."""
+    return any(
+        fleet.is_ready(entry) and any(s.alias == model for s in entry.record.capacity.stored_models)
+        for entry in list(fleet.nodes.values())
+    )
+
+
+def loadable_models(fleet: FleetSnapshot) -> set[str]:
+    """Every model some ready node could load."""
+    return {
+        s.alias
+        for entry in list(fleet.nodes.values())
+        if fleet.is_ready(entry)
+        for s in entry.record.capacity.stored_models
+    }
+
+
+def load_order(found: Iterable[LoadCandidate]) -> list[LoadCandidate]:
+    """The nodes to ask, best first: only those with room for the model; file
+    cached first, then most memory available (in MEMORY_STEP_BYTES steps), then
+    the least busy, then by id (a stable order)."""
+    return sorted(
+        (c for c in found if c.fits),
+        key=lambda c: (
+            not c.cached,
+            -(c.memory_available // MEMORY_STEP_BYTES),
+            c.busy,
+            c.node_id,
+        ),
+    )
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.0f} MiB"
+
+
+def no_room_error(model: str, found: list[LoadCandidate]) -> EdgefleetError:
+    """Why no node can load ``model``: none can load it, or none has the memory."""
+    if not found:
+        return error_of(
+            Reason.UNKNOWN_MODEL,
+            f"no ready node serves model {model!r} or can load it",
+        )
+    needed = min(c.memory_needed for c in found)
+    largest = max(c.memory_available for c in found)
+    return error_of(
+        Reason.parse("MODEL_TOO_BIG") or Reason.MODEL_LOAD_FAILED,
+        f"no node has the memory for model {model!r}: it needs about {_mib(needed)}, "
+        f"the largest free on a node that could load it is {_mib(largest)}",
+    )
+
+
+@dataclass(frozen=True)
+class LoadWait:
+    """What one request waited for: the model loaded on ``node_id``."""
+
+    node_id: str
+    waited_ms: float
+    shared: bool  # it joined a load another request had started
+
+
+class LoadNote:
+    """Filled in by the generation path when the request waited for a load
+    (an HTTP handler reads it for its response header)."""
+
+    def __init__(self) -> None:
+        self.wait: LoadWait | None = None
+
+
+# --- the use case -----------------------------------------------------------------------
+class ModelLoads:
+    """Loads on demand for this replica; one load in flight per model."""
+
+    def __init__(
+        self,
+        fleet,
+        channels,
+        *,
+        metrics=None,
+        timeout_s: float = LOAD_TIMEOUT_S,
+    ) -> None:
+        self._fleet = fleet
+        self._channels = channels
+        self._metrics = metrics
+        self._timeout_s = timeout_s
+        self._inflight: dict[str, asyncio.Task[str]] = {}
+        self._refused: dict[tuple[str, str], float] = {}  # (model, node) -> monotonic until
+        self._fresh: dict[str, tuple[str, float]] = {}  # model -> (node, wall time loaded)
+
+    def loadable(self, model: str) -> bool:
+        return loadable(self._fleet, model)
+
+    def fresh_node(self, model: str) -> str:
+        """The node this replica just loaded ``model`` on, while the fleet view
+        does not show it yet; "" when none, or once the node's record was
+        rewritten since (the view is current), or it left or is not ready."""
+        fresh = self._fresh.get(model)
+        if fresh is None:
+            return ""
+        node_id, at = fresh
+        entry = self._fleet.nodes.get(node_id)
+        if (
+            time.time() - at > FRESH_S
+            or entry is None
+            or entry.record.heartbeat_at > at
+            or not self._fleet.is_ready(entry)
+        ):
+            del self._fresh[model]
+            return ""
+        return node_id
+
+    async def ensure(self, model: str, *, parent: Context | None = None) -> LoadWait:
+        """Load ``model`` on the best node (or join the load in flight); the
+        node it is loaded on. Raises EdgefleetError when no node could load it."""
+        started = time.perf_counter()
+        task = self._inflight.get(model)
+        shared = task is not None
+        if task is None:
+            task = asyncio.get_running_loop().create_task(self._load(model, parent))
+            self._inflight[model] = task
+            task.add_done_callback(lambda t: self._done(model, t))
+        self._count("waits", model, "shared" if shared else "started")
+        # Shielded: a request that leaves does not cancel the load others wait for.
+        node_id = await asyncio.shield(task)
+        return LoadWait(node_id, (time.perf_counter() - started) * 1e3, shared)
+
+    def _done(self, model: str, task: asyncio.Task) -> None:
+        if self._inflight.get(model) is task:
+            del self._inflight[model]
+        if not task.cancelled():
+            task.exception()  # retrieved: every waiter may have left
+
+    def _refused_now(self, model: str) -> set[str]:
+        now = time.monotonic()
+        for key in [k for k, until in self._refused.items() if until <= now]:
+            del self._refused[key]
+        return {node for (m, node) in self._refused if m == model}
+
+    async def _load(self, model: str, parent: Context | None) -> str:
+        with telemetry.tracer().start_as_current_span(
+            "model_load",
+            context=parent,
+            kind=trace.SpanKind.CLIENT,
+            attributes={"gen_ai.request.model": model},
+        ) as span:
+            found = load_candidates(self._fleet, model, exclude=self._refused_now(model))
+            order = load_order(found)
+            if span.is_recording():
+                span.set_attribute(
+                    "edgefleet.model_load.candidates",
+                    [f"{c.node_id}:{'cached' if c.cached else 'fetch'}" for c in order],
+                )
+            if not order:
+                error = no_room_error(model, found)
+                if not found and self._refused_now(model):
+                    error = error_of(
+                        Reason.MODEL_LOAD_FAILED,
+                        f"every node that could load model {model!r} refused it in the last "
+                        f"{REFUSED_S:.0f}s",
+                    )
+                span.set_status(trace.Status(trace.StatusCode.ERROR, error.message))
+                self._count("loads", model, "no_room")
+                raise error
+            refusals = []
+            for chosen in order:
+                entry = self._fleet.nodes.get(chosen.node_id)
+                if entry is None:
+                    continue
+                started = time.perf_counter()
+                try:
+                    await self._channels.stub(entry.record.address, chosen.node_id).LoadModel(
+                        node_pb2.LoadModelRequest(model=model),
+                        timeout=self._timeout_s,
+                        metadata=telemetry.outgoing_metadata(span),
+                    )
+                    outcome = "loaded"
+                except grpc.RpcError as error:
+                    reason = reason_of(error)
+                    outcome = "already_loaded"  # loaded meanwhile (another replica): use it
+                    if reason is not Reason.MODEL_LOADED:
+                        refusals.append(
+                            f"{chosen.node_id}: {reason.name if reason else error.code().name}: "
+                            f"{error.details()}"
+                        )
+                        self._refused[(model, chosen.node_id)] = time.monotonic() + REFUSED_S
+                        self._count("loads", model, "refused")
+                        span.add_event(
+                            "refused",
+                            {"edgefleet.node.id": chosen.node_id, "edgefleet.error": refusals[-1]},
+                        )
+                        log.warning("node refused to load %s: %s", model, refusals[-1])
+                        continue
+                seconds = time.perf_counter() - started
+                self._fresh[model] = (chosen.node_id, time.time())
+                self._count("loads", model, outcome)
+                if self._metrics is not None:
+                    self._metrics.model_load_duration.labels(model).observe(seconds)
+                span.set_attributes(
+                    {
+                        "edgefleet.node.id": chosen.node_id,
+                        "edgefleet.model_load.cached": chosen.cached,
+                        "edgefleet.model_load.ms": seconds * 1e3,
+                    }
+                )
+                log.info("loaded %s on demand on node %s in %.1fs", model, chosen.node_id, seconds)
+                return chosen.node_id
+            message = f"no node could load model {model!r}: " + "; ".join(refusals or ["none left"])
+            span.set_status(trace.Status(trace.StatusCode.ERROR, message))
+            raise error_of(Reason.MODEL_LOAD_FAILED, message)
+
+    def _count(self, kind: str, model: str, outcome: str) -> None:
+        if self._metrics is None:
+            return
+        counter = self._metrics.model_loads if kind == "loads" else self._metrics.model_load_waits
+        counter.labels(model, outcome).inc()

@@ -1,0 +1,236 @@
+"""Models on demand: a model no ready node serves is loaded on the best node
+that can hold it, while the request waits; concurrent requests share one load.
+
+The choice of node is pure (table-driven below); the rest runs against a real
+fleet: nodes started with smollm2-135m only serve gemma3-270m requests over
+gRPC and HTTP by loading it on one node.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import httpx
+import pytest
+
+from coordinator import model_loads
+from coordinator.membership import placement_signature
+from coordinator.model_loads import LoadCandidate, load_order, no_room_error
+from coordinator.node_limits import MAX_MODELS, MAX_TEXT_CHARS, trim_capacity
+from edgefleet.errors import Reason
+from edgefleet.v1 import common_pb2, node_pb2, node_pb2_grpc
+from node_agent.catalog import CATALOG
+from node_agent.store import ModelStore
+from tests.helpers import wait_until
+from tests.test_observability import scrape, value
+
+GiB = 1 << 30
+MiB = 1 << 20
+GEMMA = "gemma3-270m"
+
+
+# --- choosing the node (pure) -----------------------------------------------------------
+def cand(node_id, *, cached=True, free=4 * GiB, needed=300 * MiB, busy=0) -> LoadCandidate:
+    return LoadCandidate(node_id, cached, free, needed, busy)
+
+
+@pytest.mark.parametrize(
+    ("found", "expected"),
+    [
+        # A cached file beats more memory: no transfer before the load.
+        ([cand("a", cached=False, free=8 * GiB), cand("b", free=2 * GiB)], ["b", "a"]),
+        # Among cached, the most memory available.
+        ([cand("a", free=2 * GiB), cand("b", free=6 * GiB)], ["b", "a"]),
+        # Memory within one step (nodes sharing a host) compares equal: the least busy wins.
+        ([cand("a", free=4 * GiB + MiB, busy=3), cand("b", free=4 * GiB, busy=1)], ["b", "a"]),
+        # All equal: by id, a stable order.
+        ([cand("b"), cand("a")], ["a", "b"]),
+        # A node without room for the model is never asked.
+        ([cand("a", free=100 * MiB), cand("b", cached=False)], ["b"]),
+        ([cand("a", free=100 * MiB)], []),
+    ],
+)
+def test_load_order(found, expected):
+    assert [c.node_id for c in load_order(found)] == expected
+
+
+def capacity(*, loaded=(), stored=(("smollm2-135m", True), (GEMMA, True)), free=4 * GiB):
+    return common_pb2.Capacity(
+        models=[
+            common_pb2.LoadedModel(alias=a, slots_total=2, slots_free=1, queue_depth=1)
+            for a in loaded
+        ],
+        stored_models=[
+            common_pb2.StoredModel(alias=a, size_bytes=250 * MiB, cached=c) for a, c in stored
+        ],
+        model_memory_available_bytes=free,
+    )
+
+
+class Entry:
+    def __init__(self, node_id, cap, ready=True):
+        self.node_id = node_id
+        self.record = type("Record", (), {"capacity": cap})()  # only .capacity is read
+        self.ready = ready
+
+
+class Fleet:
+    def __init__(self, *entries, pending=None):
+        self.nodes = {e.node_id: e for e in entries}
+        self._pending = pending or {}
+
+    def is_ready(self, entry):
+        return entry.ready
+
+    def pending(self, node_id):
+        return self._pending.get(node_id, 0)
+
+
+def test_candidates_are_ready_nodes_that_can_load_the_model_and_do_not_serve_it():
+    fleet = Fleet(
+        Entry("has-it", capacity(loaded=["smollm2-135m", GEMMA])),
+        Entry("can", capacity(loaded=["smollm2-135m"])),
+        Entry("not-ready", capacity(loaded=["smollm2-135m"]), ready=False),
+        Entry("cannot", capacity(loaded=["smollm2-135m"], stored=[("smollm2-135m", True)])),
+        Entry("excluded", capacity()),
+        pending={"can": 2},
+    )
+    found = model_loads.load_candidates(fleet, GEMMA, exclude={"excluded"})
+    assert [c.node_id for c in found] == ["can"]
+    # Its running and queued generations, plus what this replica sent since.
+    assert found[0].busy == (2 - 1 + 1) + 2
+    # No estimate from the node: the file plus the overhead.
+    assert found[0].memory_needed == int(250 * MiB * model_loads.FILE_OVERHEAD) + (64 << 20)
+    assert model_loads.loadable(fleet, GEMMA)
+    assert not model_loads.loadable(fleet, "no-such-model")
+    assert model_loads.loadable_models(fleet) == {"smollm2-135m", GEMMA}
+
+
+def test_the_nodes_estimate_is_used_when_it_gives_one():
+    stored = common_pb2.StoredModel(alias=GEMMA, size_bytes=250 * MiB, memory_estimate_bytes=GiB)
+    assert model_loads.memory_needed(stored) == GiB
+
+
+def test_no_room_names_what_is_needed_and_the_largest_free():
+    error = no_room_error(GEMMA, [cand("a", free=100 * MiB), cand("b", free=200 * MiB)])
+    assert error.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert "needs about 300 MiB" in error.message
+    assert "largest free" in error.message and "200 MiB" in error.message
+    assert no_room_error(GEMMA, []).reason is Reason.UNKNOWN_MODEL
+
+
+def test_stored_models_are_trimmed_and_rewrite_the_record_when_they_change():
+    cap = capacity(stored=[("x" * 500, True)] * (MAX_MODELS + 5))
+    trim_capacity(cap)
+    assert len(cap.stored_models) == MAX_MODELS
+    assert all(len(s.alias) == MAX_TEXT_CHARS for s in cap.stored_models)
+    ready = common_pb2.NODE_STATE_READY
+    before = placement_signature(capacity(), ready)
+    assert placement_signature(capacity(free=GiB), ready) == before  # memory: no rewrite
+    assert placement_signature(capacity(stored=[(GEMMA, False)]), ready) != before
+
+
+# --- a real fleet -------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def gemma_cached():
+    ModelStore().pull(CATALOG[GEMMA], progress=False)
+
+
+def loaded_on(client, model: str) -> list[str]:
+    return sorted(
+        n.node_id for n in client.status().nodes if any(m.alias == model for m in n.capacity.models)
+    )
+
+
+def unload(client, node_id: str, model: str) -> None:
+    """Unload ``model`` on the node itself and wait until the fleet view shows it gone."""
+    address = next(n.address for n in client.status().nodes if n.node_id == node_id)
+    with grpc.insecure_channel(address) as channel:
+        node_pb2_grpc.NodeServiceStub(channel).UnloadModel(
+            node_pb2.UnloadModelRequest(model=model), timeout=30
+        )
+    wait_until(lambda: not loaded_on(client, model), what=f"{model} gone from the fleet view")
+
+
+def test_a_model_no_node_serves_is_loaded_on_demand_once(fleet_factory, gemma_cached):
+    coordinator = fleet_factory.coordinator()
+    fleet_factory.node("n1")  # smollm2-135m only
+    fleet_factory.node("n2")
+    fleet_factory.wait_ready_nodes(2)
+    metrics_url = f"http://{coordinator.extra['http']}/metrics"
+    base_url = f"http://{coordinator.extra['http']}/v1"
+    with fleet_factory.client() as client:
+        assert loaded_on(client, GEMMA) == []
+        # Every node reports what it could load, and the memory it has for it.
+        for node in client.status().nodes:
+            assert {s.alias for s in node.capacity.stored_models} >= set(CATALOG)
+            assert all(s.cached for s in node.capacity.stored_models)
+            assert node.capacity.model_memory_available_bytes > 0
+
+        # gRPC: two concurrent requests, one load.
+        def ask(_):
+            started = time.perf_counter()
+            chunks = list(client.complete(GEMMA, [("user", "Hi")], max_tokens=4))
+            return chunks, time.perf_counter() - started
+
+        with ThreadPoolExecutor(2) as pool:
+            replies = list(pool.map(ask, range(2)))
+        for chunks, _ in replies:
+            assert chunks[-1].finish_reason
+            assert chunks[-1].usage.completion_tokens >= 1
+        holders = loaded_on(client, GEMMA)
+        assert len(holders) == 1
+        assert {chunks[-1].node_id for chunks, _ in replies} == set(holders)
+        samples = scrape(metrics_url)
+        assert value(samples, "edgefleet_model_loads_total", model=GEMMA, outcome="loaded") == 1
+        print(f"cold on-demand load, gRPC, file cached: {max(s for _, s in replies):.2f}s")
+
+        # HTTP, streaming: no error, only a later first token; the wait in a header.
+        unload(client, holders[0], GEMMA)
+        started = time.perf_counter()
+        first_token_s = None
+        body = {
+            "model": GEMMA,
+            "messages": [{"role": "user", "content": "Hi"}],
+            "max_tokens": 4,
+            "stream": True,
+        }
+        with httpx.stream("POST", f"{base_url}/chat/completions", json=body, timeout=120) as r:
+            assert r.status_code == 200
+            assert float(r.headers["x-edgefleet-model-load-ms"]) > 0
+            events = []
+            for line in r.iter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    event = json.loads(line[6:])
+                    assert "error" not in event
+                    events.append(event)
+                    if first_token_s is None and event["choices"][0]["delta"].get("content"):
+                        first_token_s = time.perf_counter() - started
+        assert events[-1]["choices"][0]["finish_reason"]
+        print(f"cold on-demand load, HTTP stream, file cached: first token {first_token_s}s")
+
+        # HTTP, non-streaming.
+        unload(client, loaded_on(client, GEMMA)[0], GEMMA)
+        body["stream"] = False
+        reply = httpx.post(f"{base_url}/chat/completions", json=body, timeout=120)
+        assert reply.status_code == 200, reply.text
+        assert float(reply.headers["x-edgefleet-model-load-ms"]) > 0
+        assert reply.json()["choices"][0]["message"]["content"] is not None
+        # Served where it is loaded now: no wait, no header.
+        again = httpx.post(f"{base_url}/chat/completions", json=body, timeout=120)
+        assert again.status_code == 200
+        assert "x-edgefleet-model-load-ms" not in again.headers
+        samples = scrape(metrics_url)
+        assert value(samples, "edgefleet_model_loads_total", model=GEMMA, outcome="loaded") == 3
+        assert len(loaded_on(client, GEMMA)) == 1
+
+        # A name that is neither loaded anywhere nor loadable: 404, as before.
+        missing = httpx.post(
+            f"{base_url}/chat/completions", json={**body, "model": "no-such-model"}, timeout=30
+        )
+        assert missing.status_code == 404
+        assert missing.json()["error"]["code"] == "model_not_found"
+        assert "no-such-model" in missing.json()["error"]["message"]
