@@ -19,7 +19,10 @@ def _add_up(sub) -> None:
     )
     p.add_argument("--nodes", type=int, default=None, help="how many nodes (default 2)")
     p.add_argument(
-        "--model", default=None, help=f"model of every node (default {defaults.DEFAULT_MODEL})"
+        "--model",
+        default=None,
+        help=f"the model every node starts with (default {defaults.DEFAULT_MODEL}); every "
+        "other catalog model is loaded on demand, on one node, by the first request for it",
     )
     p.add_argument("--slots", type=int, default=None, help="slots per node (default 2)")
     p.add_argument(

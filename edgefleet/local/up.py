@@ -194,6 +194,7 @@ def describe(fleet: Fleet, grpc_address: str, http_address: str, ready_s: float)
         "",
         "try:  edgefleet status",
         '      edgefleet chat "Hello!"',
+        '      edgefleet chat --model gemma3-270m "Hello!"   (loaded on demand on one node)',
         "      edgefleet token create --ttl 1h   (join another device)",
         "      kill -9 <a node pid>   (a real node failure)",
     ]
