@@ -64,6 +64,10 @@ class Reason(enum.Enum):
     )
     MODEL_FETCH_FAILED = (Code.UNAVAILABLE, "the model could not be fetched")
     MODEL_LOAD_FAILED = (Code.FAILED_PRECONDITION, "the runtime could not load the model")
+    MODEL_TOO_BIG = (
+        Code.FAILED_PRECONDITION,
+        "the model does not fit the memory budget or model count (needed vs available)",
+    )
     # --- the fleet as a whole ---------------------------------------------------------
     NO_READY_NODE = (Code.UNAVAILABLE, "no ready node serves the model")
     FLEET_SATURATED = (Code.RESOURCE_EXHAUSTED, "every node serving the model is full")

@@ -22,6 +22,14 @@ class NodeConfig:
     context_length: int = 2048
     threads: int = field(default_factory=lambda: os.cpu_count() or 1)
     gpu_layers: int = 0
+    # --- memory and idle models (README: "Memory and idle models") ----------------
+    # Bytes ("4GiB") or a percent of the host's memory ("80%").
+    memory_budget: str = "80%"
+    models_max: int = 3
+    # Idle seconds before a model loaded on demand is unloaded (None: never);
+    # the models given at start (--models) are kept.
+    keep_alive_s: float | None = 300.0
+    idle_check_s: float = 10.0
     node_id: str = ""
     shutdown_grace_s: float = 10.0
     # Coordinators to register with (none: a standalone node).

@@ -28,6 +28,7 @@ from node_agent.capacity import GpuProbe, HostProbe, ThroughputMeter
 from node_agent.config import NodeConfig
 from node_agent.identity import NodeCredentials, join, keep_renewed
 from node_agent.metrics import NodeMetrics
+from node_agent.model_memory import parse_budget
 from node_agent.models import ModelManager
 from node_agent.node import Node
 from node_agent.registrar import Registrar
@@ -61,6 +62,9 @@ async def serve(config: NodeConfig, store: ModelStore | None = None) -> int:
         queue_limit=config.queue,
         default_context=config.context_length,
         continuation_slots=config.continuation_slots,
+        memory_budget_bytes=parse_budget(config.memory_budget, host.read().memory_total_bytes),
+        models_max=config.models_max,
+        keep_alive_s=config.keep_alive_s,
     )
     server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[serving.RequestParseGuard()])
     credentials = None
@@ -110,7 +114,8 @@ async def serve(config: NodeConfig, store: ModelStore | None = None) -> int:
         log.info("node %s listening on %s", node_id, address)
         for name in config.models:
             try:
-                await node.load_model(name)
+                model = await node.load_model(name)
+                models.set_keep_alive(model.name, None)  # the models given at start stay
             except EdgefleetError as error:
                 log.error("cannot load model %s: %s", name, error.message)
                 return 1
@@ -118,6 +123,9 @@ async def serve(config: NodeConfig, store: ModelStore | None = None) -> int:
                 break
         await node.started()
         loops = await cleanup.enter_async_context(Supervisor(stop))
+        loops.start(
+            "idle-models", lambda: unload_idle_models(node, config.idle_check_s), restart=True
+        )
         registrar = None
         if config.coordinators:
             registrar = Registrar(
@@ -150,6 +158,14 @@ async def serve(config: NodeConfig, store: ModelStore | None = None) -> int:
         return 1
     log.info("node %s stopped", node_id)
     return 0
+
+
+async def unload_idle_models(node: Node, interval_s: float) -> None:
+    """Unload models idle past their keep-alive, every ``interval_s``."""
+    while True:
+        await asyncio.sleep(interval_s)
+        if await node.models.unload_idle():
+            node.capacity_changed.set()  # the fleet hears of it at once
 
 
 # Every NodeService RPC: coordinators only (their fleet certificate).

@@ -1,21 +1,52 @@
-"""The models a node has loaded: each a runtime instance plus its slot pool."""
+"""The models a node has loaded: each a runtime instance plus its slot pool.
+
+Memory and idle models (README: "Memory and idle models"): before a load the
+manager estimates the model's memory from its GGUF header
+(``node_agent/model_memory.py``); a load that would exceed the memory budget
+or ``models_max`` first evicts idle models, least recently used first (never
+one with a running or queued generation), else is refused with
+MODEL_TOO_BIG. Each model has a keep-alive: ``unload_idle`` (run by the
+daemon's idle loop) unloads models idle for longer. Concurrent loads of one
+model share one load.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import re
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgefleet import telemetry
-from edgefleet.errors import AlreadyExists, FailedPrecondition, InvalidArgument, Reason
+from edgefleet.errors import (
+    AlreadyExists,
+    EdgefleetError,
+    FailedPrecondition,
+    InvalidArgument,
+    Reason,
+    error_of,
+)
 from node_agent.catalog import ModelRef, resolve
+from node_agent.model_memory import (
+    PROMPT_CHUNK_TOKENS,
+    MemoryEstimate,
+    Resident,
+    estimate,
+    format_bytes,
+    plan_load,
+    read_header,
+)
 from node_agent.runtime.base import Capabilities, ModelInstance, Runtime
 from node_agent.slots import SlotPool
 from node_agent.store import ModelStore
 
 log = logging.getLogger(__name__)
+
+DEFAULT_KEEP_ALIVE_S = 300.0  # models loaded on demand (LoadModel)
+DEFAULT_MODELS_MAX = 3
+_DEFAULT = object()  # "the manager's default keep-alive"
 
 
 @dataclass
@@ -25,6 +56,26 @@ class HostedModel:
     instance: ModelInstance
     pool: SlotPool
     sha256: str
+    # What the header said loading would take (0: not estimated).
+    estimate_bytes: int = 0
+    # Seconds idle before the idle loop unloads it; None: never.
+    keep_alive_s: float | None = None
+    last_used: float = field(default_factory=time.monotonic)
+
+    @property
+    def memory_bytes(self) -> int:
+        """What the model counts against the budget: the estimate, corrected
+        upward by what loading actually took (RSS around the load)."""
+        return max(self.estimate_bytes, self.instance.info.memory_bytes)
+
+    @property
+    def busy(self) -> bool:
+        """A generation runs or waits (continuation slots included)."""
+        pool = self.pool
+        return bool(pool.busy or pool.queue_depth or pool.reserve_free < pool.reserved)
+
+    def touch(self) -> None:
+        self.last_used = time.monotonic()
 
 
 class ModelManager:
@@ -37,14 +88,24 @@ class ModelManager:
         queue_limit: int,
         default_context: int,
         continuation_slots: int = 1,
+        memory_budget_bytes: int = 0,
+        models_max: int = DEFAULT_MODELS_MAX,
+        keep_alive_s: float | None = DEFAULT_KEEP_ALIVE_S,
     ) -> None:
+        """``memory_budget_bytes``: 0 = no budget; ``keep_alive_s``: the
+        default for loaded models (None: kept until unloaded)."""
         self._runtime = runtime
         self._store = store
         self._default_slots = default_slots
         self._queue_limit = queue_limit
         self._default_context = default_context
         self._continuation_slots = continuation_slots
+        self.memory_budget_bytes = memory_budget_bytes
+        self.models_max = models_max
+        self.keep_alive_s = keep_alive_s
         self._models: dict[str, HostedModel] = {}
+        # Loads in progress, by model name: a second caller awaits the first's.
+        self._loading: dict[str, asyncio.Task[HostedModel]] = {}
         self._lock = asyncio.Lock()
 
     @property
@@ -67,14 +128,79 @@ class ModelManager:
                 f"model {ref.name!r} is not loaded on this node (loaded: {loaded})",
                 reason=Reason.MODEL_NOT_LOADED,
             )
+        model.touch()  # a generation is about to use it
         return model
 
-    async def load(self, name: str, *, slots: int = 0, context_length: int = 0) -> HostedModel:
+    # --- memory ----------------------------------------------------------------------------
+    def memory_used_bytes(self) -> int:
+        return sum(model.memory_bytes for model in self._models.values())
+
+    def memory_available_bytes(self) -> int | None:
+        """What the budget has left for more models (None: no budget)."""
+        if not self.memory_budget_bytes:
+            return None
+        return max(0, self.memory_budget_bytes - self.memory_used_bytes())
+
+    def estimate(self, path: Path, *, slots: int, context_length: int) -> MemoryEstimate:
+        """Memory for ``path`` loaded with ``slots`` slots (plus the continuation
+        slots) of ``context_length`` tokens; reads the file's header (blocking)."""
+        sequences = slots + self._continuation_slots
+        return estimate(
+            read_header(path),
+            context_per_slot=context_length,
+            sequences=sequences,
+            batch_tokens=PROMPT_CHUNK_TOKENS + sequences,
+        )
+
+    def set_keep_alive(self, name: str, keep_alive_s: float | None) -> None:
+        """How long ``name`` may stay idle before it is unloaded (None: forever)."""
+        model = self.get(name)
+        model.keep_alive_s = keep_alive_s
+        model.touch()
+
+    # --- load and unload -------------------------------------------------------------------
+    async def load(
+        self,
+        name: str,
+        *,
+        slots: int = 0,
+        context_length: int = 0,
+        keep_alive_s: float | object | None = _DEFAULT,
+    ) -> HostedModel:
+        """Load ``name``; a load of it already in progress is shared (its result
+        or its error), an already loaded model is ALREADY_EXISTS/MODEL_LOADED."""
         if slots < 0 or context_length < 0:
             raise InvalidArgument(
                 "slots and context_length must be >= 0", reason=Reason.INVALID_REQUEST
             )
         ref = resolve(name)
+        pending = self._loading.get(ref.name)
+        if pending is None:
+            if ref.name in self._models:
+                raise AlreadyExists(
+                    f"model {ref.name!r} is already loaded", reason=Reason.MODEL_LOADED
+                )
+            keep = self.keep_alive_s if keep_alive_s is _DEFAULT else keep_alive_s
+            # Its own task: a caller that goes away does not cancel a load
+            # that others wait for (or leave a half-loaded model behind).
+            pending = asyncio.create_task(
+                self._load(ref, slots, context_length, keep), name=f"load {ref.name}"
+            )
+            self._loading[ref.name] = pending
+            pending.add_done_callback(lambda task: self._loaded(ref.name, task))
+        else:
+            log.info("load of %s already in progress: waiting for it", ref.name)
+        return await asyncio.shield(pending)
+
+    def _loaded(self, name: str, task: asyncio.Task) -> None:
+        if self._loading.get(name) is task:
+            del self._loading[name]
+        if not task.cancelled():
+            task.exception()  # retrieved: no "never retrieved" warning when no one waits
+
+    async def _load(
+        self, ref: ModelRef, slots: int, context_length: int, keep_alive_s: float | None
+    ) -> HostedModel:
         async with self._lock:
             if ref.name in self._models:
                 raise AlreadyExists(
@@ -88,8 +214,19 @@ class ModelManager:
             context = context_length or self._default_context
             if ref.entry is not None:
                 context = min(context, ref.entry.trained_context)
+            needed = 0
+            if self.capabilities.needs_weights:
+                needed = await self._estimate_or_size(path, slots, context)
+            await self._make_room(ref.name, needed)
             quantization = ref.entry.quantization if ref.entry else _quantization_from(path)
-            log.info("loading %s (%s) with %d slot(s), context %d", ref.name, path, slots, context)
+            log.info(
+                "loading %s (%s) with %d slot(s), context %d, estimated %s",
+                ref.name,
+                path,
+                slots,
+                context,
+                format_bytes(needed),
+            )
             with telemetry.tracer().start_as_current_span(
                 "load_model",
                 attributes={"gen_ai.request.model": ref.name, "edgefleet.model.slots": slots},
@@ -109,20 +246,103 @@ class ModelManager:
                 instance=instance,
                 pool=SlotPool(slots, self._queue_limit, reserved=self._continuation_slots),
                 sha256=sha256,
+                estimate_bytes=needed,
+                keep_alive_s=keep_alive_s,
             )
             self._models[ref.name] = model
-            log.info("loaded %s: %d MiB", ref.name, instance.info.memory_bytes >> 20)
+            log.info(
+                "loaded %s: %d MiB measured, %d MiB estimated",
+                ref.name,
+                instance.info.memory_bytes >> 20,
+                needed >> 20,
+            )
             return model
+
+    async def _estimate_or_size(self, path: Path, slots: int, context: int) -> int:
+        try:
+            found = await asyncio.to_thread(
+                self.estimate, path, slots=slots, context_length=context
+            )
+        except (EdgefleetError, OSError) as error:
+            # The runtime gives the real verdict on the file; budget its size.
+            log.warning("no memory estimate for %s (%s): counting its file size", path, error)
+            return path.stat().st_size
+        return found.total_bytes
+
+    async def _make_room(self, name: str, needed: int) -> None:
+        """Evict idle models (LRU) so ``needed`` bytes and one more model fit,
+        or refuse with MODEL_TOO_BIG. Called with the lock held."""
+        residents = [
+            Resident(m.name, m.memory_bytes, m.last_used, m.busy) for m in self._models.values()
+        ]
+        plan = plan_load(
+            residents,
+            needed_bytes=needed,
+            budget_bytes=self.memory_budget_bytes or (1 << 62),
+            models_max=self.models_max,
+        )
+        if plan.refusal:
+            raise error_of(Reason.MODEL_TOO_BIG, f"cannot load {name!r}: {plan.refusal}")
+        # Out of the table and closed to new requests at once (no await in
+        # between, so none slips in), then unloaded.
+        victims = [self._models.pop(victim) for victim in plan.evict]
+        for victim in victims:
+            victim.pool.close()
+            log.info(
+                "evicting idle model %s (%s, least recently used) to load %s",
+                victim.name,
+                format_bytes(victim.memory_bytes),
+                name,
+            )
+        for victim in victims:
+            await self._dispose(victim, grace_s=0)
 
     async def unload(self, name: str, *, grace_s: float = 30.0) -> None:
         model = self.get(name)
         async with self._lock:
+            if self._models.get(model.name) is not model:
+                return  # unloaded meanwhile (evicted, idle)
             self._models.pop(model.name, None)
             model.pool.close()
-            # Let running generations finish; the runtime cancels the rest.
-            await model.pool.wait_idle(grace_s)
-            await model.instance.unload()
-            log.info("unloaded %s", model.name)
+            await self._dispose(model, grace_s=grace_s)
+
+    async def _dispose(self, model: HostedModel, *, grace_s: float) -> None:
+        # Let running generations finish; the runtime cancels the rest.
+        await model.pool.wait_idle(grace_s)
+        await model.instance.unload()
+        log.info("unloaded %s", model.name)
+
+    async def unload_idle(self) -> list[str]:
+        """Unload the models idle for longer than their keep-alive; their names."""
+        now = time.monotonic()
+        expired = []
+        for model in list(self._models.values()):
+            if model.busy:
+                model.touch()  # idle time counts from the end of the last generation
+            elif model.keep_alive_s is not None and now - model.last_used >= model.keep_alive_s:
+                expired.append(model)
+        unloaded = []
+        if not expired:
+            return unloaded
+        async with self._lock:
+            for model in expired:
+                if self._models.get(model.name) is not model or model.busy:
+                    continue
+                if model.keep_alive_s is None or (
+                    time.monotonic() - model.last_used < model.keep_alive_s
+                ):
+                    continue  # used (or kept) meanwhile
+                self._models.pop(model.name)
+                model.pool.close()
+                log.info(
+                    "unloading %s: idle for %.0fs (keep-alive %.0fs)",
+                    model.name,
+                    time.monotonic() - model.last_used,
+                    model.keep_alive_s,
+                )
+                await self._dispose(model, grace_s=0)
+                unloaded.append(model.name)
+        return unloaded
 
     async def unload_all(self) -> None:
         for name in list(self._models):

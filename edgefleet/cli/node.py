@@ -88,6 +88,37 @@ def _add_node(sub) -> None:
         default=0,
         help="layers to offload to a GPU (-1 = all)",
     )
+    option(
+        p,
+        "--memory-budget",
+        env="NODE_MEMORY_BUDGET",
+        default=base.memory_budget,
+        help="memory for loaded models: bytes (4GiB, 512MB) or a percent of the host's "
+        "memory (80%%); a load past it evicts idle models first, else is refused",
+    )
+    option(
+        p,
+        "--models-max",
+        type=int,
+        env="NODE_MODELS_MAX",
+        default=base.models_max,
+        help="most models loaded at once (idle ones are evicted, least recently used first)",
+    )
+    option(
+        p,
+        "--keep-alive",
+        env="NODE_KEEP_ALIVE",
+        default="5m",
+        help="how long a model loaded on demand may stay idle before it is unloaded "
+        "(30s, 5m, 1h, forever); the --models loaded at start are kept",
+    )
+    option(
+        p,
+        "--idle-check",
+        env="NODE_IDLE_CHECK",
+        default=f"{base.idle_check_s:g}s",
+        help="how often idle models are looked for",
+    )
     option(p, "--node-id", env="NODE_ID", default="", help="default: hostname-port")
     p.add_argument(
         "--shutdown-grace",
@@ -194,6 +225,18 @@ def _run_node(args) -> int:
             file=sys.stderr,
         )
         return 2
+    from node_agent.model_memory import parse_budget, parse_duration
+
+    try:
+        parse_budget(args.memory_budget, 1 << 40)
+        keep_alive_s = parse_duration(args.keep_alive)
+        idle_check_s = parse_duration(args.idle_check)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if args.models_max < 1 or not idle_check_s:
+        print("error: need --models-max >= 1 and --idle-check > 0", file=sys.stderr)
+        return 2
     return run(
         NodeConfig(
             listen=args.listen,
@@ -204,6 +247,10 @@ def _run_node(args) -> int:
             context_length=args.context,
             threads=args.threads,
             gpu_layers=args.gpu_layers,
+            memory_budget=args.memory_budget,
+            models_max=args.models_max,
+            keep_alive_s=keep_alive_s,
+            idle_check_s=idle_check_s,
             node_id=args.node_id,
             shutdown_grace_s=args.shutdown_grace,
             coordinators=addresses(args.coordinator),
