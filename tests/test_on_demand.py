@@ -8,6 +8,7 @@ gRPC and HTTP by loading it on one node.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -21,11 +22,12 @@ from coordinator.membership import placement_signature
 from coordinator.model_loads import LoadCandidate, load_order, no_room_error
 from coordinator.node_limits import MAX_MODELS, MAX_TEXT_CHARS, trim_capacity
 from edgefleet.errors import Reason
-from edgefleet.v1 import common_pb2, node_pb2, node_pb2_grpc
+from edgefleet.local.otlp_receiver import OtlpReceiver
+from edgefleet.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc, node_pb2, node_pb2_grpc
 from node_agent.catalog import CATALOG
 from node_agent.store import ModelStore
 from tests.helpers import wait_until
-from tests.test_observability import scrape, value
+from tests.test_observability import TRACE_ID, scrape, value
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -133,6 +135,75 @@ def test_stored_models_are_trimmed_and_rewrite_the_record_when_they_change():
     assert placement_signature(capacity(stored=[(GEMMA, False)]), ready) != before
 
 
+# --- one load per model (the use case, with a stand-in node) ------------------------------
+class LoadingNode:
+    """Answers LoadModel after a moment, or refuses with a reason."""
+
+    def __init__(self, refuse: Reason | None = None) -> None:
+        self.calls = 0
+        self.refuse = refuse
+
+    async def LoadModel(self, request, **call_options):  # timeout, metadata
+        self.calls += 1
+        await asyncio.sleep(0.05)
+        if self.refuse is not None:
+            raise Refused(self.refuse)
+        return common_pb2.LoadedModel(alias=request.model)
+
+
+class Refused(grpc.RpcError):
+    def __init__(self, reason: Reason) -> None:
+        self.reason = reason
+
+    def code(self):
+        return self.reason.code
+
+    def details(self):
+        return "refused"
+
+    def trailing_metadata(self):
+        return (("edgefleet-reason", self.reason.name),)
+
+
+class Channels:
+    def __init__(self, nodes) -> None:
+        self.nodes = nodes
+
+    def stub(self, address, node_id):
+        return self.nodes[node_id]
+
+
+def fleet_of(**nodes):
+    entries = []
+    for node_id in nodes:
+        entry = Entry(node_id, capacity(loaded=["smollm2-135m"]))
+        entry.record.address = f"{node_id}:1"
+        entry.record.heartbeat_at = 0.0
+        entries.append(entry)
+    return Fleet(*entries)
+
+
+def test_concurrent_requests_share_one_load_and_a_refusing_node_is_skipped():
+    async def scenario():
+        nodes = {"a": LoadingNode(refuse=Reason.MODEL_LOAD_FAILED), "b": LoadingNode()}
+        loads = model_loads.ModelLoads(fleet_of(**nodes), Channels(nodes))
+        waits = await asyncio.gather(*(loads.ensure(GEMMA) for _ in range(5)))
+        assert {w.node_id for w in waits} == {"b"}
+        assert [w.shared for w in waits] == [False, True, True, True, True]
+        assert (nodes["a"].calls, nodes["b"].calls) == (1, 1)
+        assert loads.fresh_node(GEMMA) == "b"  # until the fleet view shows it there
+        # "a" refused: it is left alone for a while; with "b" refusing too, a clear error.
+        nodes["b"].refuse = Reason.MODEL_LOAD_FAILED
+        loads._fresh.clear()
+        with pytest.raises(Exception) as raised:
+            await loads.ensure(GEMMA)
+        assert raised.value.reason is Reason.MODEL_LOAD_FAILED
+        assert "b: MODEL_LOAD_FAILED" in raised.value.message
+        assert nodes["a"].calls == 1
+
+    asyncio.run(scenario())
+
+
 # --- a real fleet -------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def gemma_cached():
@@ -234,3 +305,61 @@ def test_a_model_no_node_serves_is_loaded_on_demand_once(fleet_factory, gemma_ca
         assert missing.status_code == 404
         assert missing.json()["error"]["code"] == "model_not_found"
         assert "no-such-model" in missing.json()["error"]["message"]
+
+
+def test_a_node_that_cannot_load_it_is_skipped_and_the_load_is_in_the_trace(
+    fleet_factory, gemma_cached, tmp_path
+):
+    """Node "a-bad" has a corrupt gemma3-270m file in its store: it is asked
+    first (same memory and load, first by id), refuses, and "b-good" loads it."""
+    store = tmp_path / "bad-store"
+    for alias, entry in CATALOG.items():
+        (store / alias).mkdir(parents=True)
+        target = store / alias / entry.file_name
+        if alias == GEMMA:
+            target.write_bytes(b"GGUF" + b"\0" * 1024)
+        else:
+            target.symlink_to(ModelStore().path_of(entry))
+    receiver = OtlpReceiver().start()
+    try:
+        env = receiver.exporter_env()
+        coordinator = fleet_factory.coordinator(env=env)
+        fleet_factory.node("a-bad", env={**env, "EDGEFLEET_MODEL_DIR": str(store)})
+        fleet_factory.node("b-good", env=env)
+        fleet_factory.wait_ready_nodes(2)
+        with grpc.insecure_channel(coordinator.address) as channel:
+            chunks = list(
+                coordinator_pb2_grpc.CoordinatorServiceStub(channel).Complete(
+                    coordinator_pb2.CompleteRequest(
+                        model=GEMMA,
+                        messages=[common_pb2.ChatMessage(role="user", content="Hi")],
+                        sampling=common_pb2.SamplingParams(max_tokens=4),
+                    ),
+                    metadata=(("traceparent", f"00-{TRACE_ID}-00f067aa0ba902b7-01"),),
+                )
+            )
+        assert chunks[-1].finish_reason and chunks[-1].node_id == "b-good"
+        samples = scrape(f"http://{coordinator.extra['http']}/metrics")
+        assert value(samples, "edgefleet_model_loads_total", model=GEMMA, outcome="refused") == 1
+        assert value(samples, "edgefleet_model_loads_total", model=GEMMA, outcome="loaded") == 1
+        spans = receiver.wait_for(
+            lambda all_spans: (
+                (found := [s for s in all_spans if s.trace_id == TRACE_ID])
+                and any(s.name == "model_load" for s in found)
+                and any(s.parent_id == "00f067aa0ba902b7" for s in found)
+                and found
+            ),
+        )
+        [root] = [s for s in spans if s.parent_id == "00f067aa0ba902b7"]
+        [load] = [s for s in spans if s.name == "model_load"]
+        assert load.parent_id == root.span_id
+        assert load.attributes["edgefleet.node.id"] == "b-good"
+        assert load.attributes["edgefleet.model_load.cached"] is True
+        [(_, refused)] = [e for e in load.events if e[0] == "refused"]
+        assert refused["edgefleet.node.id"] == "a-bad"
+        assert "MODEL_FILE_BAD" in refused["edgefleet.error"]
+        [(_, waited)] = [e for e in root.events if e[0] == "model_load"]
+        assert waited["edgefleet.node.id"] == "b-good"
+        assert waited["edgefleet.model_load.wait_ms"] > 0
+    finally:
+        receiver.stop()
