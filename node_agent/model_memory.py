@@ -109,16 +109,23 @@ def parse_budget(text: str, total_bytes: int) -> int:
     """``4GiB``, ``512MB``, ``2000000000`` or ``80%`` (of ``total_bytes``) in bytes
     (ValueError when it is none of those or not positive)."""
     value = text.strip().replace(" ", "").upper()
+    unreadable = ValueError(f"a memory budget of {text!r}: say bytes (4GiB, 512MB) or a percent")
     if value.endswith("%"):
-        percent = float(value[:-1])
+        try:
+            percent = float(value[:-1])
+        except ValueError:
+            raise unreadable from None
         if not 0 < percent <= 100:
             raise ValueError(f"a memory budget of {text!r}: the percent must be in (0, 100]")
         return int(total_bytes * percent / 100)
     digits = value.rstrip("KMGTIB")
     unit = value[len(digits) :]
     if unit not in _UNITS or not digits:
-        raise ValueError(f"a memory budget of {text!r}: say bytes (4GiB, 512MB) or a percent")
-    amount = int(float(digits) * _UNITS[unit])
+        raise unreadable
+    try:
+        amount = int(float(digits) * _UNITS[unit])
+    except (ValueError, OverflowError):
+        raise unreadable from None
     if amount <= 0:
         raise ValueError(f"a memory budget of {text!r} must be positive")
     return amount
@@ -130,12 +137,15 @@ def parse_duration(text: str) -> float | None:
     if value in ("forever", "-1", "inf"):
         return None
     scale = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+    number, unit = value, 1.0
     for suffix in ("ms", "s", "m", "h"):
         if value.endswith(suffix):
-            seconds = float(value[: -len(suffix)]) * scale[suffix]
+            number, unit = value[: -len(suffix)], scale[suffix]
             break
-    else:
-        seconds = float(value)
+    try:
+        seconds = float(number) * unit
+    except ValueError:
+        raise ValueError(f"a duration of {text!r}: say 30s, 5m, 1h or forever") from None
     if seconds < 0:
         raise ValueError(f"a duration of {text!r} must be >= 0 (or 'forever')")
     return seconds

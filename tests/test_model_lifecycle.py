@@ -113,7 +113,7 @@ def test_budgets_and_durations_parse():
     assert parse_budget("800MiB", 0) == 800 * MiB
     assert parse_budget("1000", 0) == 1000
     assert parse_budget("80%", 1000) == 800
-    for bad in ("", "lots", "0", "-1GiB", "150%", "0%", "4XB"):
+    for bad in ("", "lots", "0", "-1GiB", "150%", "0%", "4XB", "inf", "x%"):
         with pytest.raises(ValueError):
             parse_budget(bad, 1000)
     assert parse_duration("2s") == 2.0
