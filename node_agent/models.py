@@ -31,6 +31,7 @@ from edgefleet.errors import (
 from node_agent.catalog import ModelRef, resolve
 from node_agent.model_memory import (
     PROMPT_CHUNK_TOKENS,
+    GgufHeader,
     MemoryEstimate,
     Resident,
     estimate,
@@ -107,6 +108,7 @@ class ModelManager:
         # Loads in progress, by model name: a second caller awaits the first's.
         self._loading: dict[str, asyncio.Task[HostedModel]] = {}
         self._lock = asyncio.Lock()
+        self._headers: dict[tuple[str, int, int], GgufHeader] = {}
 
     @property
     def capabilities(self) -> Capabilities:
@@ -143,14 +145,40 @@ class ModelManager:
 
     def estimate(self, path: Path, *, slots: int, context_length: int) -> MemoryEstimate:
         """Memory for ``path`` loaded with ``slots`` slots (plus the continuation
-        slots) of ``context_length`` tokens; reads the file's header (blocking)."""
+        slots) of ``context_length`` tokens; reads the file's header (blocking,
+        once per file version)."""
+        stat = path.stat()
+        key = (str(path), stat.st_mtime_ns, stat.st_size)
+        header = self._headers.get(key)
+        if header is None:
+            header = self._headers[key] = read_header(path)
         sequences = slots + self._continuation_slots
         return estimate(
-            read_header(path),
+            header,
             context_per_slot=context_length,
             sequences=sequences,
             batch_tokens=PROMPT_CHUNK_TOKENS + sequences,
         )
+
+    def memory_estimate_bytes(self, name: str) -> int:
+        """What loading ``name`` with the default slots and context would take,
+        if its file is in the store (0: unknown or not cached). Blocking the
+        first time for each file: call it off the event loop."""
+        try:
+            ref = resolve(name)
+            if ref.entry is not None:
+                if not self._store.is_cached(ref.entry):
+                    return 0
+                path = self._store.path_of(ref.entry)
+                context = min(self._default_context, ref.entry.trained_context)
+            else:
+                path, context = ref.local_path, self._default_context
+            if path is None or not self.capabilities.needs_weights:
+                return 0
+            found = self.estimate(path, slots=self._default_slots, context_length=context)
+        except (EdgefleetError, OSError):
+            return 0
+        return found.total_bytes
 
     def set_keep_alive(self, name: str, keep_alive_s: float | None) -> None:
         """How long ``name`` may stay idle before it is unloaded (None: forever)."""

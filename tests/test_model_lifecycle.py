@@ -9,6 +9,7 @@ model that is never evicted, and the keep-alive.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import struct
 import threading
 from pathlib import Path
@@ -83,6 +84,22 @@ def test_the_kv_cache_is_layers_by_context_by_kv_heads_in_f16():
     assert found.total_bytes == found.weights_bytes + found.kv_cache_bytes + found.compute_bytes
     double = estimate(header, context_per_slot=4096, sequences=5, batch_tokens=261)
     assert double.kv_cache_bytes == 2 * found.kv_cache_bytes
+
+
+def test_the_manager_estimates_cached_catalog_models_for_the_capacity_report():
+    _cached(SMOLLM), _cached(GEMMA)
+
+    class Weighted(SimulatedRuntime):  # the llama.cpp runtime's capabilities: weights
+        capabilities = dataclasses.replace(SimulatedRuntime.capabilities, needs_weights=True)
+
+    models = ModelManager(
+        Weighted(), ModelStore(), default_slots=4, queue_limit=1, default_context=2048
+    )
+    smollm = models.memory_estimate_bytes(SMOLLM)
+    assert 300 * MiB < smollm < 450 * MiB  # 92 weights + 225 KV + 54 compute
+    assert models.memory_estimate_bytes(GEMMA) > smollm
+    assert models.memory_estimate_bytes("/nonexistent/model.gguf") == 0
+    assert models.memory_available_bytes() is None  # no budget
 
 
 def test_the_estimate_assumes_the_runtimes_prompt_chunk():
