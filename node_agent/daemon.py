@@ -114,8 +114,9 @@ async def serve(config: NodeConfig, store: ModelStore | None = None) -> int:
         log.info("node %s listening on %s", node_id, address)
         for name in config.models:
             try:
-                model = await node.load_model(name)
-                models.set_keep_alive(model.name, None)  # the models given at start stay
+                # The models given at start stay: no keep-alive, and none of
+                # them is evicted for another (the node refuses to start instead).
+                await models.load(name, keep_alive_s=None, evict=False)
             except EdgefleetError as error:
                 log.error("cannot load model %s: %s", name, error.message)
                 return 1

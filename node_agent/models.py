@@ -194,9 +194,11 @@ class ModelManager:
         slots: int = 0,
         context_length: int = 0,
         keep_alive_s: float | object | None = _DEFAULT,
+        evict: bool = True,
     ) -> HostedModel:
         """Load ``name``; a load of it already in progress is shared (its result
-        or its error), an already loaded model is ALREADY_EXISTS/MODEL_LOADED."""
+        or its error), an already loaded model is ALREADY_EXISTS/MODEL_LOADED.
+        ``evict=False``: refuse rather than unload another model (start-up)."""
         if slots < 0 or context_length < 0:
             raise InvalidArgument(
                 "slots and context_length must be >= 0", reason=Reason.INVALID_REQUEST
@@ -212,7 +214,7 @@ class ModelManager:
             # Its own task: a caller that goes away does not cancel a load
             # that others wait for (or leave a half-loaded model behind).
             pending = asyncio.create_task(
-                self._load(ref, slots, context_length, keep), name=f"load {ref.name}"
+                self._load(ref, slots, context_length, keep, evict), name=f"load {ref.name}"
             )
             self._loading[ref.name] = pending
             pending.add_done_callback(lambda task: self._loaded(ref.name, task))
@@ -227,7 +229,12 @@ class ModelManager:
             task.exception()  # retrieved: no "never retrieved" warning when no one waits
 
     async def _load(
-        self, ref: ModelRef, slots: int, context_length: int, keep_alive_s: float | None
+        self,
+        ref: ModelRef,
+        slots: int,
+        context_length: int,
+        keep_alive_s: float | None,
+        evict: bool = True,
     ) -> HostedModel:
         async with self._lock:
             if ref.name in self._models:
@@ -245,7 +252,7 @@ class ModelManager:
             needed = 0
             if self.capabilities.needs_weights:
                 needed = await self._estimate_or_size(path, slots, context)
-            await self._make_room(ref.name, needed)
+            await self._make_room(ref.name, needed, evict=evict)
             quantization = ref.entry.quantization if ref.entry else _quantization_from(path)
             log.info(
                 "loading %s (%s) with %d slot(s), context %d, estimated %s",
@@ -297,7 +304,7 @@ class ModelManager:
             return path.stat().st_size
         return found.total_bytes
 
-    async def _make_room(self, name: str, needed: int) -> None:
+    async def _make_room(self, name: str, needed: int, *, evict: bool = True) -> None:
         """Evict idle models (LRU) so ``needed`` bytes and one more model fit,
         or refuse with MODEL_TOO_BIG. Called with the lock held."""
         residents = [
@@ -311,6 +318,13 @@ class ModelManager:
         )
         if plan.refusal:
             raise error_of(Reason.MODEL_TOO_BIG, f"cannot load {name!r}: {plan.refusal}")
+        if plan.evict and not evict:
+            raise error_of(
+                Reason.MODEL_TOO_BIG,
+                f"cannot load {name!r} ({format_bytes(needed)}) beside "
+                f"{', '.join(self._models)} within --memory-budget "
+                f"{format_bytes(self.memory_budget_bytes)} and --models-max {self.models_max}",
+            )
         # Out of the table and closed to new requests at once (no await in
         # between, so none slips in), then unloaded.
         victims = [self._models.pop(victim) for victim in plan.evict]

@@ -363,3 +363,15 @@ def test_an_on_demand_model_is_unloaded_after_its_keep_alive_and_loads_are_share
         text = "".join(c.text for c in stub.Generate(chat_request(max_tokens=8)))
         assert text
     assert node.alive()
+
+
+def test_the_models_given_at_start_never_evict_each_other(node_factory):
+    """Start-up models that do not fit together: the node refuses to start."""
+    _cached(SMOLLM), _cached(GEMMA)
+    node = node_factory.start(
+        models=f"{SMOLLM},{GEMMA}", wait=False, extra_args=("--memory-budget", "800MiB")
+    )
+    node.process.wait(timeout=180)
+    assert node.process.returncode == 1
+    log = node.log_path.read_text(errors="replace")
+    assert "cannot load model gemma3-270m" in log and "--memory-budget" in log
