@@ -78,7 +78,7 @@ class CoordinatorMetrics:
         self.model_loads = Counter(
             "edgefleet_model_loads",
             "On-demand model loads this replica asked a node for, by outcome "
-            "(loaded, already_loaded, refused, no_room)",
+            "(loaded, already_loaded, refused, no_room, none)",
             ["model", "outcome"],
             registry=r,
         )

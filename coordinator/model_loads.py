@@ -9,10 +9,12 @@ request as usual. The choice is pure functions over the fleet snapshot, tested
 table-driven:
 
 - ``load_candidates``: ready nodes that can load the model and do not serve it;
-- ``load_order``: those with room for it, file cached first, then the most
-  memory available (in coarse steps, so that nodes sharing a host compare
-  equal), then the fewest generations running, then the node id;
-- ``no_room_error``: why no node can ever hold it (needed vs largest free).
+- ``load_order``: those with room for it first, file cached first, then the
+  most memory available (in coarse steps, so that nodes sharing a host compare
+  equal), then the fewest generations running, then the node id; after them
+  the nodes without room by their free memory (a node may make room by
+  unloading idle models; it refuses with MODEL_TOO_BIG otherwise);
+- ``no_room_error``: why no node can hold it (needed vs largest free).
 
 ``ModelLoads`` is the one use case with I/O: one load in flight per model on
 this replica (concurrent requests for the model wait for the same load), a
@@ -46,6 +48,8 @@ FILE_OVERHEAD = 1.25
 FIXED_OVERHEAD_BYTES = 64 << 20
 # Memory is compared in steps of this size: below it, load decides.
 MEMORY_STEP_BYTES = 512 << 20
+# A node's refusal for lack of memory (declared by the node side; older builds lack it).
+TOO_BIG = Reason.parse("MODEL_TOO_BIG") or Reason.MODEL_LOAD_FAILED
 # How long LoadModel may take (a node may have to fetch the file first).
 LOAD_TIMEOUT_S = 300.0
 # A node that refused a model is not asked for it again for this long.
@@ -146,12 +150,14 @@ def loadable_models(fleet: FleetSnapshot) -> set[str]:
 
 
 def load_order(found: Iterable[LoadCandidate]) -> list[LoadCandidate]:
-    """The nodes to ask, best first: only those with room for the model; file
-    cached first, then most memory available (in MEMORY_STEP_BYTES steps), then
-    the least busy, then by id (a stable order)."""
+    """The nodes to ask, best first: those with room for the model, file cached
+    first, then most memory available (in MEMORY_STEP_BYTES steps), then the
+    least busy, then by id (a stable order); then those without room, most
+    memory first (they may unload idle models to make room, or refuse)."""
     return sorted(
-        (c for c in found if c.fits),
+        found,
         key=lambda c: (
+            not c.fits,
             not c.cached,
             -(c.memory_available // MEMORY_STEP_BYTES),
             c.busy,
@@ -174,7 +180,7 @@ def no_room_error(model: str, found: list[LoadCandidate]) -> EdgefleetError:
     needed = min(c.memory_needed for c in found)
     largest = max(c.memory_available for c in found)
     return error_of(
-        Reason.parse("MODEL_TOO_BIG") or Reason.MODEL_LOAD_FAILED,
+        TOO_BIG,
         f"no node has the memory for model {model!r}: it needs about {_mib(needed)}, "
         f"the largest free on a node that could load it is {_mib(largest)}",
     )
@@ -216,6 +222,7 @@ class ModelLoads:
         self._inflight: dict[str, asyncio.Task[str]] = {}
         self._refused: dict[tuple[str, str], float] = {}  # (model, node) -> monotonic until
         self._fresh: dict[str, tuple[str, float]] = {}  # model -> (node, wall time loaded)
+        self._last_error: dict[str, EdgefleetError] = {}  # why the last load of a model failed
 
     def loadable(self, model: str) -> bool:
         return loadable(self._fleet, model)
@@ -281,17 +288,18 @@ class ModelLoads:
                     [f"{c.node_id}:{'cached' if c.cached else 'fetch'}" for c in order],
                 )
             if not order:
-                error = no_room_error(model, found)
-                if not found and self._refused_now(model):
+                error = no_room_error(model, found)  # UNKNOWN_MODEL: no node can load it
+                if self._refused_now(model):
+                    last = self._last_error.get(model)
                     error = error_of(
-                        Reason.MODEL_LOAD_FAILED,
+                        last.reason if last else Reason.MODEL_LOAD_FAILED,
                         f"every node that could load model {model!r} refused it in the last "
-                        f"{REFUSED_S:.0f}s",
+                        f"{REFUSED_S:.0f}s" + (f": {last.message}" if last else ""),
                     )
                 span.set_status(trace.Status(trace.StatusCode.ERROR, error.message))
-                self._count("loads", model, "no_room")
+                self._count("loads", model, "none")
                 raise error
-            refusals = []
+            refusals, too_big = [], 0
             for chosen in order:
                 entry = self._fleet.nodes.get(chosen.node_id)
                 if entry is None:
@@ -308,6 +316,7 @@ class ModelLoads:
                     reason = reason_of(error)
                     outcome = "already_loaded"  # loaded meanwhile (another replica): use it
                     if reason is not Reason.MODEL_LOADED:
+                        too_big += reason is TOO_BIG
                         refusals.append(
                             f"{chosen.node_id}: {reason.name if reason else error.code().name}: "
                             f"{error.details()}"
@@ -322,6 +331,7 @@ class ModelLoads:
                         continue
                 seconds = time.perf_counter() - started
                 self._fresh[model] = (chosen.node_id, time.time())
+                self._last_error.pop(model, None)
                 self._count("loads", model, outcome)
                 if self._metrics is not None:
                     self._metrics.model_load_duration.labels(model).observe(seconds)
@@ -334,9 +344,18 @@ class ModelLoads:
                 )
                 log.info("loaded %s on demand on node %s in %.1fs", model, chosen.node_id, seconds)
                 return chosen.node_id
-            message = f"no node could load model {model!r}: " + "; ".join(refusals or ["none left"])
-            span.set_status(trace.Status(trace.StatusCode.ERROR, message))
-            raise error_of(Reason.MODEL_LOAD_FAILED, message)
+            if refusals and too_big == len(refusals):
+                no_room = no_room_error(model, found)
+                error = error_of(no_room.reason, f"{no_room.message} ({'; '.join(refusals)})")
+                self._count("loads", model, "no_room")
+            else:
+                error = error_of(
+                    Reason.MODEL_LOAD_FAILED,
+                    f"no node could load {model!r}: " + "; ".join(refusals or ["none left"]),
+                )
+            self._last_error[model] = error
+            span.set_status(trace.Status(trace.StatusCode.ERROR, error.message))
+            raise error
 
     def _count(self, kind: str, model: str, outcome: str) -> None:
         if self._metrics is None:

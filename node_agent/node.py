@@ -197,10 +197,14 @@ class Node:
     # a model was loaded or unloaded, and every STORE_RECHECK_S (a pull by hand).
     _stored: tuple[frozenset[str], float, list[common_pb2.StoredModel]] | None = None
     STORE_RECHECK_S = 30.0
+    # Memory each cached catalog model would take (GGUF headers, read in a thread).
+    _estimates: dict[str, int] | None = None
+    _estimating = False
 
     def stored_models(self) -> list[common_pb2.StoredModel]:
         """Catalog models the node could load on request, each marked cached
-        when its file is in the model store (a load then needs no transfer)."""
+        when its file is in the model store (a load then needs no transfer),
+        with the memory it would take once the node has estimated it."""
         loaded = frozenset(model.name for model in self.models.hosted())
         now = time.monotonic()
         if (
@@ -209,16 +213,47 @@ class Node:
             or now - self._stored[1] > self.STORE_RECHECK_S
         ):
             store = self.models.store
+            estimates = self._estimates or {}
             stored = [
                 common_pb2.StoredModel(
                     alias=entry.alias,
                     size_bytes=entry.size_bytes,
                     cached=not self.models.capabilities.needs_weights or store.is_cached(entry),
+                    memory_estimate_bytes=estimates.get(entry.alias, 0),
                 )
                 for entry in CATALOG.values()
             ]
             self._stored = (loaded, now, stored)
+            if any(s.cached and not s.memory_estimate_bytes for s in stored):
+                self._estimate_stored()
         return self._stored[2]
+
+    def _estimate_stored(self) -> None:
+        """Read the cached models' estimates off the event loop; the next report has them."""
+        if self._estimating or not self.models.capabilities.needs_weights:
+            return
+
+        def read() -> dict[str, int]:
+            return {alias: self.models.memory_estimate_bytes(alias) for alias in CATALOG}
+
+        def done(future) -> None:
+            self._estimating = False
+            if not future.cancelled() and future.exception() is None:
+                self._estimates = future.result()
+                self._stored = None  # rebuilt with the estimates
+
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # no loop (a one-off report): without estimates
+        self._estimating = True
+        loop.run_in_executor(None, read).add_done_callback(done)
+
+    def model_memory_available(self, host_available: int) -> int:
+        """Memory for more models: what the budget has left, at most what the
+        host has free (the host's free memory where no budget is set)."""
+        budget_left = self.models.memory_available_bytes()
+        return host_available if budget_left is None else min(budget_left, host_available)
 
     def capacity(self) -> common_pb2.Capacity:
         host = self._host.read()
@@ -250,7 +285,7 @@ class Node:
             active_generations=self._active,
             simulated=bool(models) and self.models.capabilities.simulated,
             stored_models=self.stored_models(),
-            model_memory_available_bytes=host.memory_available_bytes,
+            model_memory_available_bytes=self.model_memory_available(host.memory_available_bytes),
         )
 
 

@@ -50,9 +50,12 @@ def cand(node_id, *, cached=True, free=4 * GiB, needed=300 * MiB, busy=0) -> Loa
         ([cand("a", free=4 * GiB + MiB, busy=3), cand("b", free=4 * GiB, busy=1)], ["b", "a"]),
         # All equal: by id, a stable order.
         ([cand("b"), cand("a")], ["a", "b"]),
-        # A node without room for the model is never asked.
-        ([cand("a", free=100 * MiB), cand("b", cached=False)], ["b"]),
-        ([cand("a", free=100 * MiB)], []),
+        # A node without room for the model is asked last (it may unload idle models).
+        ([cand("a", free=100 * MiB), cand("b", cached=False)], ["b", "a"]),
+        (
+            [cand("a", free=GiB, needed=2 * GiB), cand("b", free=GiB + 512 * MiB, needed=2 * GiB)],
+            ["b", "a"],
+        ),
     ],
 )
 def test_load_order(found, expected):
@@ -200,6 +203,30 @@ def test_concurrent_requests_share_one_load_and_a_refusing_node_is_skipped():
         assert raised.value.reason is Reason.MODEL_LOAD_FAILED
         assert "b: MODEL_LOAD_FAILED" in raised.value.message
         assert nodes["a"].calls == 1
+        # Within the minute, no node is asked again: the last reason, at once.
+        with pytest.raises(Exception) as again:
+            await loads.ensure(GEMMA)
+        assert again.value.reason is Reason.MODEL_LOAD_FAILED
+        assert "refused it in the last 60s" in again.value.message
+        assert (nodes["a"].calls, nodes["b"].calls) == (1, 2)
+
+    asyncio.run(scenario())
+
+
+def test_when_every_node_is_too_small_the_answer_names_needed_and_largest_free():
+    too_big = Reason.parse("MODEL_TOO_BIG")
+    if too_big is None:
+        pytest.skip("this build declares no MODEL_TOO_BIG reason")
+
+    async def scenario():
+        nodes = {"a": LoadingNode(refuse=too_big), "b": LoadingNode(refuse=too_big)}
+        loads = model_loads.ModelLoads(fleet_of(**nodes), Channels(nodes))
+        with pytest.raises(Exception) as raised:
+            await loads.ensure(GEMMA)
+        error = raised.value
+        assert error.reason is too_big and error.code == grpc.StatusCode.FAILED_PRECONDITION
+        assert "needs about" in error.message and "largest free" in error.message
+        assert (nodes["a"].calls, nodes["b"].calls) == (1, 1)
 
     asyncio.run(scenario())
 
@@ -239,7 +266,17 @@ def test_a_model_no_node_serves_is_loaded_on_demand_once(fleet_factory, gemma_ca
         for node in client.status().nodes:
             assert {s.alias for s in node.capacity.stored_models} >= set(CATALOG)
             assert all(s.cached for s in node.capacity.stored_models)
-            assert node.capacity.model_memory_available_bytes > 0
+            assert 0 < node.capacity.model_memory_available_bytes
+            assert node.capacity.model_memory_available_bytes <= node.capacity.memory_total_bytes
+        # The node's estimate from the GGUF headers follows (read off its event loop).
+        wait_until(
+            lambda: all(
+                s.memory_estimate_bytes > 0
+                for n in client.status().nodes
+                for s in n.capacity.stored_models
+            ),
+            what="memory estimates in the nodes' reports",
+        )
 
         # gRPC: two concurrent requests, one load.
         def ask(_):
