@@ -133,6 +133,8 @@ def load_candidates(
 
 def loadable(fleet: FleetSnapshot, model: str) -> bool:
     """Some ready node reports ``model`` among the models it could load."""
+    if not model.strip():
+        return False
     return any(
         fleet.is_ready(entry) and any(s.alias == model for s in entry.record.capacity.stored_models)
         for entry in list(fleet.nodes.values())

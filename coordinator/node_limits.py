@@ -35,6 +35,12 @@ def trim_capacity(capacity: common_pb2.Capacity) -> None:
         del capacity.models[MAX_MODELS:]
     if len(capacity.gpus) > MAX_GPUS:
         del capacity.gpus[MAX_GPUS:]
+    # A model with a blank name is nothing anyone can ask for: dropped, so it
+    # never makes "" look loadable.
+    named = [m for m in capacity.stored_models if m.alias.strip()]
+    if len(named) != len(capacity.stored_models):
+        del capacity.stored_models[:]
+        capacity.stored_models.extend(named)
     if len(capacity.stored_models) > MAX_MODELS:
         del capacity.stored_models[MAX_MODELS:]
     for stored in capacity.stored_models:

@@ -111,6 +111,7 @@ def test_candidates_are_ready_nodes_that_can_load_the_model_and_do_not_serve_it(
     assert found[0].memory_needed == int(250 * MiB * model_loads.FILE_OVERHEAD) + (64 << 20)
     assert model_loads.loadable(fleet, GEMMA)
     assert not model_loads.loadable(fleet, "no-such-model")
+    assert not model_loads.loadable(fleet, "")  # found by the gRPC fuzzer
     assert model_loads.loadable_models(fleet) == {"smollm2-135m", GEMMA}
 
 
@@ -128,9 +129,9 @@ def test_no_room_names_what_is_needed_and_the_largest_free():
 
 
 def test_stored_models_are_trimmed_and_rewrite_the_record_when_they_change():
-    cap = capacity(stored=[("x" * 500, True)] * (MAX_MODELS + 5))
+    cap = capacity(stored=[("", True), (" ", True)] + [("x" * 500, True)] * (MAX_MODELS + 5))
     trim_capacity(cap)
-    assert len(cap.stored_models) == MAX_MODELS
+    assert len(cap.stored_models) == MAX_MODELS  # blank names dropped first
     assert all(len(s.alias) == MAX_TEXT_CHARS for s in cap.stored_models)
     ready = common_pb2.NODE_STATE_READY
     before = placement_signature(capacity(), ready)
