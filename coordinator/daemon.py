@@ -360,7 +360,7 @@ async def serve(config: CoordinatorConfig) -> int:
         loops.start("loop-clock", clock.run, restart=True)
         keeper = LeaseKeeper(
             clock,
-            lambda: membership.live_leases(),
+            membership.live_leases,
             lambda: Etcd(config.etcd, timeout_s=config.etcd_timeout_s, tls=etcd_tls_of(config)),
             lease_ttl_s=config.node_lease_ttl_s,
         )

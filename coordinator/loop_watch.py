@@ -104,7 +104,10 @@ class LeaseKeeper:
             self._thread.join(timeout_s)
 
     def _run(self) -> None:
-        asyncio.run(self._keep())
+        try:
+            asyncio.run(self._keep())
+        except Exception:  # not under the daemon's Supervisor: say so at once
+            log.exception("the lease keeper stopped; this replica's stalls may evict its nodes")
 
     async def _keep(self) -> None:
         etcd = self._make_etcd()

@@ -178,13 +178,13 @@ class Membership:
 
     def live_leases(self) -> list[int]:
         """Leases of the nodes heartbeating to this replica now (read from the
-        lease keeper's thread: only whole-dict copies, which the GIL keeps atomic)."""
+        lease keeper's thread: a whole-dict copy and single lookups, which the
+        GIL keeps atomic)."""
         now = time.time()
-        nodes = dict(self._fleet.nodes)
         return [
             entry.lease
             for node_id, beat_at in list(self.last_beat.items())
-            if now - beat_at < self.silence_timeout_s and (entry := nodes.get(node_id))
+            if now - beat_at < self.silence_timeout_s and (entry := self._fleet.nodes.get(node_id))
         ]
 
     async def _next_beat(self, beats):
