@@ -4,8 +4,9 @@ A get-then-watch on the node and drain prefixes keeps it current within
 milliseconds of any replica's write; placement reads only this view. On top of
 what etcd says, each replica keeps two local facts: nodes it saw fail
 (excluded at once, before their lease runs out) and the generations it is
-running on each node, compared with how many it was running when the node last
-reported, so that placement corrects a report that is up to a heartbeat old.
+running on each node, compared with how many of them the node's last report
+counts (nodes report their generations per origin), so that placement corrects
+a report that is up to a heartbeat old and counts requests still on their way.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import asyncio
 import collections
 import logging
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -50,15 +52,18 @@ class NodeEntry:
 
 
 class FleetView:
-    def __init__(self, etcd: Etcd, keys: Keys) -> None:
+    def __init__(self, etcd: Etcd, keys: Keys, *, origin: str = "") -> None:
         self._etcd = etcd
         self._keys = keys
         self.nodes: dict[str, NodeEntry] = {}
         self.drained: set[str] = set()
         self._suspects: dict[str, float] = {}  # node -> wall time it was seen failing
         self._quarantined: dict[str, float] = {}  # node -> monotonic time it may return
+        # This process, as nodes count it (GenerateRequest.origin); unique per
+        # process, so a restarted replica is not charged for its predecessor.
+        self.origin = origin or f"coordinator/{uuid.uuid4().hex[:12]}"
         self._active: collections.Counter[str] = collections.Counter()
-        self._active_at_report: collections.Counter[str] = collections.Counter()
+        self._reported: collections.Counter[str] = collections.Counter()
         self.synced = asyncio.Event()
         self._listeners: list[Callable[[str], None]] = []
 
@@ -90,8 +95,8 @@ class FleetView:
         self.nodes[node_id] = NodeEntry(
             record=record, epoch=kv.create_revision, lease=kv.lease, mod_revision=kv.mod_revision
         )
-        # The report already counts the generations this replica runs now.
-        self._active_at_report[node_id] = self._active[node_id]
+        # The generations of this replica the node counted when it reported.
+        self._reported[node_id] = record.capacity.active_by_origin.get(self.origin, 0)
         suspected_at = self._suspects.get(node_id)
         if suspected_at is not None and record.heartbeat_at > suspected_at:
             del self._suspects[node_id]
@@ -108,7 +113,7 @@ class FleetView:
     def _remove(self, node_id: str) -> None:
         if self.nodes.pop(node_id, None) is not None:
             log.info("node %s left the fleet", node_id)
-        self._active_at_report.pop(node_id, None)
+        self._reported.pop(node_id, None)
         self._suspects.pop(node_id, None)
         self._notify(node_id)
 
@@ -130,8 +135,9 @@ class FleetView:
         self._active[node_id] -= 1
 
     def pending(self, node_id: str) -> int:
-        """Generations started (+) or finished (-) here since the node's last report."""
-        return self._active[node_id] - self._active_at_report[node_id]
+        """Generations started (+) or finished (-) here that the node's last
+        report does not count: on their way, or sent after it."""
+        return self._active[node_id] - self._reported[node_id]
 
     def suspect(self, node_id: str, reason: str) -> None:
         """Exclude a node from placement here until it reports again."""

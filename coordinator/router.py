@@ -430,6 +430,7 @@ class Router:
                     "server.address": entry.record.address,
                 },
             )
+            request.origin = self._fleet.origin  # the node counts it as ours in its reports
             self._fleet.dispatch(node_id)
             call = self._channels.stub(entry.record.address, node_id).Generate(
                 request, metadata=telemetry.outgoing_metadata(span)

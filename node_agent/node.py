@@ -10,6 +10,7 @@ the simulated fleet to benchmarks. None of them keeps node state of its own.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 # of the aggregate throughput (bench node-concurrency), for reasons not yet
 # understood; those take the least recently used slot instead.
 MIN_REUSE_TOKENS = 64
+MAX_ORIGIN_CHARS = 128  # GenerateRequest.origin: a coordinator id and a process tag
 
 
 def worth_reusing(cached_tokens: int) -> int:
@@ -73,6 +75,8 @@ class Node:
         self._started = False  # start-up (loading the configured models) is done
         self._draining = False
         self._active = 0
+        # Generations in a slot or queued, per coordinator (request.origin).
+        self._by_origin: collections.Counter[str] = collections.Counter()
         # Set when slots are taken or given back, so a fresh report can go out
         # at once instead of at the next heartbeat tick.
         self.capacity_changed = asyncio.Event()
@@ -146,6 +150,10 @@ class Node:
         before ``Admitted``; closing the iterator cancels the generation.
         """
         arrived_ns = time.time_ns()
+        if len(request.origin) > MAX_ORIGIN_CHARS:
+            raise error_of(
+                Reason.INVALID_REQUEST, f"origin is longer than {MAX_ORIGIN_CHARS} characters"
+            )
         if self._draining:
             raise error_of(Reason.NODE_DRAINING, "node is draining and takes no new generations")
         model = self.models.get(request.model)
@@ -161,24 +169,32 @@ class Node:
         continuation = request.continuation
         if model.pool.would_queue(continuation=continuation):
             yield Queued(model.pool.next_position(continuation=continuation))
-        async with model.pool.acquire(
-            continuation=continuation,
-            prefer=lambda slot: worth_reusing(model.instance.cached_prefix(slot, prepared)),
-        ) as slot:
-            admitted_ns = time.time_ns()
-            self._active += 1
-            self.capacity_changed.set()
-            try:
-                yield Admitted(model.name, slot, (admitted_ns - arrived_ns) / 1e6, admitted_ns)
-                stream = model.instance.stream(slot, prepared)
-                try:
-                    async for event in stream:
-                        yield event
-                finally:
-                    await stream.aclose()
-            finally:
-                self._active -= 1
+        # Counted per origin exactly while the pool counts it (slot or queue):
+        # the pool takes or refuses synchronously, so no report falls between.
+        self._by_origin[request.origin] += 1
+        try:
+            async with model.pool.acquire(
+                continuation=continuation,
+                prefer=lambda slot: worth_reusing(model.instance.cached_prefix(slot, prepared)),
+            ) as slot:
+                admitted_ns = time.time_ns()
+                self._active += 1
                 self.capacity_changed.set()
+                try:
+                    yield Admitted(model.name, slot, (admitted_ns - arrived_ns) / 1e6, admitted_ns)
+                    stream = model.instance.stream(slot, prepared)
+                    try:
+                        async for event in stream:
+                            yield event
+                    finally:
+                        await stream.aclose()
+                finally:
+                    self._active -= 1
+                    self.capacity_changed.set()
+        finally:
+            self._by_origin[request.origin] -= 1
+            if self._by_origin[request.origin] <= 0:
+                del self._by_origin[request.origin]
 
     def _check_supported(self, generation: GenerationRequest) -> None:
         capabilities = self.models.capabilities
@@ -286,6 +302,7 @@ class Node:
             simulated=bool(models) and self.models.capabilities.simulated,
             stored_models=self.stored_models(),
             model_memory_available_bytes=self.model_memory_available(host.memory_available_bytes),
+            active_by_origin={origin: n for origin, n in self._by_origin.items() if origin},
         )
 
 

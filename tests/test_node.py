@@ -112,11 +112,14 @@ def test_parallel_slots_bounded_queue_and_cancel_frees_a_slot(node_factory):
     channel, stub = node_stub(node.address)
     # At temperature 0 this prompt loops until max_tokens: the slots stay busy.
     long_request = chat_request("Write a very long story.", temperature=0, max_tokens=1500)
+    long_request.origin = "coordinator-a"
     with channel:
         running = [stub.Generate(long_request) for _ in range(2)]
         for stream in running:
             _first_chunk(stream)  # both hold a slot
-        queued = stub.Generate(long_request)
+        other = chat_request("Write a very long story.", temperature=0, max_tokens=1500)
+        other.origin = "coordinator-b"
+        queued = stub.Generate(other)
         admitted = threading.Event()
         threading.Thread(target=lambda: (_first_chunk(queued), admitted.set()), daemon=True).start()
         wait_until(
@@ -127,6 +130,10 @@ def test_parallel_slots_bounded_queue_and_cancel_frees_a_slot(node_factory):
         assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "queue is full" in refused.details()
         assert any(k == "retry-after-ms" for k, _ in refused.trailing_metadata())
+        # Each coordinator sees which of the node's generations are its own
+        # (running or queued; the refused one is not counted).
+        by_origin = stub.GetCapacity(node_pb2.GetCapacityRequest()).active_by_origin
+        assert dict(by_origin) == {"coordinator-a": 2, "coordinator-b": 1}
         # The refusal came while both slots were still generating.
         assert all(stream.running() for stream in running)
         assert not admitted.is_set()
@@ -142,6 +149,7 @@ def test_parallel_slots_bounded_queue_and_cancel_frees_a_slot(node_factory):
             what="all slots to be free again",
         )
     assert capacity.queue_depth == 0 and capacity.active_generations == 0
+    assert not capacity.active_by_origin
 
 
 def test_a_continued_reply_takes_the_reserved_slot_on_a_full_node(node_factory):

@@ -8,8 +8,9 @@ from dataclasses import dataclass, field
 import pytest
 
 from coordinator import placement
-from coordinator.placement import Candidate, Placement, PlacementRequest
+from coordinator.placement import Candidate, Placement, PlacementRequest, candidates
 from edgefleet.errors import EdgefleetError, Reason
+from edgefleet.v1 import common_pb2
 
 MODEL = "smollm2-135m"
 
@@ -245,3 +246,45 @@ def test_an_unknown_policy_or_an_empty_sample_is_refused():
         Placement("fastest")
     with pytest.raises(ValueError):
         Placement("scored", sample=0)
+
+
+def test_a_report_does_not_hide_dispatches_still_on_their_way():
+    """A node's report counts this replica's generations by origin: one made
+    before a dispatched request reached the node still leaves it pending, so
+    requests placed in one burst spread over the slots (the race that put
+    three replies on one node of a full fleet)."""
+    from coordinator.etcd import KeyValue
+    from coordinator.fleet import FleetView
+    from coordinator.keys import Keys
+    from edgefleet.v1 import coordinator_pb2
+
+    keys = Keys("/t/")
+    fleet = FleetView(None, keys, origin="me")
+    revision = iter(range(1, 100))
+
+    def report(free: int, **by_origin: int) -> None:
+        record = coordinator_pb2.NodeStatus(node_id="n1", state=common_pb2.NODE_STATE_READY)
+        record.capacity.models.add(alias=MODEL, slots_total=2, slots_free=free, queue_limit=4)
+        record.capacity.active_by_origin.update(by_origin)
+        kv = KeyValue(keys.node("n1"), record.SerializeToString(), 1, next(revision), 7)
+        fleet._apply_node(kv, deleted=False)
+
+    def free_now() -> int:
+        [found] = candidates(fleet, fleet.nodes.values(), PlacementRequest(MODEL))
+        return found.free_now
+
+    report(free=2)
+    fleet.dispatch("n1")
+    fleet.dispatch("n1")
+    assert free_now() == 0
+    # Another replica's request was admitted; the report went out before ours arrived.
+    report(free=1, other=1)
+    assert fleet.pending("n1") == 2 and free_now() == 0
+    report(free=0, me=1, other=1)  # one of ours is there, one still on its way
+    assert fleet.pending("n1") == 1 and free_now() == 0
+    fleet.release("n1")  # one of ours ended; the next report counts the other
+    report(free=0, me=1, other=1)
+    assert fleet.pending("n1") == 0 and free_now() == 0
+    fleet.release("n1")
+    report(free=1, other=1)
+    assert fleet.pending("n1") == 0 and free_now() == 1

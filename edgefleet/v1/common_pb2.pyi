@@ -174,7 +174,14 @@ class LoadedModel(_message.Message):
     def __init__(self, alias: _Optional[str] = ..., path: _Optional[str] = ..., quantization: _Optional[str] = ..., runtime: _Optional[str] = ..., file_size_bytes: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., context_length: _Optional[int] = ..., slots_total: _Optional[int] = ..., slots_free: _Optional[int] = ..., queue_depth: _Optional[int] = ..., queue_limit: _Optional[int] = ..., sha256: _Optional[str] = ..., gpu_layers: _Optional[int] = ..., continuation_slots_total: _Optional[int] = ..., continuation_slots_free: _Optional[int] = ...) -> None: ...
 
 class Capacity(_message.Message):
-    __slots__ = ("cpu_count", "cpu_percent", "load_average_1m", "memory_total_bytes", "memory_available_bytes", "process_rss_bytes", "models", "slots_total", "slots_free", "queue_depth", "queue_limit", "tokens_per_second", "gpus", "draining", "active_generations", "simulated", "stored_models", "model_memory_available_bytes")
+    __slots__ = ("cpu_count", "cpu_percent", "load_average_1m", "memory_total_bytes", "memory_available_bytes", "process_rss_bytes", "models", "slots_total", "slots_free", "queue_depth", "queue_limit", "tokens_per_second", "gpus", "draining", "active_generations", "simulated", "stored_models", "model_memory_available_bytes", "active_by_origin")
+    class ActiveByOriginEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     CPU_COUNT_FIELD_NUMBER: _ClassVar[int]
     CPU_PERCENT_FIELD_NUMBER: _ClassVar[int]
     LOAD_AVERAGE_1M_FIELD_NUMBER: _ClassVar[int]
@@ -193,6 +200,7 @@ class Capacity(_message.Message):
     SIMULATED_FIELD_NUMBER: _ClassVar[int]
     STORED_MODELS_FIELD_NUMBER: _ClassVar[int]
     MODEL_MEMORY_AVAILABLE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_BY_ORIGIN_FIELD_NUMBER: _ClassVar[int]
     cpu_count: int
     cpu_percent: float
     load_average_1m: float
@@ -211,7 +219,8 @@ class Capacity(_message.Message):
     simulated: bool
     stored_models: _containers.RepeatedCompositeFieldContainer[StoredModel]
     model_memory_available_bytes: int
-    def __init__(self, cpu_count: _Optional[int] = ..., cpu_percent: _Optional[float] = ..., load_average_1m: _Optional[float] = ..., memory_total_bytes: _Optional[int] = ..., memory_available_bytes: _Optional[int] = ..., process_rss_bytes: _Optional[int] = ..., models: _Optional[_Iterable[_Union[LoadedModel, _Mapping]]] = ..., slots_total: _Optional[int] = ..., slots_free: _Optional[int] = ..., queue_depth: _Optional[int] = ..., queue_limit: _Optional[int] = ..., tokens_per_second: _Optional[float] = ..., gpus: _Optional[_Iterable[_Union[GpuInfo, _Mapping]]] = ..., draining: _Optional[bool] = ..., active_generations: _Optional[int] = ..., simulated: _Optional[bool] = ..., stored_models: _Optional[_Iterable[_Union[StoredModel, _Mapping]]] = ..., model_memory_available_bytes: _Optional[int] = ...) -> None: ...
+    active_by_origin: _containers.ScalarMap[str, int]
+    def __init__(self, cpu_count: _Optional[int] = ..., cpu_percent: _Optional[float] = ..., load_average_1m: _Optional[float] = ..., memory_total_bytes: _Optional[int] = ..., memory_available_bytes: _Optional[int] = ..., process_rss_bytes: _Optional[int] = ..., models: _Optional[_Iterable[_Union[LoadedModel, _Mapping]]] = ..., slots_total: _Optional[int] = ..., slots_free: _Optional[int] = ..., queue_depth: _Optional[int] = ..., queue_limit: _Optional[int] = ..., tokens_per_second: _Optional[float] = ..., gpus: _Optional[_Iterable[_Union[GpuInfo, _Mapping]]] = ..., draining: _Optional[bool] = ..., active_generations: _Optional[int] = ..., simulated: _Optional[bool] = ..., stored_models: _Optional[_Iterable[_Union[StoredModel, _Mapping]]] = ..., model_memory_available_bytes: _Optional[int] = ..., active_by_origin: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class StoredModel(_message.Message):
     __slots__ = ("alias", "size_bytes", "cached", "memory_estimate_bytes")
