@@ -62,8 +62,10 @@ wheels="$CACHE/wheels/llama-cpp-python-$LLAMA_CPP_VERSION-$variant-$cpu_key"
 if ! ls "$wheels"/llama_cpp_python-*.whl >/dev/null 2>&1; then
     say "building llama-cpp-python $LLAMA_CPP_VERSION ($variant); this compiles llama.cpp (about 6 minutes on 2 cores)"
     mkdir -p "$wheels"
+    # --no-cache-dir: pip's own wheel cache ignores CMAKE_ARGS and would hand
+    # back a wheel built for another variant (a native build as "portable").
     CMAKE_ARGS="$cmake_args" CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)} \
-        "${PIP[@]}" wheel --no-deps -w "$wheels" "llama-cpp-python==$LLAMA_CPP_VERSION"
+        "${PIP[@]}" wheel --no-cache-dir --no-deps -w "$wheels" "llama-cpp-python==$LLAMA_CPP_VERSION"
 else
     say "using cached llama-cpp-python wheel from $wheels"
 fi
