@@ -26,3 +26,13 @@ def test_this_install_reports_its_backend():
     # The dev install is a native build; a portable one names the variant it loaded.
     chosen = cpu_backend.ensure_loaded()
     assert chosen == "native" if not cpu_backend.variants() else chosen in cpu_backend.variants()
+    if cpu_backend.variants():
+        # llama.cpp's own backend registry (the libggml libllama linked) has the
+        # CPU device: models load ("no backends are loaded" otherwise).
+        import ctypes
+
+        import llama_cpp
+
+        lib = llama_cpp.llama_cpp._lib
+        lib.ggml_backend_dev_count.restype = ctypes.c_size_t
+        assert lib.ggml_backend_dev_count() >= 1

@@ -51,8 +51,14 @@ def ensure_loaded() -> str:
     if not variants(lib_dir):
         _chosen = "native"
         return _chosen
-    ggml = ctypes.CDLL(str(lib_dir / "libggml.so"))
+    # Through libllama's own handle: the symbol then resolves in the libggml
+    # that libllama linked (libggml.so.0). A wheel holds libggml.so and
+    # libggml.so.0 as two copies (no symlinks in wheels); loading the first by
+    # name would fill a second backend registry that llama.cpp never sees
+    # ("no backends are loaded").
+    ggml = llama_cpp.llama_cpp._lib
     ggml.ggml_backend_load_all_from_path.argtypes = [ctypes.c_char_p]
+    ggml.ggml_backend_load_all_from_path.restype = None
     ggml.ggml_backend_load_all_from_path(str(lib_dir).encode())
     try:
         maps = Path("/proc/self/maps").read_text()
