@@ -112,7 +112,13 @@ def checked_capacity(
 
 
 def check_speaker(node_id: str) -> None:
-    """A node (fleet certificate) may register, beat and leave only as itself."""
+    """A node (fleet certificate) may register, beat and leave only as itself;
+    and a node id is one before it names an etcd key (an insecure fleet too)."""
+    if not NODE_ID.match(node_id):
+        raise InvalidArgument(
+            f"node_id {node_id[:140]!r} must be 1-128 letters, digits, '.', '_' or '-'",
+            reason=Reason.INVALID_REQUEST,
+        )
     caller = CALLER.get()
     if caller.kind == "node" and caller.principal_id != node_id:
         raise error_of(
@@ -217,11 +223,6 @@ class Membership:
             or request.address.replace(":", "-").replace("[", "").replace("]", "")
         )
         check_speaker(node_id)
-        if not NODE_ID.match(node_id):
-            raise InvalidArgument(
-                f"node_id {node_id!r} must be 1-128 letters, digits, '.', '_' or '-'",
-                reason=Reason.INVALID_REQUEST,
-            )
         validate_address(request.address)
         models = [m for m in request.models if m.strip()]
         if not models:
