@@ -108,7 +108,7 @@ ARCH ?=
 USES ?= 1
 APPROVE ?=
 
-portable:  ## portable llama-cpp-python wheel for bundles (every CPU variant, chosen at run time; ~45 min on 2 cores) in .venv-portable
+portable:  ## portable llama-cpp-python wheel for bundles (every CPU variant, chosen at run time; ~25 min on 2 cores) in .venv-portable
 	PORTABLE=1 VENV=.venv-portable ./deploy/install.sh
 
 bundle: install  ## offline node bundle edgefleet-node-VERSION-ARCH.tar.gz (MODELS=a,b ARCH=)

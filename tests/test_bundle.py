@@ -685,6 +685,11 @@ def test_the_real_bundle_installs_offline_joins_and_serves(fleet, installed, def
         reply = list(admin.complete("smollm2-135m", [("user", "Say hello.")], max_tokens=12))
     assert "".join(c.text for c in reply).strip()
     assert {c.node_id for c in reply if c.node_id} == {"bundled"}
+    # Built from a portable llama-cpp-python (make portable): the node picked
+    # the CPU variant for this machine at start and says which.
+    manifest = json.loads((installed.folder / layout.MANIFEST).read_text())
+    if manifest["llama_cpp_python"]["portable"]:
+        assert "(portable build, of" in node.log_path.read_text()
 
 
 @pytest.mark.bundle
