@@ -16,6 +16,7 @@ from bench import (
     failover,
     fleet_overhead,
     fleet_placement,
+    models,
     node_concurrency,
     node_single_stream,
     report,
@@ -32,6 +33,7 @@ SCENARIOS = {
     "fleet-placement": fleet_placement.main,
     "failover": failover.main,
     "tracing-overhead": tracing_overhead.main,
+    "models": models.main,
 }
 SUITE = ("node-single", "node-concurrency", "fleet-overhead", "control-plane", "balancing")
 

@@ -23,8 +23,10 @@ import httpx
 
 from bench import report
 from bench.streams import read_grpc_stream, read_sse_stream
+from edgefleet.catalog import CATALOG
 from edgefleet.local.etcd_server import EtcdCluster
 from edgefleet.local.processes import free_port, start_coordinator, start_node
+from edgefleet.model_store import ModelStore
 from edgefleet.v1 import (
     common_pb2,
     coordinator_pb2,
@@ -32,8 +34,6 @@ from edgefleet.v1 import (
     node_pb2,
     node_pb2_grpc,
 )
-from node_agent.catalog import CATALOG
-from node_agent.store import ModelStore
 
 MODEL = "smollm2-135m"
 PROMPT = "Write a very long story."

@@ -33,10 +33,10 @@ import httpx
 
 from bench import report
 from bench.streams import read_grpc_stream, read_sse_stream
+from edgefleet.catalog import CATALOG
 from edgefleet.local.processes import free_port, start_node
+from edgefleet.model_store import ModelStore
 from edgefleet.v1 import common_pb2, node_pb2, node_pb2_grpc
-from node_agent.catalog import CATALOG
-from node_agent.store import ModelStore
 
 LEVELS = (1, 2, 4, 8)
 CONTEXT = 2048

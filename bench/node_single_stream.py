@@ -20,10 +20,10 @@ import grpc
 from llama_cpp import Llama
 
 from bench import report
+from edgefleet.catalog import CATALOG
 from edgefleet.local.processes import free_port, start_node
+from edgefleet.model_store import ModelStore
 from edgefleet.v1 import common_pb2, node_pb2, node_pb2_grpc
-from node_agent.catalog import CATALOG
-from node_agent.store import ModelStore
 
 PROMPT = "Write a very long story."  # at temperature 0 SmolLM2 runs to max_tokens
 CONTEXT = 2048

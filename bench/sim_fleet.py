@@ -20,6 +20,7 @@ import time
 import grpc
 
 from edgefleet import serving
+from edgefleet.model_store import ModelStore
 from node_agent.capacity import GpuProbe, HostProbe, ThroughputMeter
 from node_agent.daemon import add_node_service
 from node_agent.metrics import NodeMetrics
@@ -27,7 +28,6 @@ from node_agent.models import ModelManager
 from node_agent.node import Node
 from node_agent.registrar import Registrar
 from node_agent.runtime.simulated import SimulatedRuntime
-from node_agent.store import ModelStore
 
 MODEL = "smollm2-135m"
 

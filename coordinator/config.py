@@ -69,3 +69,5 @@ class CoordinatorConfig:
     etcd_key: str = ""
     # Node bundles (`edgefleet bundle`) served to joining devices (coordinator.deploy_routes).
     bundle_dir: str = ""
+    # Files of the models operators add (`edgefleet models add`); "": <state_dir>/models.
+    model_dir: str = ""

@@ -28,6 +28,7 @@ from coordinator.access_service import SERVICE_NAME as ACCESS_SERVICE_NAME
 from coordinator.access_service import AccessServicer
 from coordinator.config import CoordinatorConfig
 from coordinator.deploy_routes import DeploySettings
+from coordinator.deployments import Deployments
 from coordinator.etcd import Etcd, EtcdTls
 from coordinator.fleet import FleetView
 from coordinator.http_app import HttpLimits, build_app, http_server
@@ -36,6 +37,9 @@ from coordinator.leader import Leadership
 from coordinator.loop_watch import LeaseKeeper, LoopClock
 from coordinator.membership import Membership
 from coordinator.metrics import CoordinatorMetrics
+from coordinator.model_registry import ModelRegistry
+from coordinator.model_service import SERVICE_NAME as MODEL_SERVICE_NAME
+from coordinator.model_service import ModelServicer
 from coordinator.openai_common import HttpServices
 from coordinator.placement import Placement
 from coordinator.quotas import QuotaLimits, Quotas
@@ -47,9 +51,10 @@ from coordinator.turns import Turns
 from coordinator.usage import StorageLimits
 from edgefleet import auth, serving, systemd, telemetry, tls
 from edgefleet.errors import Unavailable
+from edgefleet.model_store import ModelStore
 from edgefleet.profile import default_state_dir
 from edgefleet.supervise import Supervisor
-from edgefleet.v1 import access_pb2_grpc, coordinator_pb2_grpc
+from edgefleet.v1 import access_pb2_grpc, coordinator_pb2_grpc, models_pb2_grpc
 
 log = logging.getLogger("edgefleet.coordinator")
 
@@ -203,6 +208,15 @@ async def serve(config: CoordinatorConfig) -> int:
             node_endpoints=replica.node_endpoints if access is not None else None,
             clock=clock,
         )
+        registry = ModelRegistry(
+            etcd,
+            keys,
+            Path(
+                config.model_dir
+                or Path(config.state_dir or default_state_dir() / "coordinator") / "models"
+            ),
+            ModelStore(),
+        )
         router = Router(
             fleet,
             Placement(config.policy, sample=config.placement_sample),
@@ -211,6 +225,7 @@ async def serve(config: CoordinatorConfig) -> int:
             stall_timeout_s=config.stall_timeout_s,
             max_failovers=config.max_failovers,
             metrics=metrics,
+            registry=registry,
         )
         sessions = Sessions(
             etcd,
@@ -301,11 +316,16 @@ async def serve(config: CoordinatorConfig) -> int:
             router=router,
             turns=turns,
         )
+        deployments = Deployments(etcd, keys, fleet, registry, channels, leadership)
+        models = ModelServicer(
+            registry, deployments, audit=access.audit if access is not None else None
+        )
         reflect = config.insecure or config.dev
         if access is None:
             coordinator_pb2_grpc.add_CoordinatorServiceServicer_to_server(servicer, server)
+            models_pb2_grpc.add_ModelServiceServicer_to_server(models, server)
             health_servicer = serving.add_health_and_reflection(
-                server, SERVICE_NAME, reflect=reflect
+                server, SERVICE_NAME, MODEL_SERVICE_NAME, reflect=reflect
             )
         else:
             _add_guarded(
@@ -314,6 +334,7 @@ async def serve(config: CoordinatorConfig) -> int:
                 security.client_authenticator(access, frozenset(config.api_keys)),
                 servicer,
                 AccessServicer(access),
+                models,
                 not_here=security.NODES_REGISTER_ELSEWHERE,
             )
             _add_guarded(
@@ -322,10 +343,11 @@ async def serve(config: CoordinatorConfig) -> int:
                 security.node_authenticator(access),
                 servicer,
                 AccessServicer(access),
+                models,
                 not_here="the node listener serves nodes only; clients call the client port",
             )
             health_servicer = serving.add_health_and_reflection(
-                server, SERVICE_NAME, ACCESS_SERVICE_NAME, reflect=reflect
+                server, SERVICE_NAME, ACCESS_SERVICE_NAME, MODEL_SERVICE_NAME, reflect=reflect
             )
             serving.add_health_and_reflection(node_server, reflect=False)
         stop = serving.stop_on_signals()
@@ -367,6 +389,9 @@ async def serve(config: CoordinatorConfig) -> int:
         keeper.start()
         cleanup.callback(keeper.stop)
         loops.start("fleet-mirror", fleet.run, restart=True)
+        loops.start("model-registry", registry.run, restart=True)
+        loops.start("deployments", deployments.run_mirror, restart=True)
+        loops.start("deployment-reconciler", deployments.run_reconciler, restart=True)
         loops.start("replica-lease", replica.run, restart=True)
         loops.start("leadership", leadership.run, restart=True)
         if access is not None:
@@ -429,8 +454,10 @@ async def serve(config: CoordinatorConfig) -> int:
     return 0
 
 
-def _add_guarded(server, policies, authenticate, coordinator, access, *, not_here: str) -> None:
-    """Both services on one listener, every RPC behind the listener's policy table."""
+def _add_guarded(
+    server, policies, authenticate, coordinator, access, models, *, not_here: str
+) -> None:
+    """The services on one listener, every RPC behind the listener's policy table."""
     coordinator_pb2_grpc.add_CoordinatorServiceServicer_to_server(
         auth.guard(
             _copy(coordinator),
@@ -446,6 +473,16 @@ def _add_guarded(server, policies, authenticate, coordinator, access, *, not_her
             _copy(access),
             ACCESS_SERVICE_NAME,
             policies[ACCESS_SERVICE_NAME],
+            authenticate,
+            not_here=not_here,
+        ),
+        server,
+    )
+    models_pb2_grpc.add_ModelServiceServicer_to_server(
+        auth.guard(
+            _copy(models),
+            MODEL_SERVICE_NAME,
+            policies[MODEL_SERVICE_NAME],
             authenticate,
             not_here=not_here,
         ),

@@ -7,6 +7,8 @@
 <prefix>turns/<session_id>             turn id             lease: the replica's
 <prefix>responses/<response_id>        Session             lease: session idle TTL
 <prefix>usage/<owner>/<kind>/<class>/<id>  ""            lease: the record's (storage quota)
+<prefix>models/<alias>                 RegisteredModel     no lease (operator intent)
+<prefix>deployments/<alias>            Deployment          no lease (operator intent)
 <prefix>coordinators/<coordinator_id>  CoordinatorRecord   lease: the replica's
 <prefix>leader/<task>                  coordinator id      lease: the replica's
 <prefix>ca                             fleet CA (key sealed with the fleet secret)
@@ -76,6 +78,20 @@ class Keys:
 
     def usage_record(self, owner: str, kind: str, charge_class: int, record_id: str) -> str:
         return f"{self.usage_class(owner, kind, charge_class)}{record_id}"
+
+    @property
+    def models(self) -> str:
+        return f"{self.prefix}models/"
+
+    def model(self, alias: str) -> str:
+        return f"{self.models}{alias}"
+
+    @property
+    def deployments(self) -> str:
+        return f"{self.prefix}deployments/"
+
+    def deployment(self, alias: str) -> str:
+        return f"{self.deployments}{alias}"
 
     @property
     def coordinators(self) -> str:

@@ -30,7 +30,7 @@ import logging
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import grpc
 from opentelemetry import trace
@@ -38,7 +38,10 @@ from opentelemetry.context import Context
 
 from edgefleet import telemetry
 from edgefleet.errors import EdgefleetError, Reason, error_of, reason_of
-from edgefleet.v1 import common_pb2, node_pb2
+from edgefleet.v1 import common_pb2, models_pb2, node_pb2
+
+if TYPE_CHECKING:
+    from coordinator.model_registry import ModelRegistry
 
 log = logging.getLogger(__name__)
 
@@ -95,15 +98,22 @@ def memory_needed(stored: common_pb2.StoredModel) -> int:
 
 
 def candidate(
-    node_id: str, capacity: common_pb2.Capacity, model: str, pending: int = 0
+    node_id: str,
+    capacity: common_pb2.Capacity,
+    model: str,
+    pending: int = 0,
+    registered: common_pb2.ModelFile | None = None,
 ) -> LoadCandidate | None:
     """The node as a place to load ``model``; None when it cannot load it or
-    already has it loaded."""
+    already has it loaded. ``registered``: the model's (smallest) file in the
+    fleet registry, which any node can fetch from a coordinator."""
     if any(m.alias == model for m in capacity.models):
         return None
     stored = next((s for s in capacity.stored_models if s.alias == model), None)
-    if stored is None:
+    if stored is None and registered is None:
         return None
+    if stored is None:
+        stored = common_pb2.StoredModel(alias=model, size_bytes=registered.size_bytes)
     busy = sum(m.slots_total - m.slots_free + m.queue_depth for m in capacity.models)
     return LoadCandidate(
         node_id=node_id,
@@ -115,7 +125,10 @@ def candidate(
 
 
 def load_candidates(
-    fleet: FleetSnapshot, model: str, exclude: Iterable[str] = ()
+    fleet: FleetSnapshot,
+    model: str,
+    exclude: Iterable[str] = (),
+    registered: common_pb2.ModelFile | None = None,
 ) -> list[LoadCandidate]:
     """Ready nodes, not excluded, that could load ``model`` and do not serve it."""
     excluded = set(exclude)
@@ -124,21 +137,32 @@ def load_candidates(
         if entry.node_id in excluded or not fleet.is_ready(entry):
             continue
         found_one = candidate(
-            entry.node_id, entry.record.capacity, model, fleet.pending(entry.node_id)
+            entry.node_id,
+            entry.record.capacity,
+            model,
+            fleet.pending(entry.node_id),
+            registered,
         )
         if found_one is not None:
             found.append(found_one)
     return found
 
 
-def loadable(fleet: FleetSnapshot, model: str) -> bool:
-    """Some ready node reports ``model`` among the models it could load."""
+def loadable(fleet: FleetSnapshot, model: str, *, registered: bool = False) -> bool:
+    """Some ready node reports ``model`` among the models it could load, or
+    ``model`` is in the fleet registry (``registered``) and some node is ready."""
     if not model.strip():
         return False
+    if registered:
+        return any_ready(fleet)
     return any(
         fleet.is_ready(entry) and any(s.alias == model for s in entry.record.capacity.stored_models)
         for entry in list(fleet.nodes.values())
     )
+
+
+def any_ready(fleet: FleetSnapshot) -> bool:
+    return any(fleet.is_ready(entry) for entry in list(fleet.nodes.values()))
 
 
 def loadable_models(fleet: FleetSnapshot) -> set[str]:
@@ -216,8 +240,10 @@ class ModelLoads:
         *,
         metrics=None,
         timeout_s: float = LOAD_TIMEOUT_S,
+        registry: ModelRegistry | None = None,
     ) -> None:
         self._fleet = fleet
+        self._registry = registry
         self._channels = channels
         self._metrics = metrics
         self._timeout_s = timeout_s
@@ -226,8 +252,26 @@ class ModelLoads:
         self._fresh: dict[str, tuple[str, float]] = {}  # model -> (node, wall time loaded)
         self._last_error: dict[str, EdgefleetError] = {}  # why the last load of a model failed
 
+    def _registered(self, model: str) -> models_pb2.RegisteredModel | None:
+        """An operator's model from the registry (catalog models: None; nodes report those)."""
+        record = self._registry.get(model) if self._registry is not None else None
+        return record if record is not None and not record.builtin else None
+
     def loadable(self, model: str) -> bool:
-        return loadable(self._fleet, model)
+        return loadable(self._fleet, model, registered=self._registered(model) is not None)
+
+    def loadable_models(self) -> set[str]:
+        """Every model a ready node could load, the registry's included."""
+        found = loadable_models(self._fleet)
+        if self._registry is not None and any_ready(self._fleet):
+            found |= {record.alias for record in self._registry.added()}
+        return found
+
+    def _source(self, model: str, memory_available: int) -> common_pb2.ModelFile | None:
+        """The file the node should load (its variant by the node's memory)."""
+        if self._registry is None:
+            return None
+        return self._registry.source_for(model, memory_available)
 
     def fresh_node(self, model: str) -> str:
         """The node this replica just loaded ``model`` on, while the fleet view
@@ -282,7 +326,15 @@ class ModelLoads:
             kind=trace.SpanKind.CLIENT,
             attributes={"gen_ai.request.model": model},
         ) as span:
-            found = load_candidates(self._fleet, model, exclude=self._refused_now(model))
+            registered = self._registered(model)
+            smallest = (
+                min(registered.variants, key=lambda v: v.size_bytes)
+                if registered is not None and registered.variants
+                else None
+            )
+            found = load_candidates(
+                self._fleet, model, exclude=self._refused_now(model), registered=smallest
+            )
             order = load_order(found)
             if span.is_recording():
                 span.set_attribute(
@@ -309,7 +361,9 @@ class ModelLoads:
                 started = time.perf_counter()
                 try:
                     await self._channels.stub(entry.record.address, chosen.node_id).LoadModel(
-                        node_pb2.LoadModelRequest(model=model),
+                        node_pb2.LoadModelRequest(
+                            model=model, source=self._source(model, chosen.memory_available)
+                        ),
                         timeout=self._timeout_s,
                         metadata=telemetry.outgoing_metadata(span),
                     )

@@ -26,6 +26,7 @@ MAX_GPUS = 16
 MAX_TEXT_CHARS = 128  # alias, quantization, runtime, sha256, GPU name
 MAX_PATH_CHARS = 512
 MAX_RECORD_BYTES = 64 * 1024
+MAX_ORIGINS = 64  # coordinators a node counts generations for
 
 
 def trim_capacity(capacity: common_pb2.Capacity) -> None:
@@ -53,6 +54,15 @@ def trim_capacity(capacity: common_pb2.Capacity) -> None:
         model.sha256 = model.sha256[:MAX_TEXT_CHARS]
     for gpu in capacity.gpus:
         gpu.name = gpu.name[:MAX_TEXT_CHARS]
+    if len(capacity.fetches) > MAX_MODELS:
+        del capacity.fetches[MAX_MODELS:]
+    for fetch in capacity.fetches:
+        fetch.alias = fetch.alias[:MAX_TEXT_CHARS]
+    origins = capacity.active_by_origin
+    if len(origins) > MAX_ORIGINS or any(len(o) > MAX_TEXT_CHARS for o in origins):
+        kept = dict(sorted((o, n) for o, n in origins.items() if len(o) <= MAX_TEXT_CHARS))
+        origins.clear()
+        origins.update(dict(list(kept.items())[:MAX_ORIGINS]))
 
 
 def record_too_large(record: coordinator_pb2.NodeStatus) -> EdgefleetError | None:

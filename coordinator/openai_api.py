@@ -219,7 +219,8 @@ def load_headers(note: LoadNote) -> dict[str, str]:
 
 
 async def get_models(request: Request) -> dict:
-    return {"object": "list", "data": list_models(services(request).fleet)}
+    services_ = services(request)
+    return {"object": "list", "data": list_models(services_.fleet, services_.turns.loads)}
 
 
 async def chat_completions(

@@ -23,8 +23,9 @@ from typing import TYPE_CHECKING, Annotated, TypeVar
 from fastapi import Request
 from pydantic import AfterValidator, Field
 
-from coordinator import auto_model, model_loads
+from coordinator import auto_model
 from coordinator.fleet import FleetView
+from coordinator.model_loads import ModelLoads
 from coordinator.sessions import Sessions
 from coordinator.turns import Relayed, Turns
 from edgefleet import auth
@@ -230,7 +231,7 @@ def resolve_model(
             )
         except EdgefleetError as error:
             raise api_error(error) from None
-    if model not in fleet.models() and not model_loads.loadable(fleet, model):
+    if model not in fleet.models() and not services_.turns.loads.loadable(model):
         raise ApiError(
             404,
             f"the model {model!r} does not exist in this fleet",
@@ -241,12 +242,26 @@ def resolve_model(
     return model
 
 
-def list_models(fleet: FleetView) -> list[dict]:
-    """``/v1/models`` entries: every alias in the fleet, and ``auto``."""
+def list_models(fleet: FleetView, loads: ModelLoads | None = None) -> list[dict]:
+    """``/v1/models`` entries: every alias in the fleet, those a node could
+    load on demand (``ready_nodes`` 0, ``loadable``), and ``auto``."""
+    models = fleet.models()
     served = [
         {"id": alias, "object": "model", "created": 0, "owned_by": "edgefleet", "ready_nodes": n}
-        for alias, n in sorted(fleet.models().items())
+        for alias, n in sorted(models.items())
     ]
+    if loads is not None:
+        served += [
+            {
+                "id": alias,
+                "object": "model",
+                "created": 0,
+                "owned_by": "edgefleet",
+                "ready_nodes": 0,
+                "loadable": True,
+            }
+            for alias in sorted(loads.loadable_models() - set(models))
+        ]
     auto = {
         "id": AUTO,
         "object": "model",

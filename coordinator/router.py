@@ -27,6 +27,7 @@ from coordinator import placement
 from coordinator.fleet import FleetView
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.model_loads import LoadWait, ModelLoads
+from coordinator.model_registry import ModelRegistry
 from coordinator.placement import Placement, PlacementRequest, Ranking
 from edgefleet import telemetry, tls
 from edgefleet.errors import (
@@ -209,6 +210,7 @@ class Router:
         max_failovers: int = 3,
         metrics: CoordinatorMetrics | None = None,
         rng: random.Random | None = None,
+        registry: ModelRegistry | None = None,
     ) -> None:
         self._fleet = fleet
         self._placement = placement
@@ -220,7 +222,7 @@ class Router:
         self._metrics = metrics
         self._rng = rng or random.Random()
         # Models no ready node serves, loaded on demand where some node can.
-        self.loads = ModelLoads(fleet, channels, metrics=metrics)
+        self.loads = ModelLoads(fleet, channels, metrics=metrics, registry=registry)
 
     @property
     def policy(self) -> str:

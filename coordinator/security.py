@@ -67,6 +67,15 @@ CLIENT_POLICIES = {
         "RevokeApiKey": ADMIN,
         "ListAudit": ADMIN,
     },
+    "edgefleet.v1.ModelService": {
+        "AddModel": ADMIN,
+        "ListRegistry": INFERENCE,
+        "RemoveModel": ADMIN,
+        "FetchModel": NOT_HERE,  # nodes fetch on the node listener
+        "Deploy": ADMIN,
+        "Undeploy": ADMIN,
+        "ListDeployments": INFERENCE,
+    },
 }
 NODE_POLICIES = {
     "edgefleet.v1.CoordinatorService": {
@@ -76,6 +85,10 @@ NODE_POLICIES = {
     "edgefleet.v1.AccessService": {
         name: (NODE if name == "RenewCertificate" else NOT_HERE)
         for name in CLIENT_POLICIES["edgefleet.v1.AccessService"]
+    },
+    "edgefleet.v1.ModelService": {
+        name: (NODE if name == "FetchModel" else NOT_HERE)
+        for name in CLIENT_POLICIES["edgefleet.v1.ModelService"]
     },
 }
 

@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator, Sequence
 
 from coordinator.fleet import FleetView
 from coordinator.metrics import CoordinatorMetrics
-from coordinator.model_loads import LoadNote
+from coordinator.model_loads import LoadNote, ModelLoads
 from coordinator.quotas import Quotas
 from coordinator.router import Router
 from coordinator.sessions import Sessions, Turn
@@ -92,12 +92,16 @@ class Turns:
         self._affinity = AffinityTable()
 
     # --- sessions ------------------------------------------------------------------------
+
+    @property
+    def loads(self) -> ModelLoads:
+        """Models loaded on demand (and which could be)."""
+        return self._router.loads
+
     async def create_session(
         self, request: coordinator_pb2.CreateSessionRequest
     ) -> coordinator_pb2.Session:
-        if request.model not in self._fleet.models() and not self._router.loads.loadable(
-            request.model
-        ):
+        if request.model not in self._fleet.models() and not self.loads.loadable(request.model):
             raise error_of(
                 Reason.UNKNOWN_MODEL, f"no node in the fleet serves model {request.model!r}"
             )

@@ -7,10 +7,12 @@ make the GGUF, and the SHA-256 of the result.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from edgefleet.errors import InvalidArgument, NotFound, Reason
+from edgefleet.v1 import common_pb2
 
 
 @dataclass(frozen=True)
@@ -93,23 +95,38 @@ CATALOG: dict[str, CatalogEntry] = {
 
 @dataclass(frozen=True)
 class ModelRef:
-    """What a user named: a catalog alias or a local GGUF file."""
+    """What a user named: a catalog alias, a local GGUF file, or a fleet model
+    (an operator's, from the coordinator's registry: ``fleet`` is its file)."""
 
     name: str  # the key the node serves it under
-    entry: CatalogEntry | None  # None for a local file
+    entry: CatalogEntry | None  # None for a local file or a fleet model
     local_path: Path | None
+    fleet: common_pb2.ModelFile | None = None
 
 
 GGUF_MAGIC = b"GGUF"
 
 
-def resolve(name: str) -> ModelRef:
-    """Resolve an alias or a path; raise NotFound/InvalidArgument otherwise."""
+FLEET_ALIAS = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def resolve(name: str, source: common_pb2.ModelFile | None = None) -> ModelRef:
+    """Resolve an alias or a path; raise NotFound/InvalidArgument otherwise.
+    ``source``: the file a coordinator named for a fleet model (any alias not
+    in the catalog); for a catalog alias it only says where to fetch it."""
     name = name.strip()
     if not name:
         raise InvalidArgument("model must not be empty", reason=Reason.INVALID_REQUEST)
     if name in CATALOG:
         return ModelRef(name=name, entry=CATALOG[name], local_path=None)
+    if source is not None and source.sha256:
+        if not FLEET_ALIAS.match(name) or not SHA256.match(source.sha256):
+            raise InvalidArgument(
+                f"fleet model {name[:80]!r}: a malformed alias or sha256",
+                reason=Reason.INVALID_REQUEST,
+            )
+        return ModelRef(name=name, entry=None, local_path=None, fleet=source)
     looks_like_path = name.endswith(".gguf") or "/" in name or name.startswith(".")
     if not looks_like_path:
         known = ", ".join(sorted(CATALOG))

@@ -13,7 +13,14 @@ import grpc
 from edgefleet.errors import EdgefleetError, Reason, error_from_rpc, error_of, reason_of
 from edgefleet.generation import continued, count_carried_tokens
 from edgefleet.profile import Profile
-from edgefleet.v1 import access_pb2_grpc, common_pb2, coordinator_pb2, coordinator_pb2_grpc
+from edgefleet.v1 import (
+    access_pb2_grpc,
+    common_pb2,
+    coordinator_pb2,
+    coordinator_pb2_grpc,
+    models_pb2,
+    models_pb2_grpc,
+)
 
 # Codes after which another replica may succeed.
 FAILOVER_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
@@ -44,6 +51,9 @@ class ReplyStream:
 
     def close(self) -> None:
         self.cancel()
+
+
+UPLOAD_CHUNK = 1 << 20  # bytes per AddModel message (the coordinator's most)
 
 
 class FleetClient:
@@ -110,6 +120,44 @@ class FleetClient:
     def access(self, method: str, request, timeout_s: float | None = None):
         """One AccessService call (tokens, node identities, keys, audit)."""
         return self._unary(method, request, timeout_s, service=access_pb2_grpc.AccessServiceStub)
+
+    def registry(self, method: str, request, timeout_s: float | None = None):
+        """One ModelService call (the fleet's model registry)."""
+        return self._unary(method, request, timeout_s, service=models_pb2_grpc.ModelServiceStub)
+
+    def add_model(
+        self,
+        path,
+        header: models_pb2.AddModelHeader,
+        *,
+        progress=None,
+        timeout_s: float = 3600.0,
+    ) -> models_pb2.RegisteredModel:
+        """Upload a GGUF file to the fleet registry (to one replica: the file is
+        kept where it was sent). ``progress(bytes_sent)`` after each chunk."""
+        from pathlib import Path
+
+        path = Path(path)
+        header.size_bytes = path.stat().st_size
+        header.file_name = header.file_name or path.name
+
+        def messages():
+            yield models_pb2.AddModelRequest(header=header)
+            sent = 0
+            with path.open("rb") as f:
+                while data := f.read(UPLOAD_CHUNK):
+                    yield models_pb2.AddModelRequest(chunk=data)
+                    sent += len(data)
+                    if progress is not None:
+                        progress(sent)
+
+        _, stub = next(self._stubs(models_pb2_grpc.ModelServiceStub))
+        try:
+            return stub.AddModel(messages(), timeout=timeout_s)
+        except grpc.RpcError as error:
+            if error.code() == grpc.StatusCode.UNAVAILABLE and reason_of(error) is None:
+                raise self._exhausted(error) from None
+            raise error_from_rpc(error) from None
 
     def _unary(self, method: str, request, timeout_s: float | None = None, service=None):
         last: grpc.RpcError | None = None

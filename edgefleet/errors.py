@@ -68,8 +68,14 @@ class Reason(enum.Enum):
         Code.FAILED_PRECONDITION,
         "the model does not fit the memory budget or model count (needed vs available)",
     )
+    DISK_FULL = (Code.RESOURCE_EXHAUSTED, "not enough disk space for the model file")
+    UPLOAD_INCOMPLETE = (
+        Code.INVALID_ARGUMENT,
+        "the upload ended before (or went past) the size its header gave",
+    )
     # --- the fleet as a whole ---------------------------------------------------------
     NO_READY_NODE = (Code.UNAVAILABLE, "no ready node serves the model")
+    NO_MATCHING_NODE = (Code.FAILED_PRECONDITION, "no ready node matches the selector")
     FLEET_SATURATED = (Code.RESOURCE_EXHAUSTED, "every node serving the model is full")
     FAILOVER_EXHAUSTED = (Code.UNAVAILABLE, "the reply failed on too many nodes")
     NODE_PROTOCOL = (Code.FAILED_PRECONDITION, "a node broke the protocol")

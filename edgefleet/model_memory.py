@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType, LlamaFileType
 
 from edgefleet.errors import InvalidArgument, Reason
 
@@ -73,6 +73,8 @@ class GgufHeader:
     n_vocab: int
     trained_context: int
     weights_bytes: int
+    parameters: int = 0  # elements in every tensor
+    file_type: str = ""  # general.file_type by name ("Q4_K_M"); "" when absent
 
 
 @dataclass(frozen=True)
@@ -233,7 +235,7 @@ def _parse(f: BinaryIO, file_size: int) -> GgufHeader:
         key = _string(f)
         (kind,) = _unpack(f, "<I")
         fields[key] = _value(f, GGUFValueType(kind))
-    weights = 0
+    weights = parameters = 0
     for _ in range(n_tensors):
         _string(f)  # name
         (n_dims,) = _unpack(f, "<I")
@@ -245,6 +247,7 @@ def _parse(f: BinaryIO, file_size: int) -> GgufHeader:
         kind, _offset = _unpack(f, "<IQ")
         block, type_bytes = GGML_QUANT_SIZES[GGMLQuantizationType(kind)]
         weights += elements // block * type_bytes
+        parameters += elements
     if weights > file_size:
         raise ValueError("the tensors are larger than the file")
     arch = str(fields.get("general.architecture", ""))
@@ -275,7 +278,16 @@ def _parse(f: BinaryIO, file_size: int) -> GgufHeader:
         n_vocab=n_vocab,
         trained_context=number("context_length", 0),
         weights_bytes=weights,
+        parameters=parameters,
+        file_type=_file_type(fields.get("general.file_type")),
     )
+
+
+def _file_type(value: object) -> str:
+    try:
+        return LlamaFileType(int(value)).name.removeprefix("MOSTLY_")  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return ""
 
 
 def _unpack(f: BinaryIO, fmt: str) -> tuple:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -23,8 +24,8 @@ from typing import BinaryIO
 
 from tqdm import tqdm
 
-from edgefleet.errors import FailedPrecondition, NotFound, Reason, Unavailable
-from node_agent.catalog import CatalogEntry, ModelRef
+from edgefleet.catalog import CATALOG, FLEET_ALIAS, GGUF_MAGIC, CatalogEntry, ModelRef
+from edgefleet.errors import FailedPrecondition, InvalidArgument, NotFound, Reason, Unavailable
 
 CHUNK = 1 << 20
 
@@ -54,6 +55,27 @@ class ModelStore:
     def is_cached(self, entry: CatalogEntry) -> bool:
         return self.path_of(entry).is_file()
 
+    # Fleet models (an operator's, fetched from a coordinator) are kept by
+    # alias and sha256: <root>/fleet/<alias>/<sha256>.gguf.
+    def fleet_path(self, alias: str, sha256: str) -> Path:
+        return self.root / "fleet" / alias / f"{sha256}.gguf"
+
+    def fleet_models(self) -> dict[str, int]:
+        """Fleet models with a complete file here: alias -> size in bytes."""
+        found: dict[str, int] = {}
+        for path in (self.root / "fleet").glob("*/*.gguf"):
+            try:
+                found[path.parent.name] = max(found.get(path.parent.name, 0), path.stat().st_size)
+            except OSError:
+                continue
+        return found
+
+    def target_of(self, ref: ModelRef) -> Path | None:
+        """Where the store keeps ``ref``'s file (None: a local file, kept where it is)."""
+        if ref.fleet is not None:
+            return self.fleet_path(ref.name, ref.fleet.sha256)
+        return self.path_of(ref.entry) if ref.entry is not None else None
+
     def verified_path(self, ref: ModelRef, *, pull_if_missing: bool = True) -> tuple[Path, str]:
         """Path and SHA-256 of a model ready to load.
 
@@ -66,6 +88,22 @@ class ModelStore:
                     f"model file not found: {ref.local_path}", reason=Reason.UNKNOWN_MODEL
                 )
             return ref.local_path, sha256_of(ref.local_path)
+        if ref.fleet is not None:
+            path = self.fleet_path(ref.name, ref.fleet.sha256)
+            if not path.is_file():
+                raise NotFound(
+                    f"fleet model {ref.name!r} is not in the store {self.root}",
+                    reason=Reason.MODEL_NOT_CACHED,
+                )
+            actual = sha256_of(path)
+            if actual != ref.fleet.sha256:
+                path.unlink(missing_ok=True)  # fetched again at the next load
+                raise FailedPrecondition(
+                    f"checksum mismatch for {path}: expected sha256 {ref.fleet.sha256}, got "
+                    f"{actual}; the file was removed and is fetched again at the next load",
+                    reason=Reason.MODEL_FILE_BAD,
+                )
+            return path, actual
         assert ref.entry is not None
         path = self.path_of(ref.entry)
         if not path.is_file():
@@ -121,6 +159,38 @@ class ModelStore:
                 )
             os.replace(partial, target)
         return target
+
+    def import_folder(self, folder: Path, progress=None) -> list[Path]:
+        """Copy the GGUF files in ``folder`` into the store, each checked: a
+        file with a catalog model's sha256 becomes that model; any other GGUF
+        file becomes the fleet model named by its file name (``qwen.gguf`` ->
+        ``qwen``), kept by its sha256 as a fetch from a coordinator would be.
+        Files already there are skipped; a file that is not GGUF is refused."""
+        by_sha = {entry.sha256: entry for entry in CATALOG.values()}
+        imported = []
+        for source in sorted(folder.glob("*.gguf")):
+            with source.open("rb") as f:
+                if f.read(4) != GGUF_MAGIC:
+                    raise InvalidArgument(f"{source} is not a GGUF file", reason=Reason.NOT_GGUF)
+            sha256 = sha256_of(source)
+            entry = by_sha.get(sha256)
+            alias = entry.alias if entry else source.stem.lower()
+            if entry is None and not FLEET_ALIAS.match(alias):
+                raise InvalidArgument(
+                    f"{source.name}: name it <alias>.gguf (lowercase letters, digits, . _ -)",
+                    reason=Reason.INVALID_REQUEST,
+                )
+            target = self.path_of(entry) if entry else self.fleet_path(alias, sha256)
+            if target.is_file() and sha256_of(target) == sha256:
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            partial = target.with_name(target.name + ".partial")
+            shutil.copyfile(source, partial)
+            os.replace(partial, target)
+            imported.append(target)
+            if progress is not None:
+                progress(f"{alias}: {source.name} -> {target} (sha256 {sha256[:12]}…)")
+        return imported
 
     def remove(self, entry: CatalogEntry) -> bool:
         path = self.path_of(entry)

@@ -21,6 +21,8 @@ import grpc
 
 from edgefleet import auth, serving, systemd, telemetry, tls
 from edgefleet.errors import EdgefleetError
+from edgefleet.model_memory import parse_budget
+from edgefleet.model_store import ModelStore
 from edgefleet.profile import default_state_dir
 from edgefleet.supervise import Supervisor
 from edgefleet.v1 import node_pb2, node_pb2_grpc
@@ -28,7 +30,7 @@ from node_agent.capacity import GpuProbe, HostProbe, ThroughputMeter
 from node_agent.config import NodeConfig
 from node_agent.identity import NodeCredentials, join, keep_renewed
 from node_agent.metrics import NodeMetrics
-from node_agent.model_memory import parse_budget
+from node_agent.model_fetch import ModelFetcher
 from node_agent.models import ModelManager
 from node_agent.node import Node
 from node_agent.registrar import Registrar
@@ -37,7 +39,6 @@ from node_agent.runtime.llama_cpp import LlamaCppRuntime
 from node_agent.runtime.simulated import NAME as SIMULATED
 from node_agent.runtime.simulated import SimulatedRuntime
 from node_agent.service import SERVICE_NAME, NodeServicer
-from node_agent.store import ModelStore
 
 log = logging.getLogger("edgefleet.node")
 
@@ -138,6 +139,7 @@ async def serve(config: NodeConfig, store: ModelStore | None = None) -> int:
                 labels=credentials.labels if credentials else None,
             )
             loops.start("membership", registrar.run, restart=True)
+            models.fetcher = ModelFetcher(registrar.fetch_endpoints, registrar.channel)
             if credentials is not None:
                 loops.start(
                     "certificate-renewal",

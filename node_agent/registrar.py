@@ -68,6 +68,16 @@ class Registrar:
     def endpoints(self) -> list[str]:
         return list(self._endpoints)
 
+    def fetch_endpoints(self) -> list[str]:
+        """Coordinators to fetch model files from: the current one first."""
+        targets = self._endpoints if self._credentials is not None else self._coordinators
+        current = self.coordinator
+        return [current, *(t for t in targets if t != current)] if current else list(targets)
+
+    def channel(self, address: str) -> grpc.aio.Channel:
+        """A channel to a coordinator's node port (mutual TLS in a secure fleet)."""
+        return self._channel(address)
+
     def _channel(self, address: str) -> grpc.aio.Channel:
         if self._credentials is None:
             return grpc.aio.insecure_channel(address)

@@ -19,6 +19,7 @@ from edgefleet.errors import EdgefleetError, Reason, abort_with, error_of
 from edgefleet.generation import QUEUED_METADATA_KEY
 from edgefleet.v1 import common_pb2, node_pb2, node_pb2_grpc
 from node_agent.metrics import NodeMetrics
+from node_agent.models import DEFAULT as DEFAULT_KEEP_ALIVE
 from node_agent.node import Admitted, Node, Queued, loaded_model
 from node_agent.runtime.base import Finish, FinishReason
 
@@ -248,7 +249,11 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
     async def LoadModel(self, request: node_pb2.LoadModelRequest, context):
         try:
             model = await self._node.load_model(
-                request.model, slots=request.slots, context_length=request.context_length
+                request.model,
+                slots=request.slots,
+                context_length=request.context_length,
+                source=request.source if request.HasField("source") else None,
+                keep_alive_s=keep_alive_of(request.keep_alive_s),
             )
             return loaded_model(model)
         except EdgefleetError as error:
@@ -276,3 +281,10 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
         return node_pb2.DrainResponse(
             draining=self._node.draining, active_generations=self._node.active_generations
         )
+
+
+def keep_alive_of(seconds: float):
+    """LoadModelRequest.keep_alive_s: 0 = the node's default, < 0 = never unloaded."""
+    if seconds == 0 or seconds != seconds:  # 0 or NaN: the default
+        return DEFAULT_KEEP_ALIVE
+    return None if seconds < 0 else seconds

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
+from edgefleet.catalog import CATALOG
 from edgefleet.client import FleetClient
 from edgefleet.local.etcd_server import EtcdCluster
 from edgefleet.local.processes import DaemonProcess, free_port, start_coordinator, start_node
+from edgefleet.model_store import ModelStore
 from edgefleet.v1.common_pb2 import NODE_STATE_READY as READY
-from node_agent.catalog import CATALOG
-from node_agent.store import ModelStore
 
 
 @pytest.fixture(scope="session", autouse=True)

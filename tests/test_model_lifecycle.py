@@ -17,10 +17,9 @@ from pathlib import Path
 import grpc
 import pytest
 
+from edgefleet.catalog import CATALOG
 from edgefleet.errors import InvalidArgument, Reason, reason_of
-from edgefleet.v1 import node_pb2
-from node_agent.catalog import CATALOG
-from node_agent.model_memory import (
+from edgefleet.model_memory import (
     PROMPT_CHUNK_TOKENS,
     GgufHeader,
     Resident,
@@ -30,9 +29,10 @@ from node_agent.model_memory import (
     plan_load,
     read_header,
 )
+from edgefleet.model_store import ModelStore
+from edgefleet.v1 import node_pb2
 from node_agent.models import ModelManager
 from node_agent.runtime.simulated import SimulatedRuntime
-from node_agent.store import ModelStore
 from tests.helpers import chat_request, node_stub, rpc_error, wait_until
 
 MiB = 1 << 20

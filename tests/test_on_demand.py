@@ -21,11 +21,11 @@ from coordinator import model_loads
 from coordinator.membership import placement_signature
 from coordinator.model_loads import LoadCandidate, load_order, no_room_error
 from coordinator.node_limits import MAX_MODELS, MAX_TEXT_CHARS, trim_capacity
+from edgefleet.catalog import CATALOG
 from edgefleet.errors import Reason
 from edgefleet.local.otlp_receiver import OtlpReceiver
+from edgefleet.model_store import ModelStore
 from edgefleet.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc, node_pb2, node_pb2_grpc
-from node_agent.catalog import CATALOG
-from node_agent.store import ModelStore
 from tests.helpers import wait_until
 from tests.test_observability import TRACE_ID, scrape, value
 

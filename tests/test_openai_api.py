@@ -28,7 +28,10 @@ def api(fleet_factory):
 def test_models_and_non_streaming_chat(api):
     client, _ = api
     models = client.models.list()
-    assert [m.id for m in models.data] == ["smollm2-135m", "auto"]
+    # Served, then loadable on demand (no node has it loaded yet), then auto.
+    assert [m.id for m in models.data] == ["smollm2-135m", "gemma3-270m", "auto"]
+    loadable = models.data[1].model_dump()
+    assert loadable["ready_nodes"] == 0 and loadable["loadable"] is True
     reply = client.chat.completions.create(
         model="smollm2-135m",
         messages=[

@@ -747,3 +747,50 @@ def test_an_operator_brings_the_fleet_ca(tmp_path, etcd_cluster):
         assert tls.parse_token(token).pin == ca.fingerprint[:32]
     finally:
         coordinator.terminate(15)
+
+
+def test_model_files_go_to_admins_in_and_to_fleet_nodes_out(secure, default_model_path):
+    """Adding needs the admin scope; fetching needs a node certificate on the
+    node listener: the client port refuses it, even with an admin key."""
+    from edgefleet.v1 import models_pb2, models_pb2_grpc
+
+    header = models_pb2.AddModelHeader(alias="tiny-secure")
+    with secure.client(secure.key("inference")) as user:
+        assert "smollm2-135m" in {
+            m.alias for m in user.registry("ListRegistry", models_pb2.ListRegistryRequest()).models
+        }
+        assert _status_of(lambda: user.add_model(default_model_path, header)) == (
+            grpc.StatusCode.PERMISSION_DENIED,
+            Reason.NOT_PERMITTED,
+        )
+    with secure.admin() as admin:
+        record = admin.add_model(default_model_path, header)
+        request = models_pb2.FetchModelRequest(
+            alias="tiny-secure", sha256=record.variants[0].sha256, offset=1000
+        )
+        # The client port, an admin key: still refused.
+        assert _status_of(lambda: next(iter(_fetch_on(admin, request)))) == (
+            grpc.StatusCode.PERMISSION_DENIED,
+            Reason.NOT_PERMITTED,
+        )
+    # A node in good standing (earlier tests revoke some): its certificate.
+    member = next(n for n in secure.ready() if (secure.base / n / "node.crt").exists())
+    with _identity_channel(
+        secure.base / member, secure.node_endpoint(), tls.COORDINATOR_DNS
+    ) as channel:
+        first = next(iter(models_pb2_grpc.ModelServiceStub(channel).FetchModel(request)))
+    assert first.size_bytes == default_model_path.stat().st_size
+    with default_model_path.open("rb") as f:
+        f.seek(1000)
+        assert first.data == f.read(len(first.data))
+    with secure.admin() as admin:
+        admin.registry("RemoveModel", models_pb2.RemoveModelRequest(alias="tiny-secure"))
+        audit = admin.access("ListAudit", access_pb2.ListAuditRequest(limit=20)).entries
+    assert {"model.add", "model.remove"} <= {entry.action for entry in audit}
+
+
+def _fetch_on(client: FleetClient, request):
+    from edgefleet.v1 import models_pb2_grpc
+
+    _, stub = next(client._stubs(models_pb2_grpc.ModelServiceStub))
+    return stub.FetchModel(request, timeout=10)

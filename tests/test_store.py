@@ -7,10 +7,10 @@ import subprocess
 
 import pytest
 
+from edgefleet.catalog import CATALOG, resolve
 from edgefleet.errors import FailedPrecondition, InvalidArgument, NotFound
 from edgefleet.local.processes import edgefleet_command
-from node_agent.catalog import CATALOG, resolve
-from node_agent.store import ModelStore, sha256_of
+from edgefleet.model_store import ModelStore, sha256_of
 
 ENTRY = CATALOG["smollm2-135m"]
 

@@ -331,8 +331,8 @@ class _Progress:
 
 def build(args) -> Path:
     from edgefleet import bundle as layout
-    from node_agent.catalog import CATALOG
-    from node_agent.store import ModelStore
+    from edgefleet.catalog import CATALOG
+    from edgefleet.model_store import ModelStore
 
     started = time.monotonic()
     arch = args.arch or host_arch()

@@ -235,6 +235,12 @@ def _add_coordinator(sub) -> None:
         help="serve the node bundles in this folder (`edgefleet bundle`) to holders of a join "
         "token: GET /install.sh and /bundle/FILE on the HTTP listener (README: Deploy)",
     )
+    p.add_argument(
+        "--model-dir",
+        default="",
+        help="where the files of models added with `edgefleet models add` are kept "
+        "(default: <state dir>/models); nodes fetch them from here",
+    )
     p.set_defaults(func=_run_coordinator)
 
 
@@ -330,6 +336,7 @@ def _run_coordinator(args) -> int:
             etcd_cert=args.etcd_cert,
             etcd_key=args.etcd_key,
             bundle_dir=args.bundle_dir,
+            model_dir=args.model_dir,
         )
     )
 

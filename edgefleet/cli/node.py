@@ -225,7 +225,7 @@ def _run_node(args) -> int:
             file=sys.stderr,
         )
         return 2
-    from node_agent.model_memory import parse_budget, parse_duration
+    from edgefleet.model_memory import parse_budget, parse_duration
 
     try:
         parse_budget(args.memory_budget, 1 << 40)

@@ -174,7 +174,7 @@ class LoadedModel(_message.Message):
     def __init__(self, alias: _Optional[str] = ..., path: _Optional[str] = ..., quantization: _Optional[str] = ..., runtime: _Optional[str] = ..., file_size_bytes: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., context_length: _Optional[int] = ..., slots_total: _Optional[int] = ..., slots_free: _Optional[int] = ..., queue_depth: _Optional[int] = ..., queue_limit: _Optional[int] = ..., sha256: _Optional[str] = ..., gpu_layers: _Optional[int] = ..., continuation_slots_total: _Optional[int] = ..., continuation_slots_free: _Optional[int] = ...) -> None: ...
 
 class Capacity(_message.Message):
-    __slots__ = ("cpu_count", "cpu_percent", "load_average_1m", "memory_total_bytes", "memory_available_bytes", "process_rss_bytes", "models", "slots_total", "slots_free", "queue_depth", "queue_limit", "tokens_per_second", "gpus", "draining", "active_generations", "simulated", "stored_models", "model_memory_available_bytes", "active_by_origin")
+    __slots__ = ("cpu_count", "cpu_percent", "load_average_1m", "memory_total_bytes", "memory_available_bytes", "process_rss_bytes", "models", "slots_total", "slots_free", "queue_depth", "queue_limit", "tokens_per_second", "gpus", "draining", "active_generations", "simulated", "stored_models", "model_memory_available_bytes", "active_by_origin", "fetches")
     class ActiveByOriginEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -201,6 +201,7 @@ class Capacity(_message.Message):
     STORED_MODELS_FIELD_NUMBER: _ClassVar[int]
     MODEL_MEMORY_AVAILABLE_BYTES_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_BY_ORIGIN_FIELD_NUMBER: _ClassVar[int]
+    FETCHES_FIELD_NUMBER: _ClassVar[int]
     cpu_count: int
     cpu_percent: float
     load_average_1m: float
@@ -220,7 +221,38 @@ class Capacity(_message.Message):
     stored_models: _containers.RepeatedCompositeFieldContainer[StoredModel]
     model_memory_available_bytes: int
     active_by_origin: _containers.ScalarMap[str, int]
-    def __init__(self, cpu_count: _Optional[int] = ..., cpu_percent: _Optional[float] = ..., load_average_1m: _Optional[float] = ..., memory_total_bytes: _Optional[int] = ..., memory_available_bytes: _Optional[int] = ..., process_rss_bytes: _Optional[int] = ..., models: _Optional[_Iterable[_Union[LoadedModel, _Mapping]]] = ..., slots_total: _Optional[int] = ..., slots_free: _Optional[int] = ..., queue_depth: _Optional[int] = ..., queue_limit: _Optional[int] = ..., tokens_per_second: _Optional[float] = ..., gpus: _Optional[_Iterable[_Union[GpuInfo, _Mapping]]] = ..., draining: _Optional[bool] = ..., active_generations: _Optional[int] = ..., simulated: _Optional[bool] = ..., stored_models: _Optional[_Iterable[_Union[StoredModel, _Mapping]]] = ..., model_memory_available_bytes: _Optional[int] = ..., active_by_origin: _Optional[_Mapping[str, int]] = ...) -> None: ...
+    fetches: _containers.RepeatedCompositeFieldContainer[ModelFetch]
+    def __init__(self, cpu_count: _Optional[int] = ..., cpu_percent: _Optional[float] = ..., load_average_1m: _Optional[float] = ..., memory_total_bytes: _Optional[int] = ..., memory_available_bytes: _Optional[int] = ..., process_rss_bytes: _Optional[int] = ..., models: _Optional[_Iterable[_Union[LoadedModel, _Mapping]]] = ..., slots_total: _Optional[int] = ..., slots_free: _Optional[int] = ..., queue_depth: _Optional[int] = ..., queue_limit: _Optional[int] = ..., tokens_per_second: _Optional[float] = ..., gpus: _Optional[_Iterable[_Union[GpuInfo, _Mapping]]] = ..., draining: _Optional[bool] = ..., active_generations: _Optional[int] = ..., simulated: _Optional[bool] = ..., stored_models: _Optional[_Iterable[_Union[StoredModel, _Mapping]]] = ..., model_memory_available_bytes: _Optional[int] = ..., active_by_origin: _Optional[_Mapping[str, int]] = ..., fetches: _Optional[_Iterable[_Union[ModelFetch, _Mapping]]] = ...) -> None: ...
+
+class ModelFetch(_message.Message):
+    __slots__ = ("alias", "bytes_done", "bytes_total")
+    ALIAS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_DONE_FIELD_NUMBER: _ClassVar[int]
+    BYTES_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    alias: str
+    bytes_done: int
+    bytes_total: int
+    def __init__(self, alias: _Optional[str] = ..., bytes_done: _Optional[int] = ..., bytes_total: _Optional[int] = ...) -> None: ...
+
+class ModelFile(_message.Message):
+    __slots__ = ("variant", "file_name", "sha256", "size_bytes", "architecture", "parameters", "trained_context", "quantization")
+    VARIANT_FIELD_NUMBER: _ClassVar[int]
+    FILE_NAME_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
+    PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    TRAINED_CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    QUANTIZATION_FIELD_NUMBER: _ClassVar[int]
+    variant: str
+    file_name: str
+    sha256: str
+    size_bytes: int
+    architecture: str
+    parameters: int
+    trained_context: int
+    quantization: str
+    def __init__(self, variant: _Optional[str] = ..., file_name: _Optional[str] = ..., sha256: _Optional[str] = ..., size_bytes: _Optional[int] = ..., architecture: _Optional[str] = ..., parameters: _Optional[int] = ..., trained_context: _Optional[int] = ..., quantization: _Optional[str] = ...) -> None: ...
 
 class StoredModel(_message.Message):
     __slots__ = ("alias", "size_bytes", "cached", "memory_estimate_bytes")

@@ -50,14 +50,18 @@ class GenerateChunk(_message.Message):
     def __init__(self, seq: _Optional[int] = ..., text: _Optional[str] = ..., token_count: _Optional[int] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., timings: _Optional[_Union[_common_pb2.Timings, _Mapping]] = ..., node_id: _Optional[str] = ...) -> None: ...
 
 class LoadModelRequest(_message.Message):
-    __slots__ = ("model", "slots", "context_length")
+    __slots__ = ("model", "slots", "context_length", "source", "keep_alive_s")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     SLOTS_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    KEEP_ALIVE_S_FIELD_NUMBER: _ClassVar[int]
     model: str
     slots: int
     context_length: int
-    def __init__(self, model: _Optional[str] = ..., slots: _Optional[int] = ..., context_length: _Optional[int] = ...) -> None: ...
+    source: _common_pb2.ModelFile
+    keep_alive_s: float
+    def __init__(self, model: _Optional[str] = ..., slots: _Optional[int] = ..., context_length: _Optional[int] = ..., source: _Optional[_Union[_common_pb2.ModelFile, _Mapping]] = ..., keep_alive_s: _Optional[float] = ...) -> None: ...
 
 class UnloadModelRequest(_message.Message):
     __slots__ = ("model",)

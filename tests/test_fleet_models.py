@@ -1,0 +1,368 @@
+"""The fleet's model registry: an operator adds a GGUF file through a
+coordinator; a node that never had it fetches it from the coordinator (sha256
+checked) when a request needs it; a cut transfer resumes; a bad upload leaves
+nothing behind and changes nothing.
+
+Real processes: etcd, a coordinator, nodes with their own model stores, the
+CLI; the model is SmolLM2-135M's file added under another alias.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import time
+
+import grpc
+import pytest
+
+from coordinator.model_registry import choose_variant, memory_needed
+from edgefleet.catalog import CATALOG
+from edgefleet.errors import Reason, reason_of
+from edgefleet.model_store import sha256_of
+from edgefleet.v1 import common_pb2, models_pb2, models_pb2_grpc
+from node_agent.model_fetch import ModelFetcher
+from tests.helpers import wait_until
+from tests.test_cli import run_cli
+
+SMOLLM = CATALOG["smollm2-135m"]
+MiB = 1 << 20
+
+
+def own_store(tmp_path, default_model_path, name: str):
+    """A node's model store holding only the default model (a link to the cached file)."""
+    root = tmp_path / name
+    (root / "smollm2-135m").mkdir(parents=True)
+    (root / "smollm2-135m" / SMOLLM.file_name).symlink_to(default_model_path)
+    return root
+
+
+def add_with_cli(coordinator, alias: str, path, *extra: str):
+    return run_cli(
+        "models",
+        "add",
+        alias,
+        str(path),
+        *extra,
+        "--coordinator",
+        coordinator.address,
+        "--profile",
+        "none",
+    )
+
+
+def registry(address: str) -> dict[str, models_pb2.RegisteredModel]:
+    with grpc.insecure_channel(address) as channel:
+        reply = models_pb2_grpc.ModelServiceStub(channel).ListRegistry(
+            models_pb2.ListRegistryRequest()
+        )
+    return {model.alias: model for model in reply.models}
+
+
+# --- pure rules ---------------------------------------------------------------------------
+def test_each_node_gets_the_largest_variant_that_fits_its_memory():
+    q4 = common_pb2.ModelFile(variant="q4_k_m", size_bytes=400 * MiB)
+    q8 = common_pb2.ModelFile(variant="q8_0", size_bytes=800 * MiB)
+    assert choose_variant([q4, q8], memory_needed(q8.size_bytes)).variant == "q8_0"
+    assert choose_variant([q4, q8], memory_needed(q8.size_bytes) - 1).variant == "q4_k_m"
+    # Nothing fits: the smallest (the node may unload idle models, or refuse).
+    assert choose_variant([q8, q4], 10 * MiB).variant == "q4_k_m"
+    assert choose_variant([], 10 * MiB) is None
+
+
+def test_a_nodes_report_of_fetches_and_origins_is_bounded():
+    from coordinator.node_limits import MAX_MODELS, MAX_ORIGINS, MAX_TEXT_CHARS, trim_capacity
+
+    capacity = common_pb2.Capacity()
+    for i in range(MAX_MODELS + 10):
+        capacity.fetches.add(alias="x" * 1000, bytes_done=i, bytes_total=10)
+    capacity.active_by_origin.update({f"c{i}": 1 for i in range(MAX_ORIGINS + 10)})
+    capacity.active_by_origin["y" * 1000] = 1
+    trim_capacity(capacity)
+    assert len(capacity.fetches) == MAX_MODELS
+    assert all(len(f.alias) == MAX_TEXT_CHARS for f in capacity.fetches)
+    assert len(capacity.active_by_origin) == MAX_ORIGINS
+    assert all(len(o) <= MAX_TEXT_CHARS for o in capacity.active_by_origin)
+
+
+def test_an_air_gapped_device_is_seeded_from_a_folder(tmp_path, default_model_path):
+    folder = tmp_path / "usb-stick"
+    folder.mkdir()
+    (folder / "any-name.gguf").symlink_to(default_model_path)  # the catalog's file
+    (folder / "kiosk-chat.gguf").write_bytes(b"GGUF" + os.urandom(4096))
+    env = {"EDGEFLEET_MODEL_DIR": str(tmp_path / "store")}
+    result = run_cli("models", "import", str(folder), env=env)
+    assert result.returncode == 0, result.stderr
+    assert "2 model file(s) imported" in result.stdout
+    assert sha256_of(tmp_path / "store" / "smollm2-135m" / SMOLLM.file_name) == SMOLLM.sha256
+    sha = sha256_of(folder / "kiosk-chat.gguf")
+    assert (tmp_path / "store" / "fleet" / "kiosk-chat" / f"{sha}.gguf").is_file()
+    again = run_cli("models", "import", str(folder), env=env)  # nothing new
+    assert again.returncode == 0 and "0 model file(s) imported" in again.stdout
+    (folder / "notes.gguf").write_text("not a model")
+    bad = run_cli("models", "import", str(folder), env=env)
+    assert bad.returncode == 1 and "(NOT_GGUF)" in bad.stderr
+
+
+# --- end to end ---------------------------------------------------------------------------
+def test_a_model_added_from_a_file_reaches_a_node_that_never_had_it(
+    fleet_factory, tmp_path, default_model_path
+):
+    model_dir = tmp_path / "coordinator-models"
+    coordinator = fleet_factory.coordinator("--model-dir", str(model_dir))
+    store = own_store(tmp_path, default_model_path, "node-store")
+    fleet_factory.node("n1", env={"EDGEFLEET_MODEL_DIR": str(store)})
+    fleet_factory.wait_ready_nodes(1)
+
+    added = add_with_cli(coordinator, "tiny-chat", default_model_path, "--task", "chat,routing")
+    assert added.returncode == 0, added.stderr
+    assert "tiny-chat: variant q4_1 (llama, 135M parameters, Q4_1" in added.stdout
+    record = registry(coordinator.address)["tiny-chat"]
+    [variant] = record.variants
+    assert (variant.sha256, variant.size_bytes) == (SMOLLM.sha256, SMOLLM.size_bytes)
+    assert list(record.tasks) == ["chat", "routing"] and not record.builtin
+    assert (model_dir / f"{SMOLLM.sha256}.gguf").is_file()
+    assert not list(model_dir.glob("*.partial"))
+
+    # The node has never seen "tiny-chat": a request loads it there, the file
+    # fetched from the coordinator and checked.
+    with fleet_factory.client() as client:
+        text = "".join(
+            c.text
+            for c in client.complete(
+                "tiny-chat", [("user", "Say hello.")], max_tokens=8, temperature=0
+            )
+        )
+        assert text
+        loaded = {m.alias for n in client.status().nodes for m in n.capacity.models}
+    assert "tiny-chat" in loaded
+    fetched = store / "fleet" / "tiny-chat" / f"{SMOLLM.sha256}.gguf"
+    assert fetched.is_file() and not fetched.is_symlink()
+    assert sha256_of(fetched) == SMOLLM.sha256
+    assert not list(fetched.parent.glob("*.partial"))
+
+    # The listing shows it; removing it takes it out of the registry and off the disk.
+    listed = run_cli(
+        "models", "registry", "--coordinator", coordinator.address, "--profile", "none"
+    )
+    assert listed.returncode == 0 and "tiny-chat" in listed.stdout and "added" in listed.stdout
+    removed = run_cli(
+        "models", "remove", "tiny-chat", "--coordinator", coordinator.address, "--profile", "none"
+    )
+    assert removed.returncode == 0, removed.stderr
+    assert "tiny-chat" not in registry(coordinator.address)
+    assert not (model_dir / f"{SMOLLM.sha256}.gguf").exists()
+
+
+def test_bad_uploads_leave_nothing_behind_and_change_nothing(
+    fleet_factory, tmp_path, default_model_path
+):
+    model_dir = tmp_path / "coordinator-models"
+    coordinator = fleet_factory.coordinator("--model-dir", str(model_dir))
+    not_gguf = tmp_path / "notes.gguf"
+    not_gguf.write_bytes(b"just some text, not a model\n" * 1000)
+
+    cases = [
+        (("bad", not_gguf), "NOT_GGUF"),
+        (("wrong-sum", default_model_path, "--sha256", "0" * 64), "MODEL_FILE_BAD"),
+        (("smollm2-135m", default_model_path), "INVALID_REQUEST"),  # a catalog alias
+        (("Bad Name", default_model_path), "INVALID_REQUEST"),
+    ]
+    for (alias, path, *extra), reason in cases:
+        result = add_with_cli(coordinator, alias, path, *extra)
+        assert result.returncode == 1 and f"({reason})" in result.stderr, (alias, result.stderr)
+    assert set(registry(coordinator.address)) == set(CATALOG)
+    assert not [p for p in model_dir.glob("*") if p.is_file()]
+
+    # An upload whose bytes stop short of the size its header gave.
+    def short_upload():
+        header = models_pb2.AddModelHeader(alias="short", size_bytes=10 * MiB)
+        yield models_pb2.AddModelRequest(header=header)
+        yield models_pb2.AddModelRequest(chunk=default_model_path.read_bytes()[:MiB])
+
+    with grpc.insecure_channel(coordinator.address) as channel:
+        with pytest.raises(grpc.RpcError) as cut:
+            models_pb2_grpc.ModelServiceStub(channel).AddModel(short_upload())
+    assert reason_of(cut.value) is Reason.UPLOAD_INCOMPLETE
+    assert cut.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "short" not in registry(coordinator.address)
+    assert not [p for p in model_dir.glob("*") if p.is_file()]
+
+
+def test_a_cut_fetch_resumes_and_a_wrong_file_is_never_kept(
+    fleet_factory, tmp_path, default_model_path
+):
+    """The node's fetcher against a real coordinator: a partial file left by
+    a cut transfer is continued, not restarted; a partial file that is not a
+    prefix of the model fails the sha256 check and is deleted."""
+    coordinator = fleet_factory.coordinator("--model-dir", str(tmp_path / "coordinator-models"))
+    added = add_with_cli(coordinator, "tiny-chat", default_model_path)
+    assert added.returncode == 0, added.stderr
+    source = registry(coordinator.address)["tiny-chat"].variants[0]
+    target = tmp_path / "node" / "fleet" / "tiny-chat" / f"{source.sha256}.gguf"
+    partial = target.with_name(target.name + ".partial")
+    partial.parent.mkdir(parents=True)
+    head = 40 * MiB
+    with default_model_path.open("rb") as f:
+        partial.write_bytes(f.read(head))
+
+    received: list[int] = []
+
+    async def fetch():
+        fetcher = ModelFetcher(
+            lambda: [coordinator.address], lambda address: grpc.aio.insecure_channel(address)
+        )
+        task = asyncio.create_task(fetcher.fetch("tiny-chat", source, target))
+        while not task.done():
+            received.extend(done for done, _ in fetcher.progress.values())
+            await asyncio.sleep(0.001)
+        await task
+
+    asyncio.run(fetch())
+    assert sha256_of(target) == source.sha256 and not partial.exists()
+    assert received and min(received) >= head  # it went on from the cut, not from 0
+
+    # A partial file that is not the model's start: the result fails its check.
+    target.unlink()
+    partial.write_bytes(os.urandom(MiB))
+    fetcher = ModelFetcher(
+        lambda: [coordinator.address], lambda address: grpc.aio.insecure_channel(address)
+    )
+    with pytest.raises(Exception) as bad:
+        asyncio.run(fetcher.fetch("tiny-chat", source, target))
+    assert getattr(bad.value, "reason", None) is Reason.MODEL_FILE_BAD
+    assert not target.exists() and not partial.exists()
+    # The next fetch starts over and succeeds.
+    asyncio.run(fetcher.fetch("tiny-chat", source, target))
+    assert hashlib.sha256(target.read_bytes()).hexdigest() == source.sha256
+
+
+def test_a_catalog_model_a_node_lacks_comes_from_the_coordinator(
+    fleet_factory, tmp_path, default_model_path
+):
+    """No package index needed on the device: the coordinator's copy of
+    gemma3-270m (its machine's model store) is sent to the node that loads it."""
+    gemma = CATALOG["gemma3-270m"]
+    fleet_factory.coordinator()
+    store = own_store(tmp_path, default_model_path, "node-store")
+    fleet_factory.node("n1", env={"EDGEFLEET_MODEL_DIR": str(store)})
+    fleet_factory.wait_ready_nodes(1)
+    with fleet_factory.client() as client:
+        text = "".join(
+            c.text
+            for c in client.complete(gemma.alias, [("user", "Hi")], max_tokens=4, temperature=0)
+        )
+    assert text
+    copy = store / gemma.alias / gemma.file_name
+    assert copy.is_file() and sha256_of(copy) == gemma.sha256
+    log = (tmp_path / "node-0.log").read_text()
+    assert f"fetched {gemma.alias}" in log and "sha256 verified" in log
+
+
+# --- desired state --------------------------------------------------------------------------
+def facts(node_id, **kwargs):
+    from coordinator.deployments import NodeFacts
+
+    return NodeFacts(node_id, **kwargs)
+
+
+GiB = 1 << 30
+
+
+@pytest.mark.parametrize(
+    ("replicas", "selector", "nodes", "load", "unload", "wanted"),
+    [
+        # All matching nodes: the ones without it load it.
+        (0, {}, [facts("a", loaded=True), facts("b"), facts("c")], ("b", "c"), (), 3),
+        # Two replicas: a cached file first, then the most memory.
+        (
+            2,
+            {},
+            [facts("a", memory_available=8 * GiB), facts("b", cached=True), facts("c")],
+            ("b", "a"),
+            (),
+            2,
+        ),
+        # A load under way counts: nothing more to start.
+        (1, {}, [facts("a", loading=True), facts("b")], (), (), 1),
+        # Too many: the least busy gives it back.
+        (1, {}, [facts("a", loaded=True, busy=2), facts("b", loaded=True)], (), ("b",), 1),
+        # The selector narrows the nodes; more replicas than nodes: all that match.
+        (
+            5,
+            {"site": "shop"},
+            [facts("a", labels={"site": "shop"}), facts("b", labels={"site": "clinic"})],
+            ("a",),
+            (),
+            1,
+        ),
+        # A node that refused it lately is not asked again yet.
+        (0, {}, [facts("a", refused=True), facts("b")], ("b",), (), 2),
+    ],
+)
+def test_the_reconciler_plans_loads_and_unloads(replicas, selector, nodes, load, unload, wanted):
+    from coordinator.deployments import plan
+
+    deployment = models_pb2.Deployment(alias="m", replicas=replicas, selector=selector)
+    decided = plan(deployment, nodes)
+    assert (decided.load, decided.unload, decided.wanted) == (load, unload, wanted)
+
+
+def test_a_selector_that_matches_nothing_is_a_problem_not_a_crash():
+    from coordinator.deployments import plan
+
+    decided = plan(
+        models_pb2.Deployment(alias="m", selector={"site": "moon"}), [facts("a"), facts("b")]
+    )
+    assert (decided.wanted, decided.load, decided.problem) == (
+        0,
+        (),
+        "the selector matches no ready node",
+    )
+
+
+def test_deploy_loads_a_model_everywhere_and_undeploy_unloads_it(
+    fleet_factory, tmp_path, default_model_path
+):
+    coordinator = fleet_factory.coordinator("--model-dir", str(tmp_path / "coordinator-models"))
+    for name in ("n1", "n2"):
+        store = own_store(tmp_path, default_model_path, f"{name}-store")
+        fleet_factory.node(
+            name,
+            env={"EDGEFLEET_MODEL_DIR": str(store)},
+            # Models loaded on demand go after 2 idle seconds; deployed ones stay.
+            extra_args=("--keep-alive", "2s", "--idle-check", "0.5s"),
+        )
+    fleet_factory.wait_ready_nodes(2)
+    assert add_with_cli(coordinator, "tiny-chat", default_model_path).returncode == 0
+    cli = ("--coordinator", coordinator.address, "--profile", "none")
+
+    nowhere = run_cli("models", "deploy", "tiny-chat", "--selector", "site=moon", *cli)
+    assert nowhere.returncode == 1 and "(NO_MATCHING_NODE)" in nowhere.stderr
+    unknown = run_cli("models", "deploy", "no-such-model", *cli)
+    assert unknown.returncode == 1 and "(UNKNOWN_MODEL)" in unknown.stderr
+
+    deployed = run_cli("models", "deploy", "tiny-chat", "--replicas", "all", *cli)
+    assert deployed.returncode == 0, deployed.stderr
+    with fleet_factory.client() as client:
+
+        def holding():
+            return sorted(
+                n.node_id
+                for n in client.status().nodes
+                if any(m.alias == "tiny-chat" for m in n.capacity.models)
+            )
+
+        wait_until(lambda: holding() == ["n1", "n2"], timeout_s=90, what="both nodes loaded")
+        time.sleep(4)  # twice the keep-alive of on-demand loads
+        assert holding() == ["n1", "n2"]
+        ps = run_cli("models", "ps", *cli)
+        assert ps.returncode == 0, ps.stderr
+        [row] = [line for line in ps.stdout.splitlines() if line.startswith("tiny-chat")]
+        assert "2/2" in row and "n1, n2" in row
+        undeployed = run_cli("models", "undeploy", "tiny-chat", *cli)
+        assert undeployed.returncode == 0, undeployed.stderr
+        wait_until(lambda: holding() == [], timeout_s=60, what="both nodes to unload it")
+        # Requests still work: it loads on demand again.
+        assert "".join(c.text for c in client.complete("tiny-chat", [("user", "Hi")], max_tokens=4))
