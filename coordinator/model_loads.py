@@ -267,6 +267,19 @@ class ModelLoads:
             found |= {record.alias for record in self._registry.added()}
         return found
 
+    def tagged(self, tasks) -> dict[str, list[str]]:
+        """For each of ``tasks``: the registry's models tagged with it that a
+        ready node serves or could load."""
+        if self._registry is None:
+            return {}
+        servable = set(self._fleet.models()) | self.loadable_models()
+        return {
+            task: [
+                r.alias for r in self._registry.added() if task in r.tasks and r.alias in servable
+            ]
+            for task in tasks
+        }
+
     def _source(self, model: str, memory_available: int) -> common_pb2.ModelFile | None:
         """The file the node should load (its variant by the node's memory)."""
         if self._registry is None:

@@ -228,6 +228,7 @@ def resolve_model(
                 has_tools,
                 table=services_.auto_models,
                 model_sizes=fleet.model_sizes(),
+                tagged=services_.turns.loads.tagged(("simple", "complex")),
             )
         except EdgefleetError as error:
             raise api_error(error) from None

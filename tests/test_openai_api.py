@@ -330,6 +330,15 @@ def test_task_complexity_heuristic():
     assert choose("Hi", 1, False, table={}, model_sizes=sizes) == "small"
     assert choose("Explain it", 1, False, table={}, model_sizes=sizes) == "big"
     assert choose("Hi", 1, False, table={"simple": "big"}, model_sizes=sizes) == "big"
+    # A registry model tagged with the class (models add --task complex), loadable on demand.
+    tagged = {"complex": ["reasoner"]}
+    assert choose("Explain it", 1, False, table={}, model_sizes=sizes, tagged=tagged) == "reasoner"
+    assert choose("Hi", 1, False, table={}, model_sizes=sizes, tagged=tagged) == "small"
+    # The operator's table still wins.
+    assert (
+        choose("Why?", 1, False, table={"complex": "big"}, model_sizes=sizes, tagged=tagged)
+        == "big"
+    )
 
 
 def test_responses_api_text_streaming_and_previous_response_id(api):
