@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -28,7 +29,8 @@ import grpc
 
 from coordinator.etcd import Etcd, KeyValue
 from coordinator.keys import Keys
-from coordinator.model_loads import MEMORY_STEP_BYTES
+from coordinator.model_loads import MEMORY_STEP_BYTES, peers_for
+from coordinator.model_registry import check_alias
 from edgefleet.errors import Reason, error_of, reason_of
 from edgefleet.v1 import models_pb2, node_pb2
 
@@ -71,7 +73,9 @@ def matches(selector: Mapping[str, str], labels: Mapping[str, str]) -> bool:
 def plan(deployment: models_pb2.Deployment, nodes: Sequence[NodeFacts]) -> DeployPlan:
     """What to do for ``deployment`` given the ready nodes: which nodes should
     load it (cached file first, then the most memory, the least busy, by id)
-    and which should unload it (too many replicas: the least busy first)."""
+    and which should unload it (too many replicas: the least busy first).
+    While no node has the file, one node loads it first (a seed) and the rest
+    follow once it does, fetching it from that node."""
     eligible = [n for n in nodes if matches(deployment.selector, n.labels)]
     if not eligible:
         return DeployPlan(wanted=0, problem="the selector matches no ready node")
@@ -89,13 +93,21 @@ def plan(deployment: models_pb2.Deployment, nodes: Sequence[NodeFacts]) -> Deplo
     )
     short = wanted - len(holding)
     chosen = tuple(n.node_id for n in candidates[:short])
+    if not any(n.cached or n.loaded for n in nodes):
+        # No node has the file yet: one fetches it from the coordinator, the
+        # others then fetch it from that node (peers) rather than all at once
+        # from the coordinator.
+        chosen = () if any(n.loading for n in nodes) else chosen[:1]
     problem = ""
-    if len(chosen) < short:
+    if len(chosen) < short and any(n.refused for n in eligible):
         problem = f"{short - len(chosen)} of {wanted} node(s) refused it recently"
     return DeployPlan(wanted=wanted, load=chosen, problem=problem)
 
 
 def check(deployment: models_pb2.Deployment) -> None:
+    check_alias(deployment.alias)
+    if not math.isfinite(deployment.keep_alive_s):
+        raise error_of(Reason.INVALID_REQUEST, "keep_alive_s: seconds, or < 0 for forever")
     if deployment.replicas < 0 or deployment.replicas > MAX_REPLICAS:
         raise error_of(Reason.INVALID_REQUEST, f"replicas: 0 (all) to {MAX_REPLICAS}")
     if len(deployment.selector) > MAX_SELECTOR or any(
@@ -134,17 +146,38 @@ class Deployments:
     def _apply(self, kv: KeyValue, *, deleted: bool) -> None:
         alias = Keys.last_segment(kv.key)
         if deleted:
-            self.wanted.pop(alias, None)
+            if self.wanted.pop(alias, None) is not None:
+                self._forget_alias(alias, unload=True)
             return
         try:
-            self.wanted[alias] = models_pb2.Deployment.FromString(kv.value)
-        except Exception:
+            deployment = models_pb2.Deployment.FromString(kv.value)
+        except Exception:  # a bad record must not stop the mirror
             log.warning("ignoring an unreadable deployment %s", kv.key)
+            return
+        before = self.wanted.get(alias)
+        self.wanted[alias] = deployment
+        if before is not None and before.created_at != deployment.created_at:
+            self._forget_alias(alias, unload=False)  # deployed again: adopt anew
+
+    def _forget_alias(self, alias: str, *, unload: bool) -> None:
+        """Drop what this replica did for ``alias``'s deployment: loads in
+        flight are cancelled; with ``unload`` (undeployed), the leader unloads
+        the model where it loaded or adopted it (a non-leader did none)."""
+        for key, task in list(self._calls.items()):
+            if key[1] == alias:
+                task.cancel()
+        adopted = [key for key in self._adopted if key[1] == alias]
+        self._adopted -= set(adopted)
+        self._idled = {key for key in self._idled if key[1] != alias}
+        if unload and self._leadership.is_leader:
+            for node_id, _ in adopted:
+                self._start(node_id, alias, self._unload(node_id, alias), replace=True)
 
     def _forget(self, seen: set[str]) -> None:
         keep = {Keys.last_segment(key) for key in seen}
         for alias in [a for a in self.wanted if a not in keep]:
             del self.wanted[alias]
+            self._forget_alias(alias, unload=True)
 
     # --- operator calls ---------------------------------------------------------------
     async def deploy(self, request: models_pb2.Deployment) -> models_pb2.Deployment:
@@ -171,12 +204,16 @@ class Deployments:
         return deployment
 
     async def undeploy(self, alias: str) -> None:
+        check_alias(alias)
         if not await self._etcd.delete(self._keys.deployment(alias)):
             raise error_of(Reason.UNKNOWN_MODEL, f"{alias!r} is not deployed")
-        self.wanted.pop(alias, None)
+        if self.wanted.pop(alias, None) is not None:
+            self._forget_alias(alias, unload=False)
+        # Unloaded where loaded now (this replica's view); the leader's mirror
+        # also cancels its loads in flight and unloads what it adopted.
         for facts in self._facts(alias):
             if facts.loaded:
-                await self._unload(facts.node_id, alias)
+                self._start(facts.node_id, alias, self._unload(facts.node_id, alias), replace=True)
         log.info("undeployed %s", alias)
 
     def placements(self) -> list[models_pb2.ModelPlacement]:
@@ -214,8 +251,15 @@ class Deployments:
     async def run_reconciler(self, interval_s: float = RECONCILE_INTERVAL_S) -> None:
         while True:
             await asyncio.sleep(interval_s)
-            if self._leadership.is_leader and self.synced.is_set():
+            if self._leadership.is_leader and self._all_synced():
                 self.reconcile()
+
+    def _all_synced(self) -> bool:
+        """Plans read the fleet and the registry too: a new leader waits for all three."""
+        return all(
+            getattr(view, "synced", self.synced).is_set()
+            for view in (self, self._fleet, self._registry)
+        )
 
     def reconcile(self) -> None:
         """One round: start the loads and unloads each deployment needs now."""
@@ -246,14 +290,24 @@ class Deployments:
                 ):
                     self._start(f.node_id, alias, self._load(f.node_id, alias, deployment))
 
-    def _start(self, node_id: str, alias: str, work) -> None:
+    def _start(self, node_id: str, alias: str, work, *, replace: bool = False) -> None:
+        """Run ``work`` (a load or unload) for (node, model), one at a time;
+        ``replace`` cancels the one in flight (an unload after an undeploy)."""
         key = (node_id, alias)
-        if key in self._calls:
-            work.close()  # one call per node and model at a time
+        running = self._calls.get(key)
+        if running is not None and replace:
+            running.cancel()
+        elif running is not None:
+            work.close()
             return
         task = asyncio.get_running_loop().create_task(work)
         self._calls[key] = task
-        task.add_done_callback(lambda _: self._calls.pop(key, None))
+
+        def done(finished: asyncio.Task) -> None:
+            if self._calls.get(key) is finished:
+                del self._calls[key]
+
+        task.add_done_callback(done)
 
     def _facts(self, alias: str) -> list[NodeFacts]:
         now = time.monotonic()
@@ -291,13 +345,19 @@ class Deployments:
             alias, entry.record.capacity.model_memory_available_bytes
         )
         request = node_pb2.LoadModelRequest(
-            model=alias, source=source, keep_alive_s=deployment.keep_alive_s or FOREVER
+            model=alias,
+            source=source,
+            keep_alive_s=deployment.keep_alive_s or FOREVER,
+            peers=peers_for(self._fleet, alias, node_id),
         )
         try:
             await self._channels.stub(entry.record.address, node_id).LoadModel(
                 request, timeout=LOAD_TIMEOUT_S
             )
             log.info("deployment %s: loaded on %s", alias, node_id)
+            if alias not in self.wanted:  # undeployed while it loaded
+                await self._unload(node_id, alias)
+                return
         except grpc.RpcError as error:
             reason = reason_of(error)
             if reason is not Reason.MODEL_LOADED:  # it was there: adopted (keep-alive set)

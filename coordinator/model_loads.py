@@ -53,8 +53,10 @@ FIXED_OVERHEAD_BYTES = 64 << 20
 MEMORY_STEP_BYTES = 512 << 20
 # A node's refusal for lack of memory (declared by the node side; older builds lack it).
 TOO_BIG = Reason.parse("MODEL_TOO_BIG") or Reason.MODEL_LOAD_FAILED
-# How long LoadModel may take (a node may have to fetch the file first).
+# How long LoadModel may take: the load, plus the file's transfer at no less
+# than FETCH_BYTES_PER_S when the node has to fetch it first.
 LOAD_TIMEOUT_S = 300.0
+FETCH_BYTES_PER_S = 5e6
 # A node that refused a model is not asked for it again for this long.
 REFUSED_S = 60.0
 # After a load, requests go to that node until the fleet view shows the model there.
@@ -175,6 +177,30 @@ def loadable_models(fleet: FleetSnapshot) -> set[str]:
     }
 
 
+MAX_PEERS = 3
+SITE_LABEL = "site"
+
+
+def peers_for(fleet: FleetSnapshot, model: str, node_id: str) -> list[node_pb2.ModelPeer]:
+    """Ready nodes other than ``node_id`` that hold ``model``'s file (cached or
+    loaded), on the same site (label ``site``) first: where ``node_id`` fetches
+    it before asking a coordinator. The node checks the sha256 whoever sends."""
+    target = fleet.nodes.get(node_id)
+    site = target.record.labels.get(SITE_LABEL, "") if target is not None else ""
+    found = []
+    for entry in list(fleet.nodes.values()):
+        if entry.node_id == node_id or not fleet.is_ready(entry):
+            continue
+        capacity = entry.record.capacity
+        holds = any(m.alias == model for m in capacity.models) or any(
+            s.alias == model and s.cached for s in capacity.stored_models
+        )
+        if holds:
+            same_site = bool(site) and entry.record.labels.get(SITE_LABEL, "") == site
+            found.append((not same_site, entry.node_id, entry.record.address))
+    return [node_pb2.ModelPeer(node_id=n, address=a) for _, n, a in sorted(found)[:MAX_PEERS]]
+
+
 def load_order(found: Iterable[LoadCandidate]) -> list[LoadCandidate]:
     """The nodes to ask, best first: those with room for the model, file cached
     first, then most memory available (in MEMORY_STEP_BYTES steps), then the
@@ -257,12 +283,23 @@ class ModelLoads:
         record = self._registry.get(model) if self._registry is not None else None
         return record if record is not None and not record.builtin else None
 
+    def _unregistered_fleet_model(self, model: str) -> bool:
+        """A name that is neither a catalog alias nor in the registry (removed):
+        nodes may still hold its file, but no one may load it any more."""
+        return (
+            self._registry is not None
+            and self._registry.get(model) is None
+            and not (model.endswith(".gguf") or "/" in model)
+        )
+
     def loadable(self, model: str) -> bool:
+        if self._unregistered_fleet_model(model):
+            return False
         return loadable(self._fleet, model, registered=self._registered(model) is not None)
 
     def loadable_models(self) -> set[str]:
         """Every model a ready node could load, the registry's included."""
-        found = loadable_models(self._fleet)
+        found = {m for m in loadable_models(self._fleet) if not self._unregistered_fleet_model(m)}
         if self._registry is not None and any_ready(self._fleet):
             found |= {record.alias for record in self._registry.added()}
         return found
@@ -372,18 +409,36 @@ class ModelLoads:
                 if entry is None:
                     continue
                 started = time.perf_counter()
+                source = self._source(model, chosen.memory_available)
+                timeout = self._timeout_s
+                if not chosen.cached and source is not None:
+                    timeout += source.size_bytes / FETCH_BYTES_PER_S
                 try:
                     await self._channels.stub(entry.record.address, chosen.node_id).LoadModel(
                         node_pb2.LoadModelRequest(
-                            model=model, source=self._source(model, chosen.memory_available)
+                            model=model,
+                            source=source,
+                            peers=peers_for(self._fleet, model, chosen.node_id),
                         ),
-                        timeout=self._timeout_s,
+                        timeout=timeout,
                         metadata=telemetry.outgoing_metadata(span),
                     )
                     outcome = "loaded"
                 except grpc.RpcError as error:
                     reason = reason_of(error)
                     outcome = "already_loaded"  # loaded meanwhile (another replica): use it
+                    if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED and reason is None:
+                        # Still fetching or loading there (it goes on): asking the
+                        # next node would start the same long transfer again.
+                        self._count("loads", model, "slow")
+                        error = error_of(
+                            Reason.NO_READY_NODE,
+                            f"model {model!r} is still loading on node {chosen.node_id} after "
+                            f"{timeout:.0f}s; retry later",
+                            retry_after_s=30.0,
+                        )
+                        span.set_status(trace.Status(trace.StatusCode.ERROR, error.message))
+                        raise error from None
                     if reason is not Reason.MODEL_LOADED:
                         too_big += reason is TOO_BIG
                         refusals.append(

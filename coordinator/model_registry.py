@@ -23,6 +23,7 @@ left behind and the registry changes only after the file is in place.
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import logging
 import os
@@ -57,6 +58,15 @@ SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 # --- pure rules ---------------------------------------------------------------------------
+def check_alias(alias: str) -> None:
+    """INVALID_REQUEST for a name no model can have (before it names an etcd key)."""
+    if not ALIAS.match(alias) and alias not in CATALOG:
+        raise error_of(
+            Reason.INVALID_REQUEST,
+            f"model name {alias[:80]!r}: 1-64 lowercase letters, digits, '.', '_' or '-'",
+        )
+
+
 def check_header(header: models_pb2.AddModelHeader) -> None:
     """Refuse a malformed upload header (INVALID_REQUEST) before any byte is written."""
 
@@ -126,6 +136,33 @@ def with_variant(
     return record
 
 
+MAX_ARCHITECTURE = 128
+
+
+def model_file(
+    header: models_pb2.AddModelHeader, sha256: str, size: int, found
+) -> common_pb2.ModelFile:
+    """The registry's record of an uploaded file, from what its GGUF header
+    says; NOT_GGUF when the header's values cannot be a model's."""
+    quantization = found.file_type or "unknown"
+    if (
+        not 0 <= found.trained_context < 2**32
+        or not 0 <= found.parameters < 2**64
+        or len(found.architecture) > MAX_ARCHITECTURE
+    ):
+        raise error_of(Reason.NOT_GGUF, "the GGUF header's values are out of range for a model")
+    return common_pb2.ModelFile(
+        variant=header.variant or quantization.lower(),
+        file_name=header.file_name or f"{header.alias}.gguf",
+        sha256=sha256,
+        size_bytes=size,
+        architecture=found.architecture,
+        parameters=found.parameters,
+        trained_context=found.trained_context,
+        quantization=quantization,
+    )
+
+
 # Memory a load takes besides the file: the same rule the on-demand loader uses.
 def memory_needed(size_bytes: int) -> int:
     return int(size_bytes * 1.25) + (64 << 20)
@@ -158,7 +195,12 @@ class Upload:
         self._file = self.path.open("wb")
 
     def write(self, data: bytes) -> None:
-        self._file.write(data)
+        try:
+            self._file.write(data)
+        except OSError as error:
+            if error.errno == errno.ENOSPC:
+                raise error_of(Reason.DISK_FULL, "the coordinator's disk filled up") from None
+            raise
         self._digest.update(data)
 
     def close(self) -> str:
@@ -238,6 +280,7 @@ class ModelRegistry:
                 "model file",
             )
         upload = Upload(self.files_dir / f".upload-{uuid.uuid4().hex}.partial", header.size_bytes)
+        target = None
         try:
             sha256 = await self._receive(upload, chunks)
             if header.sha256 and sha256 != header.sha256:
@@ -246,24 +289,27 @@ class ModelRegistry:
                     f"the file's sha256 is {sha256}, the upload said {header.sha256}",
                 )
             found = await asyncio.to_thread(read_header, upload.path)  # NOT_GGUF if it is not
+            file = model_file(header, sha256, upload.received, found)  # NOT_GGUF if out of range
             target = self.files_dir / f"{sha256}.gguf"
+            existed = target.exists()
             os.replace(upload.path, target)
+            replaced: set[str] = set()
+
+            def change(current):
+                replaced.update(
+                    v.sha256
+                    for v in (current.variants if current else [])
+                    if v.variant == file.variant
+                )
+                return with_variant(current, header, file)
+
+            record = await self._update(header.alias, change)
+            target = None  # recorded: it stays
         finally:
-            upload.path.unlink(missing_ok=True)
-        quantization = found.file_type or "unknown"
-        file = common_pb2.ModelFile(
-            variant=header.variant or quantization.lower(),
-            file_name=header.file_name or f"{header.alias}.gguf",
-            sha256=sha256,
-            size_bytes=upload.received,
-            architecture=found.architecture,
-            parameters=found.parameters,
-            trained_context=found.trained_context,
-            quantization=quantization,
-        )
-        record = await self._update(
-            header.alias, lambda current: with_variant(current, header, file)
-        )
+            await asyncio.to_thread(upload.path.unlink, missing_ok=True)
+            if target is not None and not existed:  # placed but not recorded
+                await asyncio.to_thread(target.unlink, missing_ok=True)
+        await self._drop_unused(replaced - {sha256})
         log.info(
             "model %s variant %s added: %s, %d MiB, sha256 %s",
             header.alias,
@@ -311,7 +357,13 @@ class ModelRegistry:
                 return record if record is not None else current
         raise error_of(Reason.ACCESS_CONFLICT, f"model {alias!r} kept changing; try again")
 
-    async def remove(self, alias: str, variant: str = "") -> None:
+    async def remove(self, alias: str, variant: str = "", *, deployed: bool = False) -> None:
+        check_alias(alias)
+        if deployed:
+            raise error_of(
+                Reason.MODEL_DEPLOYED,
+                f"{alias!r} is deployed; undeploy it first (edgefleet models undeploy {alias})",
+            )
         if alias in CATALOG:
             raise error_of(Reason.INVALID_REQUEST, f"{alias!r} is built in; it cannot be removed")
         if alias not in self._models and await self._etcd.get(self._keys.model(alias)) is None:
@@ -331,22 +383,31 @@ class ModelRegistry:
             record.variants.extend(kept)
             return record if kept else None
 
-        before = self._models.get(alias)
-        await self._update(alias, change)
-        # Files no other alias or variant uses go too (this replica's copies).
-        dropped = {v.sha256 for v in (before.variants if before else [])}
-        await asyncio.sleep(0)
-        for sha in dropped - self._sha256s_in_use(alias, variant):
-            (self.files_dir / f"{sha}.gguf").unlink(missing_ok=True)
+        dropped: set[str] = set()
+
+        def recorded(current):
+            for v in current.variants if current else []:
+                if not variant or v.variant == variant:
+                    dropped.add(v.sha256)
+            return change(current)
+
+        await self._update(alias, recorded)
+        await self._drop_unused(dropped)
         log.info("model %s%s removed", alias, f" variant {variant}" if variant else "")
 
-    def _sha256s_in_use(self, removed_alias: str, removed_variant: str) -> set[str]:
+    async def _drop_unused(self, candidates: set[str]) -> None:
+        """Delete this replica's files among ``candidates`` that no record names,
+        as etcd says now (not the mirror, which may lag a concurrent add)."""
+        if not candidates:
+            return
         used = set()
-        for record in self._models.values():
-            for v in record.variants:
-                gone = record.alias == removed_alias and (
-                    not removed_variant or v.variant == removed_variant
+        listed, _ = await self._etcd.get_prefix(self._keys.models)
+        for kv in listed:
+            try:
+                used.update(
+                    v.sha256 for v in models_pb2.RegisteredModel.FromString(kv.value).variants
                 )
-                if not gone:
-                    used.add(v.sha256)
-        return used
+            except Exception:
+                continue
+        for sha in candidates - used:
+            await asyncio.to_thread((self.files_dir / f"{sha}.gguf").unlink, missing_ok=True)

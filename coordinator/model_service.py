@@ -14,6 +14,7 @@ from coordinator.deployments import Deployments
 from coordinator.model_registry import CHUNK, ModelRegistry
 from edgefleet.auth import CALLER
 from edgefleet.errors import EdgefleetError, Reason, abort_with, error_of
+from edgefleet.model_store import read_chunks
 from edgefleet.v1 import models_pb2, models_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,7 @@ class ModelServicer(models_pb2_grpc.ModelServiceServicer):
         try:
             if self._uploads.locked():
                 raise error_of(
-                    Reason.UNSPECIFIED_EXHAUSTED,
+                    Reason.UPLOADS_BUSY,
                     f"{MAX_UPLOADS} uploads are in progress on this coordinator; try again later",
                 )
             async with self._uploads:
@@ -68,7 +69,9 @@ class ModelServicer(models_pb2_grpc.ModelServiceServicer):
 
     async def RemoveModel(self, request, context):
         try:
-            await self._registry.remove(request.alias, request.variant)
+            await self._registry.remove(
+                request.alias, request.variant, deployed=request.alias in self._deployments.wanted
+            )
             if self._audit is not None:
                 await self._audit(
                     CALLER.get(), "model.remove", request.alias, variant=request.variant
@@ -89,7 +92,13 @@ class ModelServicer(models_pb2_grpc.ModelServiceServicer):
                 ),
             )
             return
-        size = path.stat().st_size
+        try:
+            size = path.stat().st_size
+        except OSError:  # removed meanwhile
+            size = -1
+        if size < 0:
+            await abort_with(context, error_of(Reason.MODEL_NOT_CACHED, "the file went away"))
+            return
         if request.offset > size:
             await abort_with(
                 context,
@@ -100,10 +109,13 @@ class ModelServicer(models_pb2_grpc.ModelServiceServicer):
             )
             return
         log.info("sending %s from byte %d of %d", request.alias, request.offset, size)
-        with path.open("rb") as file:
-            file.seek(request.offset)
-            while data := await asyncio.to_thread(file.read, CHUNK):
+        try:
+            async for data in read_chunks(path, request.offset, CHUNK):
                 yield models_pb2.FetchModelChunk(data=data, size_bytes=size)
+        except OSError as error:  # removed meanwhile
+            await abort_with(
+                context, error_of(Reason.MODEL_NOT_CACHED, f"the file went away: {error.strerror}")
+            )
 
     async def Deploy(self, request, context):
         try:

@@ -60,9 +60,13 @@ def trim_capacity(capacity: common_pb2.Capacity) -> None:
         fetch.alias = fetch.alias[:MAX_TEXT_CHARS]
     origins = capacity.active_by_origin
     if len(origins) > MAX_ORIGINS or any(len(o) > MAX_TEXT_CHARS for o in origins):
-        kept = dict(sorted((o, n) for o, n in origins.items() if len(o) <= MAX_TEXT_CHARS))
+        # The busiest origins are kept: they matter most to placement.
+        kept = sorted(
+            ((o, n) for o, n in origins.items() if len(o) <= MAX_TEXT_CHARS),
+            key=lambda item: (-item[1], item[0]),
+        )[:MAX_ORIGINS]
         origins.clear()
-        origins.update(dict(list(kept.items())[:MAX_ORIGINS]))
+        origins.update(dict(kept))
 
 
 def record_too_large(record: coordinator_pb2.NodeStatus) -> EdgefleetError | None:

@@ -74,7 +74,7 @@ CLIENT_POLICIES = {
         "FetchModel": NOT_HERE,  # nodes fetch on the node listener
         "Deploy": ADMIN,
         "Undeploy": ADMIN,
-        "ListDeployments": INFERENCE,
+        "ListDeployments": ADMIN,  # node ids, labels and nodes' errors
     },
 }
 NODE_POLICIES = {

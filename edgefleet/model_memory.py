@@ -215,7 +215,14 @@ def read_header(path: Path) -> GgufHeader:
     try:
         with path.open("rb", buffering=1 << 20) as f:
             return _parse(f, path.stat().st_size)
-    except (struct.error, ValueError, UnicodeDecodeError, KeyError) as exc:
+    except (
+        struct.error,
+        ValueError,
+        UnicodeDecodeError,
+        KeyError,
+        OverflowError,
+        TypeError,
+    ) as exc:
         raise InvalidArgument(
             f"{path.name}: not a readable GGUF header ({exc})", reason=Reason.NOT_GGUF
         ) from exc

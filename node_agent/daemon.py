@@ -139,7 +139,13 @@ async def serve(config: NodeConfig, store: ModelStore | None = None) -> int:
                 labels=credentials.labels if credentials else None,
             )
             loops.start("membership", registrar.run, restart=True)
-            models.fetcher = ModelFetcher(registrar.fetch_endpoints, registrar.channel)
+            models.fetcher = ModelFetcher(
+                registrar.fetch_endpoints,
+                registrar.channel,
+                peer_channel=credentials.peer_channel
+                if credentials is not None
+                else lambda address, _node_id: grpc.aio.insecure_channel(address),
+            )
             if credentials is not None:
                 loops.start(
                     "certificate-renewal",
@@ -171,9 +177,10 @@ async def unload_idle_models(node: Node, interval_s: float) -> None:
             node.capacity_changed.set()  # the fleet hears of it at once
 
 
-# Every NodeService RPC: coordinators only (their fleet certificate).
+# Every NodeService RPC: coordinators only, except model files, which peers
+# (other nodes) fetch.
 NODE_POLICIES = {
-    name: auth.COORDINATOR
+    name: (auth.NODE if name == "FetchModel" else auth.COORDINATOR)
     for name in node_pb2.DESCRIPTOR.services_by_name["NodeService"].methods_by_name
 }
 

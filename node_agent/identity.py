@@ -105,6 +105,14 @@ class NodeCredentials:
             options=tls.channel_options(tls.COORDINATOR_DNS),
         )
 
+    def peer_channel(self, address: str, node_id: str) -> grpc.aio.Channel:
+        """Mutual TLS to another node (model files), its own name checked."""
+        return grpc.aio.secure_channel(
+            address,
+            tls.channel_credentials(self.ca_pem, self.key_pem, self.cert_pem),
+            options=tls.channel_options(tls.node_dns(node_id)),
+        )
+
     def client_channel(self, address: str) -> grpc.aio.Channel:
         """TLS (server checked against the fleet CA) to a coordinator's client port."""
         return grpc.aio.secure_channel(

@@ -1,8 +1,10 @@
 """Model files from the fleet: fetched from a coordinator, resumed, verified.
 
-A node that must load a model it does not have asks the coordinators it
-knows (``ModelService.FetchModel``, on the node listener with its fleet
-certificate) for the file's bytes. They go to ``<file>.partial`` as they
+A node that must load a model it does not have asks the peers the
+coordinator named (other nodes holding the file, same site first:
+``NodeService.FetchModel``), then the coordinators it knows
+(``ModelService.FetchModel``, on the node listener), each with its fleet
+certificate, for the file's bytes. They go to ``<file>.partial`` as they
 come; a cut transfer (the coordinator restarted, the link dropped) resumes
 from the partial file's length, on the same coordinator or the next. The
 whole file's sha256 must match the one the coordinator named before it is
@@ -13,26 +15,50 @@ visible in the node's capacity report (``Capacity.fetches``).
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import logging
 import shutil
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 
 from edgefleet.errors import EdgefleetError, Reason, error_of, reason_of
-from edgefleet.v1 import common_pb2, models_pb2, models_pb2_grpc
+from edgefleet.v1 import common_pb2, models_pb2, models_pb2_grpc, node_pb2_grpc
 
 log = logging.getLogger(__name__)
 
 # Free disk left after a fetch, so that the node's logs and state still fit.
 DISK_MARGIN_BYTES = 128 << 20
-# Resumes of one fetch on a cut stream before it fails.
-MAX_RESUMES = 5
 RESUME_PAUSE_S = 0.5
 # No byte for this long: the stream is taken as cut and resumed.
 STALL_S = 30.0
+
+
+# Errors after which the same source is asked again, from where it stopped.
+CUT = frozenset(
+    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED}
+)
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    kind: str  # "node" (a peer) or "coordinator"
+    address: str
+    node_id: str = ""
+
+    @property
+    def name(self) -> str:
+        return f"node {self.node_id}" if self.kind == "node" else f"coordinator {self.address}"
+
+
+@dataclass
+class Done:
+    """Bytes of the file in place so far (the partial file's length)."""
+
+    offset: int
 
 
 class ModelFetcher:
@@ -40,9 +66,14 @@ class ModelFetcher:
         self,
         endpoints: Callable[[], Sequence[str]],
         channel: Callable[[str], grpc.aio.Channel],
+        *,
+        peer_channel: Callable[[str, str], grpc.aio.Channel] | None = None,
     ) -> None:
         self._endpoints = endpoints
         self._channel = channel
+        self._peer_channel = peer_channel
+        # Where each fetched file came from ("coordinator ADDRESS", "node ID"): for the log.
+        self.sources: dict[str, list[str]] = {}
         # alias -> (bytes done, bytes total), while a fetch runs.
         self.progress: dict[str, tuple[int, int]] = {}
         self._running: dict[str, asyncio.Task[None]] = {}
@@ -53,17 +84,27 @@ class ModelFetcher:
             for alias, (done, total) in sorted(self.progress.items())
         ]
 
-    async def fetch(self, alias: str, source: common_pb2.ModelFile, target: Path) -> None:
-        """Put ``source`` at ``target`` (sha256 checked); one fetch per file at a time."""
+    async def fetch(
+        self, alias: str, source: common_pb2.ModelFile, target: Path, *, peers=()
+    ) -> None:
+        """Put ``source`` at ``target`` (sha256 checked), from ``peers`` (ModelPeer:
+        node id and address) first, then the coordinators; one fetch per file at a time."""
         key = str(target)
         task = self._running.get(key)
         if task is None:
-            task = asyncio.get_running_loop().create_task(self._fetch(alias, source, target))
+            endpoints = [
+                Endpoint("node", p.address, p.node_id) for p in peers if self._peer_channel
+            ] + [Endpoint("coordinator", address) for address in self._endpoints()]
+            task = asyncio.get_running_loop().create_task(
+                self._fetch(alias, source, target, endpoints)
+            )
             self._running[key] = task
             task.add_done_callback(lambda _: self._running.pop(key, None))
         await asyncio.shield(task)
 
-    async def _fetch(self, alias: str, source: common_pb2.ModelFile, target: Path) -> None:
+    async def _fetch(
+        self, alias: str, source: common_pb2.ModelFile, target: Path, endpoints: list[Endpoint]
+    ) -> None:
         partial = target.with_name(target.name + ".partial")
         target.parent.mkdir(parents=True, exist_ok=True)
         digest, offset = await asyncio.to_thread(_resume_state, partial, source.size_bytes)
@@ -76,7 +117,7 @@ class ModelFetcher:
             )
         self.progress[alias] = (offset, source.size_bytes)
         try:
-            offset = await self._download(alias, source, partial, digest, offset)
+            offset = await self._download(alias, source, partial, digest, offset, endpoints)
         finally:
             self.progress.pop(alias, None)
         if offset != source.size_bytes or digest.hexdigest() != source.sha256:
@@ -88,34 +129,40 @@ class ModelFetcher:
                 "it was deleted",
             )
         partial.replace(target)
-        log.info("fetched %s (%d MiB), sha256 verified", alias, source.size_bytes >> 20)
+        log.info(
+            "fetched %s (%d MiB) from %s, sha256 verified",
+            alias,
+            source.size_bytes >> 20,
+            ", ".join(self.sources.get(str(target), [])) or "(already here)",
+        )
 
-    async def _download(self, alias, source, partial: Path, digest, offset: int) -> int:
+    async def _download(
+        self, alias, source, partial: Path, digest, offset: int, endpoints: list[Endpoint]
+    ) -> int:
         """Fetch from ``offset`` to the end, resuming on cuts; the new offset."""
         errors: list[str] = []
-        resumes = 0
-        endpoints = list(self._endpoints())
         index = 0
-        while offset < source.size_bytes:
+        sources = self.sources.setdefault(str(partial.with_suffix("")), [])
+        done = Done(offset)
+        while done.offset < source.size_bytes:
             if index >= len(endpoints):
                 raise error_of(
                     Reason.MODEL_FETCH_FAILED,
                     f"{alias}: no coordinator could send the file "
                     f"({'; '.join(errors) or 'none known'})",
                 )
-            address = endpoints[index]
-            before = offset
+            endpoint = endpoints[index]
+            address = endpoint.name
+            before = done.offset
             try:
-                offset = await self._stream(alias, source, partial, digest, offset, address)
-                if offset >= source.size_bytes:
-                    return offset
+                await self._stream(alias, source, partial, digest, done, endpoint)
+                if done.offset >= source.size_bytes:
+                    return done.offset
             except grpc.RpcError as error:
                 reason = reason_of(error)
                 errors.append(f"{address}: {reason.name if reason else error.code().name}")
-                if reason in (Reason.MODEL_NOT_CACHED, Reason.NOT_PERMITTED) or (
-                    error.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNIMPLEMENTED)
-                ):
-                    index += 1  # this coordinator has no copy: the next one
+                if error.code() not in CUT:
+                    index += 1  # no copy there, busy, or not allowed: the next one
                     continue
             except EdgefleetError as error:  # it sent another file: not to be trusted
                 errors.append(f"{address}: {error.message}")
@@ -123,28 +170,45 @@ class ModelFetcher:
                 continue
             except TimeoutError:
                 errors.append(f"{address}: no data for {STALL_S:.0f}s")
-            # Cut mid-way: resume where it stopped, a few times, then the next coordinator.
-            resumes = resumes + 1 if offset == before else 1
-            if resumes > MAX_RESUMES:
-                index, resumes = index + 1, 0
-            log.warning("fetch of %s cut at byte %d; resuming", alias, offset)
+            finally:
+                if done.offset > before and endpoint.name not in sources:
+                    sources.append(endpoint.name)
+            # Cut mid-way: resume where it stopped, as long as each try brings
+            # bytes; a source that sent nothing this time (unreachable,
+            # stalled) is left for the next one at once.
+            if done.offset == before:
+                index += 1
+            log.warning("fetch of %s from %s cut at byte %d; resuming", alias, address, done.offset)
             await asyncio.sleep(RESUME_PAUSE_S)
-        return offset
+        return done.offset
 
-    async def _stream(self, alias, source, partial: Path, digest, offset: int, address: str) -> int:
-        async with self._channel(address) as channel:
-            call = models_pb2_grpc.ModelServiceStub(channel).FetchModel(
-                models_pb2.FetchModelRequest(alias=alias, sha256=source.sha256, offset=offset)
-            )
+    async def _stream(
+        self, alias, source, partial: Path, digest, done: Done, endpoint: Endpoint
+    ) -> None:
+        """Append what ``endpoint`` sends from ``done.offset``; ``done`` follows
+        every chunk written, so a cut leaves it where the file ends."""
+        request = models_pb2.FetchModelRequest(
+            alias=alias, sha256=source.sha256, offset=done.offset
+        )
+        address = endpoint.address
+        if endpoint.kind == "node":
+            opened = self._peer_channel(address, endpoint.node_id)
+        else:
+            opened = self._channel(address)
+        async with opened as channel:
+            if endpoint.kind == "node":
+                call = node_pb2_grpc.NodeServiceStub(channel).FetchModel(request)
+            else:
+                call = models_pb2_grpc.ModelServiceStub(channel).FetchModel(request)
             with partial.open("ab") as out:
                 iterator = call.__aiter__()
                 while True:
                     try:
                         chunk = await asyncio.wait_for(iterator.__anext__(), STALL_S)
                     except StopAsyncIteration:
-                        return offset
+                        return
                     if chunk.size_bytes != source.size_bytes or (
-                        offset + len(chunk.data) > source.size_bytes
+                        done.offset + len(chunk.data) > source.size_bytes
                     ):
                         call.cancel()
                         raise error_of(
@@ -153,8 +217,8 @@ class ModelFetcher:
                             f"not {source.size_bytes}",
                         )
                     await asyncio.to_thread(_append, out, digest, chunk.data)
-                    offset += len(chunk.data)
-                    self.progress[alias] = (offset, source.size_bytes)
+                    done.offset += len(chunk.data)
+                    self.progress[alias] = (done.offset, source.size_bytes)
 
 
 def _resume_state(partial: Path, size: int):
@@ -174,6 +238,11 @@ def _resume_state(partial: Path, size: int):
 
 
 def _append(out, digest, data: bytes) -> None:
-    out.write(data)
-    out.flush()
+    try:
+        out.write(data)
+        out.flush()
+    except OSError as error:
+        if error.errno == errno.ENOSPC:
+            raise error_of(Reason.DISK_FULL, "the disk filled up while fetching") from None
+        raise
     digest.update(data)

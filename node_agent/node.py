@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from edgefleet.catalog import CATALOG
 from edgefleet.errors import Reason, error_of
@@ -75,6 +77,7 @@ class Node:
         self._started = False  # start-up (loading the configured models) is done
         self._draining = False
         self._active = 0
+        self._sends = 0  # model files being sent to peers
         # Generations in a slot or queued, per coordinator (request.origin).
         self._by_origin: collections.Counter[str] = collections.Counter()
         # Set when slots are taken or given back, so a fresh report can go out
@@ -123,6 +126,7 @@ class Node:
         context_length: int = 0,
         source: common_pb2.ModelFile | None = None,
         keep_alive_s: float | object | None = DEFAULT,
+        peers: list[node_pb2.ModelPeer] | None = None,
     ):
         model = await self.models.load(
             name,
@@ -130,6 +134,7 @@ class Node:
             context_length=context_length,
             source=source,
             keep_alive_s=keep_alive_s,
+            peers=peers or [],
         )
         await self._serving_changed()
         return model
@@ -137,6 +142,35 @@ class Node:
     async def unload_model(self, name: str) -> None:
         await self.models.unload(name)
         await self._serving_changed()
+
+    # --- model files for peers ----------------------------------------------------------
+    MAX_SENDS = 2  # model files sent to peers at once
+
+    def shared_file(self, alias: str, sha256: str, offset: int) -> tuple[Path, int]:
+        """The file a peer asks for (path, size), or MODEL_NOT_CACHED / INVALID_REQUEST."""
+        path = self.models.store.file_for(alias, sha256)
+        if path is None:
+            raise error_of(
+                Reason.MODEL_NOT_CACHED,
+                f"node {self.node_id} holds no file of {alias[:80]!r} with that sha256",
+            )
+        size = path.stat().st_size
+        if offset > size:
+            raise error_of(Reason.INVALID_REQUEST, f"offset {offset} is past the file's {size}")
+        return path, size
+
+    @contextlib.asynccontextmanager
+    async def sending(self, alias: str, peer: str):
+        """Room to send a file to a peer (False: MAX_SENDS already going)."""
+        if self._sends >= self.MAX_SENDS:
+            yield False
+            return
+        self._sends += 1
+        log.info("sending %s to %s", alias, peer)
+        try:
+            yield True
+        finally:
+            self._sends -= 1
 
     def catalog(self) -> list[node_pb2.CatalogModel]:
         loaded = {model.name for model in self.models.hosted()}

@@ -17,7 +17,8 @@ from opentelemetry import trace
 from edgefleet import telemetry
 from edgefleet.errors import EdgefleetError, Reason, abort_with, error_of
 from edgefleet.generation import QUEUED_METADATA_KEY
-from edgefleet.v1 import common_pb2, node_pb2, node_pb2_grpc
+from edgefleet.model_store import read_chunks
+from edgefleet.v1 import common_pb2, models_pb2, node_pb2, node_pb2_grpc
 from node_agent.metrics import NodeMetrics
 from node_agent.models import DEFAULT as DEFAULT_KEEP_ALIVE
 from node_agent.node import Admitted, Node, Queued, loaded_model
@@ -254,6 +255,7 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
                 context_length=request.context_length,
                 source=request.source if request.HasField("source") else None,
                 keep_alive_s=keep_alive_of(request.keep_alive_s),
+                peers=list(request.peers),
             )
             return loaded_model(model)
         except EdgefleetError as error:
@@ -271,6 +273,26 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
             loaded=[loaded_model(model) for model in self._node.models.hosted()],
             catalog=self._node.catalog(),
         )
+
+    async def FetchModel(self, request: models_pb2.FetchModelRequest, context):
+        """A model file for a peer node (sha256 named; checked again by the peer)."""
+        try:
+            path, size = self._node.shared_file(request.alias, request.sha256, request.offset)
+        except EdgefleetError as error:
+            await abort_with(context, error)
+            return
+        async with self._node.sending(request.alias, context.peer()) as admitted:
+            if not admitted:
+                await abort_with(
+                    context,
+                    error_of(
+                        Reason.UNSPECIFIED_EXHAUSTED,
+                        "this node is sending as many model files as it may; ask another",
+                    ),
+                )
+                return
+            async for data in read_chunks(path, request.offset):
+                yield models_pb2.FetchModelChunk(data=data, size_bytes=size)
 
     # --- capacity and drain ----------------------------------------------------
     async def GetCapacity(self, request: node_pb2.GetCapacityRequest, context):

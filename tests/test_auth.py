@@ -18,7 +18,7 @@ from coordinator.pki import FleetCA
 from edgefleet import auth, tls
 from edgefleet.auth import ADMIN, ANONYMOUS, INFERENCE, INSECURE, Principal, permitted
 from edgefleet.errors import EdgefleetError, Reason
-from edgefleet.v1 import access_pb2, common_pb2, coordinator_pb2, node_pb2
+from edgefleet.v1 import access_pb2, common_pb2, coordinator_pb2, models_pb2, node_pb2
 from node_agent.daemon import NODE_POLICIES
 
 admin_key = Principal("key", "k1", "ops", frozenset({ADMIN, INFERENCE}))
@@ -56,6 +56,7 @@ def test_every_rpc_of_every_listener_has_a_policy():
     services = {
         "edgefleet.v1.CoordinatorService": coordinator_pb2,
         "edgefleet.v1.AccessService": access_pb2,
+        "edgefleet.v1.ModelService": models_pb2,
     }
     for table in (security.CLIENT_POLICIES, security.NODE_POLICIES):
         for service, module in services.items():
@@ -64,7 +65,14 @@ def test_every_rpc_of_every_listener_has_a_policy():
             assert set(table[service]) == methods
             assert set(table[service].values()) <= set(auth.POLICIES)
     node_methods = node_pb2.DESCRIPTOR.services_by_name["NodeService"].methods_by_name
-    assert NODE_POLICIES == dict.fromkeys(node_methods, auth.COORDINATOR)
+    # Coordinators call nodes; other nodes only fetch model files from them.
+    assert NODE_POLICIES == {
+        name: auth.NODE if name == "FetchModel" else auth.COORDINATOR for name in node_methods
+    }
+    # Model files: operators add them, nodes fetch them (node listener only).
+    models = security.CLIENT_POLICIES["edgefleet.v1.ModelService"]
+    assert (models["AddModel"], models["FetchModel"]) == (auth.ADMIN, auth.NOT_HERE)
+    assert security.NODE_POLICIES["edgefleet.v1.ModelService"]["FetchModel"] == auth.NODE
     # Nodes may do on the client port nothing but join.
     client = security.CLIENT_POLICIES
     assert client["edgefleet.v1.CoordinatorService"]["Register"] == auth.NOT_HERE

@@ -299,6 +299,9 @@ GiB = 1 << 30
         ),
         # A node that refused it lately is not asked again yet.
         (0, {}, [facts("a", refused=True), facts("b")], ("b",), (), 2),
+        # No node has the file: one seeds it, the others follow from that node.
+        (0, {}, [facts("a"), facts("b"), facts("c")], ("a",), (), 3),
+        (0, {}, [facts("a", loading=True), facts("b"), facts("c")], (), (), 3),
     ],
 )
 def test_the_reconciler_plans_loads_and_unloads(replicas, selector, nodes, load, unload, wanted):
@@ -355,8 +358,20 @@ def test_deploy_loads_a_model_everywhere_and_undeploy_unloads_it(
             )
 
         wait_until(lambda: holding() == ["n1", "n2"], timeout_s=90, what="both nodes loaded")
+        # One node fetched the file from the coordinator; the other from that node.
+        logs = [(tmp_path / f"node-{i}.log").read_text() for i in (0, 1)]
+        fetched = sorted(
+            line.split(" from ", 1)[1].split(",")[0]
+            for log in logs
+            for line in log.splitlines()
+            if "fetched tiny-chat" in line
+        )
+        assert len(fetched) == 2 and fetched[0].startswith("coordinator"), fetched
+        assert fetched[1] in ("node n1", "node n2"), fetched
         time.sleep(4)  # twice the keep-alive of on-demand loads
         assert holding() == ["n1", "n2"]
+        busy = run_cli("models", "remove", "tiny-chat", *cli)
+        assert busy.returncode == 1 and "(MODEL_DEPLOYED)" in busy.stderr
         ps = run_cli("models", "ps", *cli)
         assert ps.returncode == 0, ps.stderr
         [row] = [line for line in ps.stdout.splitlines() if line.startswith("tiny-chat")]
@@ -366,3 +381,41 @@ def test_deploy_loads_a_model_everywhere_and_undeploy_unloads_it(
         wait_until(lambda: holding() == [], timeout_s=60, what="both nodes to unload it")
         # Requests still work: it loads on demand again.
         assert "".join(c.text for c in client.complete("tiny-chat", [("user", "Hi")], max_tokens=4))
+
+
+def test_a_transfer_cut_again_and_again_still_completes(tmp_path, default_model_path):
+    """A source that drops the stream every few MiB: the node resumes each time
+    from where its file ends (never repeating or skipping a byte)."""
+    from concurrent import futures
+
+    size = default_model_path.stat().st_size
+    sha = sha256_of(default_model_path)
+    asked: list[int] = []
+
+    class Flaky(models_pb2_grpc.ModelServiceServicer):
+        def FetchModel(self, request, context):
+            asked.append(request.offset)
+            with default_model_path.open("rb") as f:
+                f.seek(request.offset)
+                for _ in range(7):  # 7 MiB, then the line drops
+                    data = f.read(MiB)
+                    if not data:
+                        return
+                    yield models_pb2.FetchModelChunk(data=data, size_bytes=size)
+            context.abort(grpc.StatusCode.UNAVAILABLE, "connection reset")
+
+    server = grpc.server(futures.ThreadPoolExecutor(4))
+    models_pb2_grpc.add_ModelServiceServicer_to_server(Flaky(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        source = common_pb2.ModelFile(sha256=sha, size_bytes=size)
+        target = tmp_path / "fleet" / "tiny" / f"{sha}.gguf"
+        fetcher = ModelFetcher(
+            lambda: [f"127.0.0.1:{port}"], lambda address: grpc.aio.insecure_channel(address)
+        )
+        asyncio.run(fetcher.fetch("tiny", source, target))
+    finally:
+        server.stop(0)
+    assert sha256_of(target) == sha
+    assert asked == list(range(0, size, 7 * MiB))  # each resume where the file ended

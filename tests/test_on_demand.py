@@ -76,9 +76,11 @@ def capacity(*, loaded=(), stored=(("smollm2-135m", True), (GEMMA, True)), free=
 
 
 class Entry:
-    def __init__(self, node_id, cap, ready=True):
+    def __init__(self, node_id, cap, ready=True, labels=None, address=""):
         self.node_id = node_id
-        self.record = type("Record", (), {"capacity": cap})()  # only .capacity is read
+        self.record = coordinator_pb2.NodeStatus(
+            node_id=node_id, capacity=cap, labels=labels or {}, address=address
+        )
         self.ready = ready
 
 
@@ -401,3 +403,23 @@ def test_a_node_that_cannot_load_it_is_skipped_and_the_load_is_in_the_trace(
         assert waited["edgefleet.model_load.wait_ms"] > 0
     finally:
         receiver.stop()
+
+
+def test_a_node_fetches_from_peers_that_hold_the_file_same_site_first():
+    from coordinator.model_loads import peers_for
+
+    holds = capacity(stored=((GEMMA, True),))
+    fleet = Fleet(
+        Entry("loader", capacity(stored=((GEMMA, False),)), labels={"site": "shop"}),
+        Entry("far", holds, labels={"site": "clinic"}, address="10.0.0.2:1"),
+        Entry("near", holds, labels={"site": "shop"}, address="10.0.0.3:1"),
+        Entry("serving", capacity(loaded=[GEMMA], stored=()), address="10.0.0.4:1"),
+        Entry("lacks", capacity(stored=((GEMMA, False),))),
+        Entry("down", holds, ready=False),
+    )
+    peers = peers_for(fleet, GEMMA, "loader")
+    assert [(p.node_id, p.address) for p in peers] == [
+        ("near", "10.0.0.3:1"),
+        ("far", "10.0.0.2:1"),
+        ("serving", "10.0.0.4:1"),
+    ]

@@ -23,37 +23,40 @@ _sym_db = _symbol_database.Default()
 
 
 from edgefleet.v1 import common_pb2 as edgefleet_dot_v1_dot_common__pb2
+from edgefleet.v1 import models_pb2 as edgefleet_dot_v1_dot_models__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x65\x64gefleet/v1/node.proto\x12\x0c\x65\x64gefleet.v1\x1a\x19\x65\x64gefleet/v1/common.proto\"\xc6\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12+\n\x08messages\x18\x03 \x03(\x0b\x32\x19.edgefleet.v1.ChatMessage\x12.\n\x08sampling\x18\x04 \x01(\x0b\x32\x1c.edgefleet.v1.SamplingParams\x12\x18\n\x10\x61ssistant_prefix\x18\x05 \x01(\t\x12\x32\n\nconstraint\x18\x06 \x01(\x0b\x32\x1e.edgefleet.v1.OutputConstraint\x12+\n\x05tools\x18\x07 \x03(\x0b\x32\x1c.edgefleet.v1.ToolDefinition\x12\x12\n\nsession_id\x18\x08 \x01(\t\x12\x14\n\x0c\x63ontinuation\x18\t \x01(\x08\x12\x0e\n\x06origin\x18\n \x01(\t\"\xcf\x01\n\rGenerateChunk\x12\x0b\n\x03seq\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x13\n\x0btoken_count\x18\x03 \x01(\x05\x12\x31\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1a.edgefleet.v1.FinishReason\x12\"\n\x05usage\x18\x05 \x01(\x0b\x32\x13.edgefleet.v1.Usage\x12&\n\x07timings\x18\x06 \x01(\x0b\x32\x15.edgefleet.v1.Timings\x12\x0f\n\x07node_id\x18\x07 \x01(\t\"\x87\x01\n\x10LoadModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05slots\x18\x02 \x01(\x05\x12\x16\n\x0e\x63ontext_length\x18\x03 \x01(\x05\x12\'\n\x06source\x18\x04 \x01(\x0b\x32\x17.edgefleet.v1.ModelFile\x12\x14\n\x0ckeep_alive_s\x18\x05 \x01(\x01\"#\n\x12UnloadModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\x15\n\x13UnloadModelResponse\"\x13\n\x11ListModelsRequest\"|\n\x0c\x43\x61talogModel\x12\r\n\x05\x61lias\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x14\n\x0cquantization\x18\x03 \x01(\t\x12\x12\n\nsize_bytes\x18\x04 \x01(\x04\x12\x0e\n\x06\x63\x61\x63hed\x18\x05 \x01(\x08\x12\x0e\n\x06loaded\x18\x06 \x01(\x08\"l\n\x12ListModelsResponse\x12)\n\x06loaded\x18\x01 \x03(\x0b\x32\x19.edgefleet.v1.LoadedModel\x12+\n\x07\x63\x61talog\x18\x02 \x03(\x0b\x32\x1a.edgefleet.v1.CatalogModel\"\x14\n\x12GetCapacityRequest\"\x1d\n\x0c\x44rainRequest\x12\r\n\x05\x64rain\x18\x01 \x01(\x08\"=\n\rDrainResponse\x12\x10\n\x08\x64raining\x18\x01 \x01(\x08\x12\x1a\n\x12\x61\x63tive_generations\x18\x02 \x01(\x05\x32\xcf\x03\n\x0bNodeService\x12H\n\x08Generate\x12\x1d.edgefleet.v1.GenerateRequest\x1a\x1b.edgefleet.v1.GenerateChunk0\x01\x12\x46\n\tLoadModel\x12\x1e.edgefleet.v1.LoadModelRequest\x1a\x19.edgefleet.v1.LoadedModel\x12R\n\x0bUnloadModel\x12 .edgefleet.v1.UnloadModelRequest\x1a!.edgefleet.v1.UnloadModelResponse\x12O\n\nListModels\x12\x1f.edgefleet.v1.ListModelsRequest\x1a .edgefleet.v1.ListModelsResponse\x12G\n\x0bGetCapacity\x12 .edgefleet.v1.GetCapacityRequest\x1a\x16.edgefleet.v1.Capacity\x12@\n\x05\x44rain\x12\x1a.edgefleet.v1.DrainRequest\x1a\x1b.edgefleet.v1.DrainResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x65\x64gefleet/v1/node.proto\x12\x0c\x65\x64gefleet.v1\x1a\x19\x65\x64gefleet/v1/common.proto\x1a\x19\x65\x64gefleet/v1/models.proto\"\xc6\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12+\n\x08messages\x18\x03 \x03(\x0b\x32\x19.edgefleet.v1.ChatMessage\x12.\n\x08sampling\x18\x04 \x01(\x0b\x32\x1c.edgefleet.v1.SamplingParams\x12\x18\n\x10\x61ssistant_prefix\x18\x05 \x01(\t\x12\x32\n\nconstraint\x18\x06 \x01(\x0b\x32\x1e.edgefleet.v1.OutputConstraint\x12+\n\x05tools\x18\x07 \x03(\x0b\x32\x1c.edgefleet.v1.ToolDefinition\x12\x12\n\nsession_id\x18\x08 \x01(\t\x12\x14\n\x0c\x63ontinuation\x18\t \x01(\x08\x12\x0e\n\x06origin\x18\n \x01(\t\"\xcf\x01\n\rGenerateChunk\x12\x0b\n\x03seq\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x13\n\x0btoken_count\x18\x03 \x01(\x05\x12\x31\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1a.edgefleet.v1.FinishReason\x12\"\n\x05usage\x18\x05 \x01(\x0b\x32\x13.edgefleet.v1.Usage\x12&\n\x07timings\x18\x06 \x01(\x0b\x32\x15.edgefleet.v1.Timings\x12\x0f\n\x07node_id\x18\x07 \x01(\t\"\xaf\x01\n\x10LoadModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05slots\x18\x02 \x01(\x05\x12\x16\n\x0e\x63ontext_length\x18\x03 \x01(\x05\x12\'\n\x06source\x18\x04 \x01(\x0b\x32\x17.edgefleet.v1.ModelFile\x12\x14\n\x0ckeep_alive_s\x18\x05 \x01(\x01\x12&\n\x05peers\x18\x06 \x03(\x0b\x32\x17.edgefleet.v1.ModelPeer\"-\n\tModelPeer\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\"#\n\x12UnloadModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\x15\n\x13UnloadModelResponse\"\x13\n\x11ListModelsRequest\"|\n\x0c\x43\x61talogModel\x12\r\n\x05\x61lias\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x14\n\x0cquantization\x18\x03 \x01(\t\x12\x12\n\nsize_bytes\x18\x04 \x01(\x04\x12\x0e\n\x06\x63\x61\x63hed\x18\x05 \x01(\x08\x12\x0e\n\x06loaded\x18\x06 \x01(\x08\"l\n\x12ListModelsResponse\x12)\n\x06loaded\x18\x01 \x03(\x0b\x32\x19.edgefleet.v1.LoadedModel\x12+\n\x07\x63\x61talog\x18\x02 \x03(\x0b\x32\x1a.edgefleet.v1.CatalogModel\"\x14\n\x12GetCapacityRequest\"\x1d\n\x0c\x44rainRequest\x12\r\n\x05\x64rain\x18\x01 \x01(\x08\"=\n\rDrainResponse\x12\x10\n\x08\x64raining\x18\x01 \x01(\x08\x12\x1a\n\x12\x61\x63tive_generations\x18\x02 \x01(\x05\x32\x9f\x04\n\x0bNodeService\x12H\n\x08Generate\x12\x1d.edgefleet.v1.GenerateRequest\x1a\x1b.edgefleet.v1.GenerateChunk0\x01\x12\x46\n\tLoadModel\x12\x1e.edgefleet.v1.LoadModelRequest\x1a\x19.edgefleet.v1.LoadedModel\x12R\n\x0bUnloadModel\x12 .edgefleet.v1.UnloadModelRequest\x1a!.edgefleet.v1.UnloadModelResponse\x12O\n\nListModels\x12\x1f.edgefleet.v1.ListModelsRequest\x1a .edgefleet.v1.ListModelsResponse\x12G\n\x0bGetCapacity\x12 .edgefleet.v1.GetCapacityRequest\x1a\x16.edgefleet.v1.Capacity\x12@\n\x05\x44rain\x12\x1a.edgefleet.v1.DrainRequest\x1a\x1b.edgefleet.v1.DrainResponse\x12N\n\nFetchModel\x12\x1f.edgefleet.v1.FetchModelRequest\x1a\x1d.edgefleet.v1.FetchModelChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'edgefleet.v1.node_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_GENERATEREQUEST']._serialized_start=69
-  _globals['_GENERATEREQUEST']._serialized_end=395
-  _globals['_GENERATECHUNK']._serialized_start=398
-  _globals['_GENERATECHUNK']._serialized_end=605
-  _globals['_LOADMODELREQUEST']._serialized_start=608
-  _globals['_LOADMODELREQUEST']._serialized_end=743
-  _globals['_UNLOADMODELREQUEST']._serialized_start=745
-  _globals['_UNLOADMODELREQUEST']._serialized_end=780
-  _globals['_UNLOADMODELRESPONSE']._serialized_start=782
-  _globals['_UNLOADMODELRESPONSE']._serialized_end=803
-  _globals['_LISTMODELSREQUEST']._serialized_start=805
-  _globals['_LISTMODELSREQUEST']._serialized_end=824
-  _globals['_CATALOGMODEL']._serialized_start=826
-  _globals['_CATALOGMODEL']._serialized_end=950
-  _globals['_LISTMODELSRESPONSE']._serialized_start=952
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1060
-  _globals['_GETCAPACITYREQUEST']._serialized_start=1062
-  _globals['_GETCAPACITYREQUEST']._serialized_end=1082
-  _globals['_DRAINREQUEST']._serialized_start=1084
-  _globals['_DRAINREQUEST']._serialized_end=1113
-  _globals['_DRAINRESPONSE']._serialized_start=1115
-  _globals['_DRAINRESPONSE']._serialized_end=1176
-  _globals['_NODESERVICE']._serialized_start=1179
-  _globals['_NODESERVICE']._serialized_end=1642
+  _globals['_GENERATEREQUEST']._serialized_start=96
+  _globals['_GENERATEREQUEST']._serialized_end=422
+  _globals['_GENERATECHUNK']._serialized_start=425
+  _globals['_GENERATECHUNK']._serialized_end=632
+  _globals['_LOADMODELREQUEST']._serialized_start=635
+  _globals['_LOADMODELREQUEST']._serialized_end=810
+  _globals['_MODELPEER']._serialized_start=812
+  _globals['_MODELPEER']._serialized_end=857
+  _globals['_UNLOADMODELREQUEST']._serialized_start=859
+  _globals['_UNLOADMODELREQUEST']._serialized_end=894
+  _globals['_UNLOADMODELRESPONSE']._serialized_start=896
+  _globals['_UNLOADMODELRESPONSE']._serialized_end=917
+  _globals['_LISTMODELSREQUEST']._serialized_start=919
+  _globals['_LISTMODELSREQUEST']._serialized_end=938
+  _globals['_CATALOGMODEL']._serialized_start=940
+  _globals['_CATALOGMODEL']._serialized_end=1064
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1066
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1174
+  _globals['_GETCAPACITYREQUEST']._serialized_start=1176
+  _globals['_GETCAPACITYREQUEST']._serialized_end=1196
+  _globals['_DRAINREQUEST']._serialized_start=1198
+  _globals['_DRAINREQUEST']._serialized_end=1227
+  _globals['_DRAINRESPONSE']._serialized_start=1229
+  _globals['_DRAINRESPONSE']._serialized_end=1290
+  _globals['_NODESERVICE']._serialized_start=1293
+  _globals['_NODESERVICE']._serialized_end=1836
 # @@protoc_insertion_point(module_scope)

@@ -1,4 +1,5 @@
 from edgefleet.v1 import common_pb2 as _common_pb2
+from edgefleet.v1 import models_pb2 as _models_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -50,18 +51,28 @@ class GenerateChunk(_message.Message):
     def __init__(self, seq: _Optional[int] = ..., text: _Optional[str] = ..., token_count: _Optional[int] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., timings: _Optional[_Union[_common_pb2.Timings, _Mapping]] = ..., node_id: _Optional[str] = ...) -> None: ...
 
 class LoadModelRequest(_message.Message):
-    __slots__ = ("model", "slots", "context_length", "source", "keep_alive_s")
+    __slots__ = ("model", "slots", "context_length", "source", "keep_alive_s", "peers")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     SLOTS_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     KEEP_ALIVE_S_FIELD_NUMBER: _ClassVar[int]
+    PEERS_FIELD_NUMBER: _ClassVar[int]
     model: str
     slots: int
     context_length: int
     source: _common_pb2.ModelFile
     keep_alive_s: float
-    def __init__(self, model: _Optional[str] = ..., slots: _Optional[int] = ..., context_length: _Optional[int] = ..., source: _Optional[_Union[_common_pb2.ModelFile, _Mapping]] = ..., keep_alive_s: _Optional[float] = ...) -> None: ...
+    peers: _containers.RepeatedCompositeFieldContainer[ModelPeer]
+    def __init__(self, model: _Optional[str] = ..., slots: _Optional[int] = ..., context_length: _Optional[int] = ..., source: _Optional[_Union[_common_pb2.ModelFile, _Mapping]] = ..., keep_alive_s: _Optional[float] = ..., peers: _Optional[_Iterable[_Union[ModelPeer, _Mapping]]] = ...) -> None: ...
+
+class ModelPeer(_message.Message):
+    __slots__ = ("node_id", "address")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    address: str
+    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ...) -> None: ...
 
 class UnloadModelRequest(_message.Message):
     __slots__ = ("model",)

@@ -4,6 +4,7 @@ import grpc
 import warnings
 
 from edgefleet.v1 import common_pb2 as edgefleet_dot_v1_dot_common__pb2
+from edgefleet.v1 import models_pb2 as edgefleet_dot_v1_dot_models__pb2
 from edgefleet.v1 import node_pb2 as edgefleet_dot_v1_dot_node__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
@@ -65,6 +66,11 @@ class NodeServiceStub:
                 request_serializer=edgefleet_dot_v1_dot_node__pb2.DrainRequest.SerializeToString,
                 response_deserializer=edgefleet_dot_v1_dot_node__pb2.DrainResponse.FromString,
                 _registered_method=True)
+        self.FetchModel = channel.unary_stream(
+                '/edgefleet.v1.NodeService/FetchModel',
+                request_serializer=edgefleet_dot_v1_dot_models__pb2.FetchModelRequest.SerializeToString,
+                response_deserializer=edgefleet_dot_v1_dot_models__pb2.FetchModelChunk.FromString,
+                _registered_method=True)
 
 
 class NodeServiceServicer:
@@ -112,6 +118,15 @@ class NodeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def FetchModel(self, request, context):
+        """Peers (other nodes, with their fleet certificate): a model file this
+        node holds, from `offset`, so that a fleet need not fetch every copy
+        from the coordinator.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -144,6 +159,11 @@ def add_NodeServiceServicer_to_server(servicer, server):
                     servicer.Drain,
                     request_deserializer=edgefleet_dot_v1_dot_node__pb2.DrainRequest.FromString,
                     response_serializer=edgefleet_dot_v1_dot_node__pb2.DrainResponse.SerializeToString,
+            ),
+            'FetchModel': grpc.unary_stream_rpc_method_handler(
+                    servicer.FetchModel,
+                    request_deserializer=edgefleet_dot_v1_dot_models__pb2.FetchModelRequest.FromString,
+                    response_serializer=edgefleet_dot_v1_dot_models__pb2.FetchModelChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -308,6 +328,33 @@ class NodeService:
             '/edgefleet.v1.NodeService/Drain',
             edgefleet_dot_v1_dot_node__pb2.DrainRequest.SerializeToString,
             edgefleet_dot_v1_dot_node__pb2.DrainResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FetchModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/edgefleet.v1.NodeService/FetchModel',
+            edgefleet_dot_v1_dot_models__pb2.FetchModelRequest.SerializeToString,
+            edgefleet_dot_v1_dot_models__pb2.FetchModelChunk.FromString,
             options,
             channel_credentials,
             insecure,
