@@ -44,6 +44,10 @@ class NodeEntry:
     def tokens_per_second(self) -> float:
         return self.record.capacity.tokens_per_second
 
+    @property
+    def low_power(self) -> bool:
+        return self.record.capacity.power.low_power
+
     def model(self, alias: str) -> common_pb2.LoadedModel | None:
         for model in self.record.capacity.models:
             if model.alias == alias:

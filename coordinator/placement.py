@@ -53,6 +53,9 @@ class NodeView(Protocol):
     @property
     def tokens_per_second(self) -> float: ...
 
+    @property
+    def low_power(self) -> bool: ...  # on low battery or throttled
+
     def model(self, alias: str) -> LoadedModelView | None: ...
 
 
@@ -90,6 +93,7 @@ class Candidate:
     pending: int = 0
     affinity: bool = False  # served this session/conversation before
     continuation_slots_free: int = 0  # reserved for continued replies
+    low_power: bool = False  # on low battery or throttled: avoided, not excluded
 
     @property
     def busy_now(self) -> int:
@@ -178,6 +182,7 @@ def candidates(
                 pending=fleet.pending(node.node_id),
                 affinity=node.node_id == request.affinity_node,
                 continuation_slots_free=loaded.continuation_slots_free,
+                low_power=node.low_power,
             )
         )
     return found
@@ -200,6 +205,10 @@ def score(candidate: Candidate, fastest: float) -> float:
         value += 10.0 * candidate.tokens_per_second / fastest
     if candidate.affinity and candidate.free_now > 0:
         value += 30.0
+    if candidate.low_power:
+        # Below any node with a free slot on mains, and its cached prefix: a
+        # device on low battery or too hot serves only when the others cannot.
+        value -= 100.0
     return value
 
 

@@ -107,10 +107,58 @@ class HostReading:
     process_rss_bytes: int
 
 
+LOW_BATTERY_PERCENT = 20.0
+POWER_READ_EVERY_S = 10.0  # sensors are sysfs reads: not on every heartbeat
+
+
+@dataclass(frozen=True)
+class PowerReading:
+    on_battery: bool = False
+    battery_percent: float = -1.0  # -1: no battery
+    temperature_c: float = 0.0  # the hottest sensor; 0: none readable
+    throttled: bool = False  # some sensor at or over its "high" mark
+
+    @property
+    def low_power(self) -> bool:
+        """Placement avoids it: on battery under the low mark, or throttled."""
+        low_battery = self.on_battery and 0 <= self.battery_percent < LOW_BATTERY_PERCENT
+        return low_battery or self.throttled
+
+
+def power_from(battery, temperatures) -> PowerReading:
+    """psutil's ``sensors_battery()`` (None: no battery) and
+    ``sensors_temperatures()`` (name -> readings with current/high) as one reading."""
+    readings = [r for group in (temperatures or {}).values() for r in group]
+    hottest = max((float(r.current) for r in readings if r.current is not None), default=0.0)
+    throttled = any(r.high and r.current is not None and r.current >= r.high for r in readings)
+    if battery is None:
+        return PowerReading(temperature_c=hottest, throttled=throttled)
+    return PowerReading(
+        on_battery=not battery.power_plugged,
+        battery_percent=float(battery.percent),
+        temperature_c=hottest,
+        throttled=throttled,
+    )
+
+
 class HostProbe:
     def __init__(self) -> None:
         self._process = psutil.Process(os.getpid())
         psutil.cpu_percent(interval=None)  # prime: the first call has no interval
+        self._power: tuple[float, PowerReading] | None = None
+
+    def power(self) -> PowerReading:
+        """Battery and heat, read at most every POWER_READ_EVERY_S."""
+        now = time.monotonic()
+        if self._power is None or now - self._power[0] > POWER_READ_EVERY_S:
+            battery = temperatures = None
+            try:
+                battery = getattr(psutil, "sensors_battery", lambda: None)()
+                temperatures = getattr(psutil, "sensors_temperatures", dict)()
+            except (OSError, RuntimeError, AttributeError):
+                pass  # unreadable sensors: nothing known
+            self._power = (now, power_from(battery, temperatures))
+        return self._power[1]
 
     def rss(self) -> int:
         return int(self._process.memory_info().rss)

@@ -30,6 +30,8 @@ class NodeConfig:
     # the models given at start (--models) are kept.
     keep_alive_s: float | None = 300.0
     idle_check_s: float = 10.0
+    # On battery, models loaded on demand go after this much idle time (None: as on mains).
+    battery_keep_alive_s: float | None = 60.0
     node_id: str = ""
     shutdown_grace_s: float = 10.0
     # Coordinators to register with (none: a standalone node).

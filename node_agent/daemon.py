@@ -126,7 +126,11 @@ async def serve(config: NodeConfig, store: ModelStore | None = None) -> int:
         await node.started()
         loops = await cleanup.enter_async_context(Supervisor(stop))
         loops.start(
-            "idle-models", lambda: unload_idle_models(node, config.idle_check_s), restart=True
+            "idle-models",
+            lambda: unload_idle_models(
+                node, config.idle_check_s, host, config.battery_keep_alive_s
+            ),
+            restart=True,
         )
         registrar = None
         if config.coordinators:
@@ -169,11 +173,16 @@ async def serve(config: NodeConfig, store: ModelStore | None = None) -> int:
     return 0
 
 
-async def unload_idle_models(node: Node, interval_s: float) -> None:
-    """Unload models idle past their keep-alive, every ``interval_s``."""
+async def unload_idle_models(
+    node: Node, interval_s: float, host: HostProbe, battery_keep_alive_s: float | None = None
+) -> None:
+    """Unload models idle past their keep-alive, every ``interval_s``; on
+    battery, past ``battery_keep_alive_s`` when that is sooner."""
     while True:
         await asyncio.sleep(interval_s)
-        if await node.models.unload_idle():
+        on_battery = await asyncio.to_thread(lambda: host.power().on_battery)
+        cap = battery_keep_alive_s if on_battery else None
+        if await node.models.unload_idle(max_idle_s=cap):
             node.capacity_changed.set()  # the fleet hears of it at once
 
 

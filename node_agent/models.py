@@ -413,14 +413,19 @@ class ModelManager:
         await model.instance.unload()
         log.info("unloaded %s", model.name)
 
-    async def unload_idle(self) -> list[str]:
-        """Unload the models idle for longer than their keep-alive; their names."""
+    async def unload_idle(self, *, max_idle_s: float | None = None) -> list[str]:
+        """Unload the models idle for longer than their keep-alive (or than
+        ``max_idle_s``, when sooner: a node on battery); their names. Models
+        kept forever (started with, deployed) stay."""
         now = time.monotonic()
         expired = []
         for model in list(self._models.values()):
             if model.busy:
                 model.touch()  # idle time counts from the end of the last generation
-            elif model.keep_alive_s is not None and now - model.last_used >= model.keep_alive_s:
+                continue
+            if model.keep_alive_s is None:
+                continue
+            if now - model.last_used >= idle_limit(model.keep_alive_s, max_idle_s):
                 expired.append(model)
         unloaded = []
         if not expired:
@@ -430,7 +435,7 @@ class ModelManager:
                 if self._models.get(model.name) is not model or model.busy:
                     continue
                 if model.keep_alive_s is None or (
-                    time.monotonic() - model.last_used < model.keep_alive_s
+                    time.monotonic() - model.last_used < idle_limit(model.keep_alive_s, max_idle_s)
                 ):
                     continue  # used (or kept) meanwhile
                 self._models.pop(model.name)
@@ -439,7 +444,7 @@ class ModelManager:
                     "unloading %s: idle for %.0fs (keep-alive %.0fs)",
                     model.name,
                     time.monotonic() - model.last_used,
-                    model.keep_alive_s,
+                    idle_limit(model.keep_alive_s, max_idle_s),
                 )
                 await self._dispose(model, grace_s=0)
                 unloaded.append(model.name)
@@ -451,6 +456,11 @@ class ModelManager:
 
 
 _QUANT = re.compile(r"(?<![A-Z0-9])(IQ\d[A-Z0-9_]*|Q\d(?:_[A-Z0-9]+)*|BF16|F16|F32)(?![A-Z0-9])")
+
+
+def idle_limit(keep_alive_s: float, max_idle_s: float | None) -> float:
+    """A model's idle limit: its keep-alive, or ``max_idle_s`` when sooner (on battery)."""
+    return keep_alive_s if max_idle_s is None else min(keep_alive_s, max_idle_s)
 
 
 def _quantization_from(path: Path) -> str:

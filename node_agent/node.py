@@ -358,6 +358,7 @@ class Node:
             model_memory_available_bytes=self.model_memory_available(host.memory_available_bytes),
             active_by_origin={origin: n for origin, n in self._by_origin.items() if origin},
             fetches=self.models.fetcher.fetches() if self.models.fetcher is not None else [],
+            power=power_report(self._host.power()),
         )
 
 
@@ -379,4 +380,14 @@ def loaded_model(model: HostedModel) -> common_pb2.LoadedModel:
         queue_limit=model.pool.queue_limit,
         sha256=model.sha256,
         gpu_layers=info.gpu_layers,
+    )
+
+
+def power_report(power) -> common_pb2.Power:
+    return common_pb2.Power(
+        on_battery=power.on_battery,
+        battery_percent=power.battery_percent,
+        temperature_c=power.temperature_c,
+        throttled=power.throttled,
+        low_power=power.low_power,
     )

@@ -261,6 +261,19 @@ def test_idle_models_past_their_keep_alive_are_unloaded_and_kept_ones_stay():
     asyncio.run(scenario())
 
 
+def test_on_battery_idle_models_go_sooner_and_kept_ones_still_stay():
+    async def scenario():
+        models = _manager(CountingRuntime(), keep_alive_s=300)
+        await models.load(SMOLLM, keep_alive_s=None)
+        await models.load(GEMMA)
+        await asyncio.sleep(0.3)
+        assert await models.unload_idle() == []  # on mains: 5 minutes
+        assert await models.unload_idle(max_idle_s=0.2) == [GEMMA]  # on battery
+        assert [m.name for m in models.hosted()] == [SMOLLM]
+
+    asyncio.run(scenario())
+
+
 # --- real nodes, real models ----------------------------------------------------------------------
 
 

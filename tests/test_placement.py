@@ -30,6 +30,7 @@ class Node:
     models: dict = field(default_factory=lambda: {MODEL: Loaded()})
     tokens_per_second: float = 100.0
     ready: bool = True
+    low_power: bool = False
 
     def model(self, alias: str):
         return self.models.get(alias)
@@ -288,3 +289,39 @@ def test_a_report_does_not_hide_dispatches_still_on_their_way():
     fleet.release("n1")
     report(free=1, other=1)
     assert fleet.pending("n1") == 0 and free_now() == 1
+
+
+def test_a_node_on_low_battery_or_too_hot_serves_only_when_no_other_can():
+    on_battery = Node("battery", low_power=True)
+    mains = Node("mains", models={MODEL: Loaded(slots_total=4, slots_free=1)})
+    ranking = placement.choose(
+        fleet_of(on_battery, mains),
+        PlacementRequest(MODEL, affinity_node="battery"),
+        Placement(),
+        random.Random(0),
+    )
+    assert ranking.order == ("mains", "battery")  # even against its cached conversation
+    alone = placement.choose(
+        fleet_of(on_battery), PlacementRequest(MODEL), Placement(), random.Random(0)
+    )
+    assert alone.order == ("battery",)  # avoided, not excluded
+
+
+def test_power_is_read_from_the_platform_sensors():
+    from collections import namedtuple
+
+    from node_agent.capacity import power_from
+
+    # The shapes psutil documents for sensors_battery() and sensors_temperatures().
+    sbattery = namedtuple("sbattery", "percent secsleft power_plugged")
+    shwtemp = namedtuple("shwtemp", "label current high critical")
+
+    assert power_from(None, {}).low_power is False
+    low = power_from(sbattery(percent=12, secsleft=600, power_plugged=False), {})
+    assert (low.on_battery, low.battery_percent, low.low_power) == (True, 12.0, True)
+    charging = power_from(sbattery(percent=12, secsleft=-2, power_plugged=True), {})
+    assert charging.low_power is False
+    hot = power_from(None, {"coretemp": [shwtemp("Core 0", 101.0, 100.0, 105.0)]})
+    assert (hot.temperature_c, hot.throttled, hot.low_power) == (101.0, True, True)
+    warm = power_from(None, {"coretemp": [shwtemp("Core 0", 70.0, 100.0, 105.0)]})
+    assert (warm.throttled, warm.low_power) == (False, False)

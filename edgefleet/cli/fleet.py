@@ -42,6 +42,7 @@ def _status(args) -> int:
         "SLOTS",
         "QUEUE",
         "SESSIONS",
+        "POWER",
         "HEARTBEAT",
     ]
     rows = []
@@ -53,12 +54,15 @@ def _status(args) -> int:
                 node.address,
                 str(node.pid),
                 common_pb2.NodeState.Name(node.state).removeprefix("NODE_STATE_").lower(),
-                ",".join(node.models) + (" (SIMULATED)" if capacity.simulated else ""),
+                # Each loaded model with the variant (quantization) this node got.
+                ",".join(f"{m.alias}:{m.quantization}" for m in capacity.models)
+                + (" (SIMULATED)" if capacity.simulated else ""),
                 f"{capacity.cpu_percent:.0f}",
                 f"{capacity.process_rss_bytes / 2**20:.0f}MiB",
                 f"{capacity.slots_total - capacity.slots_free}/{capacity.slots_total}",
                 f"{capacity.queue_depth}/{capacity.queue_limit}",
                 str(node.sessions),
+                power_text(capacity.power),
                 f"{node.last_heartbeat_age_seconds:.1f}s",
             ]
         )
@@ -155,3 +159,13 @@ def add(sub) -> None:
     _add_status(sub)
     _add_chat(sub)
     _add_drain(sub)
+
+
+def power_text(power) -> str:
+    """mains, battery 45%, or battery 12% low; with the temperature when hot."""
+    text = "mains"
+    if power.on_battery:
+        text = f"battery {power.battery_percent:.0f}%"
+    if power.throttled:
+        text += f" hot {power.temperature_c:.0f}C"
+    return text + (" (avoided)" if power.low_power else "")

@@ -114,6 +114,14 @@ def _add_node(sub) -> None:
     )
     option(
         p,
+        "--battery-keep-alive",
+        env="NODE_BATTERY_KEEP_ALIVE",
+        default="1m",
+        help="on battery, models loaded on demand are unloaded after this idle time "
+        "(sooner than --keep-alive; forever: no difference)",
+    )
+    option(
+        p,
         "--idle-check",
         env="NODE_IDLE_CHECK",
         default=f"{base.idle_check_s:g}s",
@@ -230,6 +238,7 @@ def _run_node(args) -> int:
     try:
         parse_budget(args.memory_budget, 1 << 40)
         keep_alive_s = parse_duration(args.keep_alive)
+        battery_keep_alive_s = parse_duration(args.battery_keep_alive)
         idle_check_s = parse_duration(args.idle_check)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
@@ -251,6 +260,7 @@ def _run_node(args) -> int:
             models_max=args.models_max,
             keep_alive_s=keep_alive_s,
             idle_check_s=idle_check_s,
+            battery_keep_alive_s=battery_keep_alive_s,
             node_id=args.node_id,
             shutdown_grace_s=args.shutdown_grace,
             coordinators=addresses(args.coordinator),
