@@ -99,8 +99,13 @@ class FleetView:
         self.nodes[node_id] = NodeEntry(
             record=record, epoch=kv.create_revision, lease=kv.lease, mod_revision=kv.mod_revision
         )
-        # The generations of this replica the node counted when it reported.
-        self._reported[node_id] = record.capacity.active_by_origin.get(self.origin, 0)
+        # The generations of this replica the node counted when it reported;
+        # a node that does not count by origin (an older version, mid rolling
+        # upgrade): those running here when its report arrived.
+        if record.capacity.counts_origins:
+            self._reported[node_id] = record.capacity.active_by_origin.get(self.origin, 0)
+        else:
+            self._reported[node_id] = self._active[node_id]
         suspected_at = self._suspects.get(node_id)
         if suspected_at is not None and record.heartbeat_at > suspected_at:
             del self._suspects[node_id]

@@ -359,6 +359,7 @@ class Node:
             active_by_origin={origin: n for origin, n in self._by_origin.items() if origin},
             fetches=self.models.fetcher.fetches() if self.models.fetcher is not None else [],
             power=power_report(self._host.power()),
+            counts_origins=True,
         )
 
 

@@ -263,10 +263,11 @@ def test_a_report_does_not_hide_dispatches_still_on_their_way():
     fleet = FleetView(None, keys, origin="me")
     revision = iter(range(1, 100))
 
-    def report(free: int, **by_origin: int) -> None:
+    def report(free: int, counts_origins: bool = True, **by_origin: int) -> None:
         record = coordinator_pb2.NodeStatus(node_id="n1", state=common_pb2.NODE_STATE_READY)
         record.capacity.models.add(alias=MODEL, slots_total=2, slots_free=free, queue_limit=4)
         record.capacity.active_by_origin.update(by_origin)
+        record.capacity.counts_origins = counts_origins
         kv = KeyValue(keys.node("n1"), record.SerializeToString(), 1, next(revision), 7)
         fleet._apply_node(kv, deleted=False)
 
@@ -289,6 +290,13 @@ def test_a_report_does_not_hide_dispatches_still_on_their_way():
     fleet.release("n1")
     report(free=1, other=1)
     assert fleet.pending("n1") == 0 and free_now() == 1
+    # An older node (no counts by origin, a rolling upgrade): its report counts
+    # what ran here when it arrived, as before; ours are not counted twice.
+    fleet.dispatch("n1")
+    report(free=0, counts_origins=False)
+    assert fleet.pending("n1") == 0 and free_now() == 0
+    fleet.release("n1")
+    assert fleet.pending("n1") == -1
 
 
 def test_a_node_on_low_battery_or_too_hot_serves_only_when_no_other_can():
