@@ -38,6 +38,7 @@ from starlette.responses import FileResponse, PlainTextResponse, Response
 from coordinator.openai_common import ApiError, api_error, services
 from edgefleet import bundle, tls
 from edgefleet.errors import EdgefleetError, Reason
+from edgefleet.model_store import sha256_of
 
 log = logging.getLogger("edgefleet.coordinator.deploy")
 
@@ -117,7 +118,7 @@ class Shelf:
             arch=str(manifest.get("arch", "")),
             python=str(manifest.get("python", "")),
             version=str(manifest.get("version", "")),
-            sha256=bundle.sha256_of(path),
+            sha256=sha256_of(path),
             size=path.stat().st_size,
         )
 

@@ -256,10 +256,7 @@ class Deployments:
 
     def _all_synced(self) -> bool:
         """Plans read the fleet and the registry too: a new leader waits for all three."""
-        return all(
-            getattr(view, "synced", self.synced).is_set()
-            for view in (self, self._fleet, self._registry)
-        )
+        return all(view.synced.is_set() for view in (self, self._fleet, self._registry))
 
     def reconcile(self) -> None:
         """One round: start the loads and unloads each deployment needs now."""
@@ -269,13 +266,17 @@ class Deployments:
         for alias, deployment in list(self.wanted.items()):
             facts = self._facts(alias)
             loaded = {f.node_id for f in facts if f.loaded}
-            for key in [k for k in self._adopted if k[1] == alias and k[0] not in loaded]:
-                if key not in self._calls:  # gone: idle (finite keep-alive), restarted, evicted
-                    self._adopted.discard(key)
-                    if deployment.keep_alive_s > 0:
-                        self._idled.add(key)
-            if self._idled:
-                facts = self._facts(alias)
+            gone = [
+                key
+                for key in self._adopted
+                if key[1] == alias and key[0] not in loaded and key not in self._calls
+            ]
+            for key in gone:  # unloaded there: idle (finite keep-alive), restarted, evicted
+                self._adopted.discard(key)
+                if deployment.keep_alive_s > 0:
+                    self._idled.add(key)
+            if gone and deployment.keep_alive_s > 0:
+                facts = self._facts(alias)  # the nodes just marked idle are not asked again
             decided = plan(deployment, facts)
             self.problems[alias] = decided.problem
             for node_id in decided.load:
@@ -306,6 +307,10 @@ class Deployments:
         def done(finished: asyncio.Task) -> None:
             if self._calls.get(key) is finished:
                 del self._calls[key]
+            if not finished.cancelled() and finished.exception() is not None:
+                log.error(  # at once, not when the task is collected
+                    "deployment %s on %s failed", alias, node_id, exc_info=finished.exception()
+                )
 
         task.add_done_callback(done)
 

@@ -37,6 +37,7 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 
 from edgefleet import telemetry
+from edgefleet.catalog import looks_like_path
 from edgefleet.errors import EdgefleetError, Reason, error_of, reason_of
 from edgefleet.v1 import common_pb2, models_pb2, node_pb2
 
@@ -92,11 +93,16 @@ class LoadCandidate:
         return self.memory_needed <= self.memory_available
 
 
+def file_memory_needed(size_bytes: int) -> int:
+    """What loading a file of ``size_bytes`` takes when no node has estimated it."""
+    return int(size_bytes * FILE_OVERHEAD) + FIXED_OVERHEAD_BYTES
+
+
 def memory_needed(stored: common_pb2.StoredModel) -> int:
     """The node's estimate, else the file's size plus the usual overhead."""
     if stored.memory_estimate_bytes:
         return stored.memory_estimate_bytes
-    return int(stored.size_bytes * FILE_OVERHEAD) + FIXED_OVERHEAD_BYTES
+    return file_memory_needed(stored.size_bytes)
 
 
 def candidate(
@@ -289,7 +295,7 @@ class ModelLoads:
         return (
             self._registry is not None
             and self._registry.get(model) is None
-            and not (model.endswith(".gguf") or "/" in model)
+            and not looks_like_path(model)
         )
 
     def loadable(self, model: str) -> bool:

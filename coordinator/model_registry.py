@@ -23,7 +23,6 @@ left behind and the registry changes only after the file is in place.
 from __future__ import annotations
 
 import asyncio
-import errno
 import hashlib
 import logging
 import os
@@ -37,10 +36,11 @@ from pathlib import Path
 
 from coordinator.etcd import Compare, Delete, Etcd, KeyValue, Put
 from coordinator.keys import Keys
+from coordinator.model_loads import file_memory_needed
 from edgefleet.catalog import CATALOG, CatalogEntry
 from edgefleet.errors import EdgefleetError, Reason, error_of
 from edgefleet.model_memory import read_header
-from edgefleet.model_store import ModelStore
+from edgefleet.model_store import ModelStore, write_hashed
 from edgefleet.v1 import common_pb2, models_pb2
 
 log = logging.getLogger(__name__)
@@ -163,11 +163,6 @@ def model_file(
     )
 
 
-# Memory a load takes besides the file: the same rule the on-demand loader uses.
-def memory_needed(size_bytes: int) -> int:
-    return int(size_bytes * 1.25) + (64 << 20)
-
-
 def choose_variant(
     variants: list[common_pb2.ModelFile], memory_available: int
 ) -> common_pb2.ModelFile | None:
@@ -175,7 +170,7 @@ def choose_variant(
     fits the memory it has, else the smallest (the node may make room)."""
     if not variants:
         return None
-    fitting = [v for v in variants if memory_needed(v.size_bytes) <= memory_available]
+    fitting = [v for v in variants if file_memory_needed(v.size_bytes) <= memory_available]
     if fitting:
         return max(fitting, key=lambda v: (v.size_bytes, v.variant))
     return min(variants, key=lambda v: (v.size_bytes, v.variant))
@@ -195,13 +190,7 @@ class Upload:
         self._file = self.path.open("wb")
 
     def write(self, data: bytes) -> None:
-        try:
-            self._file.write(data)
-        except OSError as error:
-            if error.errno == errno.ENOSPC:
-                raise error_of(Reason.DISK_FULL, "the coordinator's disk filled up") from None
-            raise
-        self._digest.update(data)
+        write_hashed(self._file, self._digest, data, "the coordinator's disk")
 
     def close(self) -> str:
         self._file.close()

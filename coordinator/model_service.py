@@ -14,7 +14,7 @@ from coordinator.deployments import Deployments
 from coordinator.model_registry import CHUNK, ModelRegistry
 from edgefleet.auth import CALLER
 from edgefleet.errors import EdgefleetError, Reason, abort_with, error_of
-from edgefleet.model_store import read_chunks
+from edgefleet.model_store import read_chunks, sendable_size
 from edgefleet.v1 import models_pb2, models_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -82,40 +82,18 @@ class ModelServicer(models_pb2_grpc.ModelServiceServicer):
 
     async def FetchModel(self, request, context):
         path = self._registry.file_path(request.alias, request.sha256)
-        if path is None:
-            await abort_with(
-                context,
-                error_of(
-                    Reason.MODEL_NOT_CACHED,
-                    f"this coordinator holds no file of {request.alias!r} with sha256 "
-                    f"{request.sha256[:12] or '(none)'}",
-                ),
-            )
-            return
         try:
-            size = path.stat().st_size
-        except OSError:  # removed meanwhile
-            size = -1
-        if size < 0:
-            await abort_with(context, error_of(Reason.MODEL_NOT_CACHED, "the file went away"))
-            return
-        if request.offset > size:
-            await abort_with(
-                context,
-                error_of(
-                    Reason.INVALID_REQUEST,
-                    f"offset {request.offset} is past the file's {size} bytes",
-                ),
+            size = sendable_size(
+                path,
+                request.offset,
+                f"this coordinator holds no file of {request.alias!r} with sha256 "
+                f"{request.sha256[:12] or '(none)'}",
             )
-            return
-        log.info("sending %s from byte %d of %d", request.alias, request.offset, size)
-        try:
+            log.info("sending %s from byte %d of %d", request.alias, request.offset, size)
             async for data in read_chunks(path, request.offset, CHUNK):
                 yield models_pb2.FetchModelChunk(data=data, size_bytes=size)
-        except OSError as error:  # removed meanwhile
-            await abort_with(
-                context, error_of(Reason.MODEL_NOT_CACHED, f"the file went away: {error.strerror}")
-            )
+        except EdgefleetError as error:
+            await abort_with(context, error)
 
     async def Deploy(self, request, context):
         try:

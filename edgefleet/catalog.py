@@ -107,6 +107,11 @@ class ModelRef:
 GGUF_MAGIC = b"GGUF"
 
 
+def looks_like_path(name: str) -> bool:
+    """A local GGUF file's path rather than a model's name."""
+    return name.endswith(".gguf") or "/" in name or name.startswith(".")
+
+
 FLEET_ALIAS = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -127,8 +132,7 @@ def resolve(name: str, source: common_pb2.ModelFile | None = None) -> ModelRef:
                 reason=Reason.INVALID_REQUEST,
             )
         return ModelRef(name=name, entry=None, local_path=None, fleet=source)
-    looks_like_path = name.endswith(".gguf") or "/" in name or name.startswith(".")
-    if not looks_like_path:
+    if not looks_like_path(name):
         known = ", ".join(sorted(CATALOG))
         raise NotFound(
             f"unknown model alias {name!r}; known aliases: {known}, or a .gguf path",

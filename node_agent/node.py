@@ -20,6 +20,7 @@ from pathlib import Path
 
 from edgefleet.catalog import CATALOG
 from edgefleet.errors import Reason, error_of
+from edgefleet.model_store import sendable_size
 from edgefleet.v1 import common_pb2, node_pb2
 from node_agent.capacity import GpuProbe, HostProbe, ThroughputMeter
 from node_agent.models import DEFAULT, HostedModel, ModelManager
@@ -149,15 +150,8 @@ class Node:
     def shared_file(self, alias: str, sha256: str, offset: int) -> tuple[Path, int]:
         """The file a peer asks for (path, size), or MODEL_NOT_CACHED / INVALID_REQUEST."""
         path = self.models.store.file_for(alias, sha256)
-        if path is None:
-            raise error_of(
-                Reason.MODEL_NOT_CACHED,
-                f"node {self.node_id} holds no file of {alias[:80]!r} with that sha256",
-            )
-        size = path.stat().st_size
-        if offset > size:
-            raise error_of(Reason.INVALID_REQUEST, f"offset {offset} is past the file's {size}")
-        return path, size
+        missing = f"node {self.node_id} holds no file of {alias[:80]!r} with that sha256"
+        return path, sendable_size(path, offset, missing)
 
     @contextlib.asynccontextmanager
     async def sending(self, alias: str, peer: str):

@@ -25,6 +25,8 @@ from node_agent.node import Admitted, Node, Queued, loaded_model
 from node_agent.runtime.base import Finish, FinishReason
 
 log = logging.getLogger(__name__)
+# Peers a LoadModel may name to fetch a file from (coordinators name up to 3).
+MAX_PEERS = 8
 
 SERVICE_NAME = node_pb2.DESCRIPTOR.services_by_name["NodeService"].full_name
 
@@ -255,7 +257,7 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
                 context_length=request.context_length,
                 source=request.source if request.HasField("source") else None,
                 keep_alive_s=keep_alive_of(request.keep_alive_s),
-                peers=list(request.peers),
+                peers=list(request.peers)[:MAX_PEERS],
             )
             return loaded_model(model)
         except EdgefleetError as error:
@@ -286,13 +288,16 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
                 await abort_with(
                     context,
                     error_of(
-                        Reason.UNSPECIFIED_EXHAUSTED,
+                        Reason.UPLOADS_BUSY,
                         "this node is sending as many model files as it may; ask another",
                     ),
                 )
                 return
-            async for data in read_chunks(path, request.offset):
-                yield models_pb2.FetchModelChunk(data=data, size_bytes=size)
+            try:
+                async for data in read_chunks(path, request.offset):
+                    yield models_pb2.FetchModelChunk(data=data, size_bytes=size)
+            except EdgefleetError as error:  # the file went away meanwhile
+                await abort_with(context, error)
 
     # --- capacity and drain ----------------------------------------------------
     async def GetCapacity(self, request: node_pb2.GetCapacityRequest, context):

@@ -47,6 +47,7 @@ from edgefleet.local.processes import (
     start_coordinator,
     start_node,
 )
+from edgefleet.model_store import sha256_of
 from edgefleet.profile import Profile
 from edgefleet.v1 import access_pb2, common_pb2
 from tests.helpers import wait_until
@@ -162,7 +163,7 @@ def stand_in_bundle(directory: Path, *, arch: str = "", python: str = "") -> Pat
             {
                 "alias": "smollm2-135m",
                 "file": "models/smollm2-135m/SmolLM2-135M-Instruct.Q4_1.gguf",
-                "sha256": layout.sha256_of(model),
+                "sha256": sha256_of(model),
                 "size": model.stat().st_size,
             }
         ],
@@ -247,7 +248,7 @@ def test_downloads_need_a_valid_join_token_and_do_not_spend_it(fleet):
     assert script.status_code == 200
     assert script.headers["content-type"].startswith("text/x-shellscript")
     text = script.text
-    digest = layout.sha256_of(fleet.archive)
+    digest = sha256_of(fleet.archive)
     assert f"{host_arch()} {device_python()} {name} {digest} {fleet.archive.stat().st_size}" in text
     port = fleet.url.rsplit(":", 1)[1]
     assert f"BASE_URL=https://coordinator.edgefleet:{port}" in text
@@ -674,7 +675,7 @@ def test_the_real_bundle_installs_offline_joins_and_serves(fleet, installed, def
     assert result.returncode == 0, result.stdout + result.stderr
     assert (installed.prefix / "venv").is_symlink()
     model = installed.state / "models" / "smollm2-135m" / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    assert layout.sha256_of(model) == layout.sha256_of(default_model_path)
+    assert sha256_of(model) == sha256_of(default_model_path)
     if os.geteuid() == 0:
         assert model.stat().st_uid == NOBODY  # installed by, and for, the unprivileged user
 

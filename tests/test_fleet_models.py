@@ -17,7 +17,8 @@ import time
 import grpc
 import pytest
 
-from coordinator.model_registry import choose_variant, memory_needed
+from coordinator.model_loads import file_memory_needed as memory_needed
+from coordinator.model_registry import choose_variant
 from edgefleet.catalog import CATALOG
 from edgefleet.errors import Reason, reason_of
 from edgefleet.model_store import sha256_of

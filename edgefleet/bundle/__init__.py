@@ -19,7 +19,6 @@ coordinator may use it to serve bundles.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import tarfile
 from importlib import resources
@@ -34,7 +33,6 @@ UNIT_NAME = "edgefleet-node.service"
 FALLBACK_UNIT = "edgefleet-node.service"
 SUFFIX = ".tar.gz"
 MAX_MANIFEST_BYTES = 4 << 20
-CHUNK = 1 << 20
 
 # Paths the node's unit names on a default install; the installer rewrites
 # them to --prefix, --state-dir and the config file it writes.
@@ -51,14 +49,6 @@ def bundle_name(version: str, arch: str) -> str:
 def template(name: str) -> str:
     """A template shipped with this package (install.sh, installer.py, ...)."""
     return resources.files(__package__).joinpath(name).read_text()
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while block := handle.read(CHUNK):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_manifest(archive: Path) -> dict:

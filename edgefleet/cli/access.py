@@ -8,7 +8,7 @@ import sys
 import time
 
 from edgefleet.cli.bundle import join_line
-from edgefleet.cli.common import client, coordinator_arg
+from edgefleet.cli.common import client, coordinator_arg, run_command
 
 
 def _labels(value: str) -> dict[str, str]:
@@ -32,19 +32,6 @@ def _duration(value: str) -> float:
 
 def _when(unix: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(unix)) if unix else "-"
-
-
-def _run(work) -> int:
-    from edgefleet.errors import EdgefleetError
-
-    try:
-        return work() or 0
-    except EdgefleetError as error:
-        print(f"error: {error.message} ({error.reason.name})", file=sys.stderr)
-        return 1
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
 
 
 # --- tokens ---------------------------------------------------------------------------------
@@ -94,7 +81,7 @@ def _token(args) -> int:
                 )
                 print(f"revoked join token {args.token_id}")
 
-    return _run(work)
+    return run_command(work)
 
 
 # --- node identities ------------------------------------------------------------------------
@@ -125,7 +112,7 @@ def node_identities(args) -> int:
                 fleet.access("RevokeNode", access_pb2.RevokeNodeRequest(node_id=args.target))
                 print(f"revoked node {args.target}: cut off from every coordinator")
 
-    return _run(work)
+    return run_command(work)
 
 
 # --- API keys -------------------------------------------------------------------------------
@@ -157,7 +144,7 @@ def _keys(args) -> int:
                 fleet.access("RevokeApiKey", access_pb2.RevokeApiKeyRequest(key_id=args.key_id))
                 print(f"revoked API key {args.key_id}")
 
-    return _run(work)
+    return run_command(work)
 
 
 # --- audit ----------------------------------------------------------------------------------
@@ -179,7 +166,7 @@ def _audit(args) -> int:
                 }
                 print(json.dumps(line))
 
-    return _run(work)
+    return run_command(work)
 
 
 def add(sub) -> None:

@@ -439,6 +439,7 @@ def assemble(
     from tqdm import tqdm
 
     from edgefleet import bundle as layout
+    from edgefleet.model_store import sha256_of
 
     files = dict(files)
     name = output.name[: -len(layout.SUFFIX)]
@@ -462,7 +463,7 @@ def assemble(
         "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "unit": f"systemd/{layout.UNIT_NAME}",
         "files": {
-            arcname: {"sha256": layout.sha256_of(path), "size": path.stat().st_size}
+            arcname: {"sha256": sha256_of(path), "size": path.stat().st_size}
             for arcname, path in sorted(files.items())
         },
     }

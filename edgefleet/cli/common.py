@@ -67,3 +67,20 @@ def client(args):
     if found is None:
         return FleetClient(targets or [defaults.COORDINATOR_GRPC])
     return FleetClient.from_profile(found, targets or None, api_key=getattr(args, "api_key", ""))
+
+
+def run_command(work, *, usage_errors: tuple[type[Exception], ...] = (ValueError,)) -> int:
+    """A command's work with its errors as one line: a fleet error with its
+    reason (exit 1), a usage or local error (exit 2)."""
+    import sys
+
+    from edgefleet.errors import EdgefleetError
+
+    try:
+        return work() or 0
+    except EdgefleetError as error:
+        print(f"error: {error.message} ({error.reason.name})", file=sys.stderr)
+        return 1
+    except usage_errors as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2

@@ -145,18 +145,14 @@ def _models_rm(args) -> int:
 
 
 def _fleet(args, work) -> int:
-    from edgefleet.cli.common import client
-    from edgefleet.errors import EdgefleetError
+    """``work(fleet client)`` as a command; a file that cannot be read is exit 2."""
+    from edgefleet.cli.common import client, run_command
 
-    try:
+    def with_client():
         with client(args) as fleet:
-            return work(fleet) or 0
-    except EdgefleetError as error:
-        print(f"error: {error.message} ({error.reason.name})", file=sys.stderr)
-        return 1
-    except OSError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+            return work(fleet)
+
+    return run_command(with_client, usage_errors=(OSError,))
 
 
 def _models_add(args) -> int:
