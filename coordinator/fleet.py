@@ -16,7 +16,7 @@ import collections
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from coordinator.etcd import Etcd, KeyValue
@@ -181,6 +181,17 @@ class FleetView:
         """Placement may use it: ready in etcd, not drained, not suspected here."""
         return self.state_of(entry) == common_pb2.NODE_STATE_READY and not self.is_suspect(
             entry.node_id
+        )
+
+    def could_take_over(self, model: str, failed: Iterable[str]) -> bool:
+        """Some node other than ``failed`` holds ``model`` and is not draining:
+        it may take a continued reply once it has room or reports again."""
+        failed = set(failed)
+        return any(
+            entry.node_id not in failed
+            and entry.model(model) is not None
+            and self.state_of(entry) == common_pb2.NODE_STATE_READY
+            for entry in self.nodes.values()
         )
 
     def ready_nodes(self) -> list[NodeEntry]:

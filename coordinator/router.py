@@ -56,6 +56,10 @@ ON_DEMAND = frozenset({Reason.UNKNOWN_MODEL, Reason.NO_READY_NODE})
 
 # How often a queued request checks that its node still holds its registration.
 QUEUE_CHECK_S = 0.5
+# How often a continued reply that every node refused for now tries again.
+CONTINUATION_RETRY_S = 0.25
+# Why no node took a continued reply: the failover is exhausted.
+NO_TAKER = frozenset({Reason.FLEET_SATURATED, Reason.NO_READY_NODE, Reason.UNKNOWN_MODEL})
 
 
 # Codes no edgefleet node answers Generate with: whatever listens there is not one.
@@ -334,7 +338,7 @@ class Router:
         attempt = request
         request_span = trace.get_current_span(parent)
         while True:
-            node_id, epoch, call, first, span = await self._start(
+            node_id, epoch, call, first, span = await self._start_owed(
                 attempt, ranking, failures, parent
             )
             carried = sent_tokens  # tokens of earlier attempts, now in the prompt as prefix
@@ -393,23 +397,44 @@ class Router:
                         node_id=node_id,
                     )
                     return
-                try:
-                    ranking = self.rank(
-                        request.model,
-                        exclude=frozenset(failures),
-                        continuation=True,
-                        parent=parent,
-                    )
-                except EdgefleetError as error:
-                    raise error_of(
-                        Reason.FAILOVER_EXHAUSTED,
-                        f"node {cause} failed mid-reply and no other node can take over: "
-                        f"{error.message}",
-                    ) from None
+                ranking = None  # _start_owed ranks the rest of the fleet
             finally:
                 call.cancel()  # no-op when finished; stops the node when the client left
                 span.end()
                 self._fleet.release(node_id)
+
+    async def _start_owed(
+        self, request, ranking: Ranking | None, failures: list[str], parent: Context | None
+    ):
+        """``_start``; for a continued reply (``ranking`` None), which a client is
+        already reading, the nodes left are ranked and, while every one refuses
+        it for now (full, unloading, or suspected after a fault until its next
+        report), tried again for up to the admission timeout instead of failing
+        the stream. With no such node left it fails at once."""
+        if ranking is not None:
+            return await self._start(request, ranking, failures, parent)
+        deadline = time.monotonic() + self._admission_timeout_s
+        while True:
+            try:
+                ranking = self.rank(
+                    request.model, exclude=frozenset(failures), continuation=True, parent=parent
+                )
+                return await self._start(request, ranking, failures, parent)
+            except EdgefleetError as error:
+                if (
+                    error.reason in (Reason.FLEET_SATURATED, Reason.NO_READY_NODE)
+                    and time.monotonic() < deadline
+                    and self._fleet.could_take_over(request.model, failures)
+                ):
+                    await asyncio.sleep(CONTINUATION_RETRY_S)  # refused for now: wait
+                    continue
+                if error.reason not in NO_TAKER:
+                    raise  # the request's own fault, as the node said
+                raise error_of(
+                    Reason.FAILOVER_EXHAUSTED,
+                    f"node {failures[-1]} failed mid-reply and no other node can take over: "
+                    f"{error.message}",
+                ) from None
 
     async def _start(self, request, ranking: Ranking, failures: list[str], parent: Context | None):
         """Open the stream on the best node that admits it.

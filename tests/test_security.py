@@ -774,7 +774,17 @@ def test_model_files_go_to_admins_in_and_to_fleet_nodes_out(secure, default_mode
             Reason.NOT_PERMITTED,
         )
     # A node in good standing (earlier tests revoke some): its certificate.
-    member = next(n for n in secure.ready() if (secure.base / n / "node.crt").exists())
+    with secure.admin() as admin:
+        revoked = {
+            i.node_id
+            for i in admin.access(
+                "ListNodeIdentities", access_pb2.ListNodeIdentitiesRequest()
+            ).nodes
+            if i.revoked
+        }
+    member = next(
+        n for n in secure.ready() if n not in revoked and (secure.base / n / "node.crt").exists()
+    )
     with _identity_channel(
         secure.base / member, secure.node_endpoint(), tls.COORDINATOR_DNS
     ) as channel:
