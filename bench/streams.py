@@ -18,9 +18,12 @@ async def read_grpc_stream(call, started: float) -> tuple[float, int]:
     return (first or time.perf_counter()) - started, tokens
 
 
-async def read_sse_stream(reply, started: float) -> tuple[float, int, int | None]:
+async def read_sse_stream(
+    reply, started: float, timings: dict | None = None
+) -> tuple[float, int, int | None]:
     """(seconds to the first content delta, content deltas, usage's completion
-    tokens or None) of a /v1/chat/completions event stream."""
+    tokens or None) of a /v1/chat/completions event stream. ``timings`` gets
+    the server's own timings when it sends them (llama-server does)."""
     reply.raise_for_status()
     first, deltas, usage_tokens = None, 0, None
     async for line in reply.aiter_lines():
@@ -29,6 +32,8 @@ async def read_sse_stream(reply, started: float) -> tuple[float, int, int | None
         event = json.loads(line[6:])
         if event.get("usage"):
             usage_tokens = event["usage"]["completion_tokens"]
+        if timings is not None and isinstance(event.get("timings"), dict):
+            timings.update(event["timings"])
         choices = event.get("choices") or [{}]
         if (choices[0].get("delta") or {}).get("content"):
             deltas += 1

@@ -9,7 +9,7 @@ from prometheus_client import (
     disable_created_metrics,
     start_http_server,
 )
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 # Token latencies on CPUs range from milliseconds to a few seconds.
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -88,6 +88,7 @@ class _NodeStateCollector:
         yield slots
         yield queue
         yield memory
+        yield from _decode_loop_metrics(self._node.models.hosted())
         yield GaugeMetricFamily(
             "edgefleet_node_models_loaded", "Models loaded", value=len(capacity.models)
         )
@@ -104,3 +105,44 @@ class _NodeStateCollector:
             "Resident memory of the node process",
             value=capacity.process_rss_bytes,
         )
+
+
+# The decode loop's phases (StepTimings), as counters: rates give time per step.
+DECODE_PHASES = ("admit", "batch", "decode", "sample", "handoff")
+
+
+def _decode_loop_metrics(hosted):
+    seconds = CounterMetricFamily(
+        "edgefleet_node_decode_loop_seconds",
+        "Decode-loop time by phase: admit, batch (building it), decode (llama_decode), "
+        "sample (sampling, detokenizing), handoff (posting events to the event loop)",
+        labels=["model", "phase"],
+    )
+    steps = CounterMetricFamily(
+        "edgefleet_node_decode_steps", "Batched decode steps", labels=["model"]
+    )
+    tokens = CounterMetricFamily(
+        "edgefleet_node_decode_tokens",
+        "Tokens decoded in batches, by kind (generated, prompt)",
+        labels=["model", "kind"],
+    )
+    delay = CounterMetricFamily(
+        "edgefleet_node_handoff_delay_seconds",
+        "From the decode loop posting a step's events to the event loop running them",
+        labels=["model"],
+    )
+    handoffs = CounterMetricFamily(
+        "edgefleet_node_handoffs", "Steps' events run by the event loop", labels=["model"]
+    )
+    for model in hosted:
+        timings = getattr(model.instance, "step_timings", lambda: None)()
+        if timings is None:  # a runtime without a decode loop of its own
+            continue
+        for phase in DECODE_PHASES:
+            seconds.add_metric([model.name, phase], getattr(timings, f"{phase}_s"))
+        steps.add_metric([model.name], timings.steps)
+        tokens.add_metric([model.name, "generated"], timings.generated_tokens)
+        tokens.add_metric([model.name, "prompt"], timings.prompt_tokens)
+        delay.add_metric([model.name], timings.handoff_delay_s)
+        handoffs.add_metric([model.name], timings.handoffs)
+    yield from (seconds, steps, tokens, delay, handoffs)

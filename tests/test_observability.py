@@ -205,6 +205,33 @@ def test_metrics_on_coordinator_and_node_count_known_traffic(fleet_factory):
         == 3
     )
     assert value(node_after, "edgefleet_node_slots", model="smollm2-135m", state="free") == 2
+    # The decode loop's own account: every token but each reply's last was fed
+    # back in a batch, one stream at a time here (a step per token), and the
+    # time went somewhere, mostly into llama_decode.
+    model = {"model": "smollm2-135m"}
+    fed = moved(
+        node_before, node_after, "edgefleet_node_decode_tokens_total", kind="generated", **model
+    )
+    assert produced - 3 <= fed <= produced
+    assert (
+        moved(node_before, node_after, "edgefleet_node_decode_tokens_total", kind="prompt", **model)
+        > 0
+    )
+    steps = moved(node_before, node_after, "edgefleet_node_decode_steps_total", **model)
+    assert steps >= fed
+    phases = {
+        phase: moved(
+            node_before,
+            node_after,
+            "edgefleet_node_decode_loop_seconds_total",
+            phase=phase,
+            **model,
+        )
+        for phase in ("admit", "batch", "decode", "sample", "handoff")
+    }
+    assert all(seconds >= 0 for seconds in phases.values())
+    assert phases["decode"] == max(phases.values()) > 0
+    assert moved(node_before, node_after, "edgefleet_node_handoffs_total", **model) >= steps
     assert value(node_after, "edgefleet_node_models_loaded") == 1
     assert (
         moved(

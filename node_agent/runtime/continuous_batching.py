@@ -50,6 +50,31 @@ MIN_COPY_TOKENS = 128
 Emit = Callable[[GenerationEvent | BaseException], None]
 
 
+@dataclass
+class StepTimings:
+    """Where the decode loop's time goes, summed since the model was loaded
+    (read at any time; the node exports them as metrics, the benchmark
+    reports them per step).
+
+    The decode thread writes every field but the hand-off delay, which the
+    event loop writes as it runs each step's events.
+    """
+
+    steps: int = 0
+    generated_tokens: int = 0  # tokens decoded for a generating stream
+    prompt_tokens: int = 0  # prompt tokens decoded
+    admit_s: float = 0.0  # admitting and cancelling (cache lookups, samplers)
+    batch_s: float = 0.0  # building the batch
+    decode_s: float = 0.0  # llama_decode
+    sample_s: float = 0.0  # sampling, detokenizing, stop strings
+    handoff_s: float = 0.0  # posting the step's events to the event loops
+    handoff_delay_s: float = 0.0  # from posting to the event loop running them
+    handoffs: int = 0
+
+    def as_dict(self) -> dict[str, float]:
+        return dict(self.__dict__)
+
+
 @dataclass(eq=False)
 class Generation:
     """One request in flight; owned by the decode loop once submitted."""
@@ -110,6 +135,7 @@ class ContinuousBatcher:
         self._outbox: list[tuple[asyncio.AbstractEventLoop, Callable, tuple]] = []
         self._wake = threading.Condition()
         self._closing = False
+        self.timings = StepTimings()
         self._thread = threading.Thread(target=self._run, name="llama-batch", daemon=True)
         self._thread.start()
 
@@ -158,6 +184,8 @@ class ContinuousBatcher:
                     Unavailable("the model is being unloaded", reason=Reason.MODEL_UNLOADING),
                 )
                 self._post(generation, generation.on_released)
+            timings = self.timings
+            started = time.perf_counter()
             for generation in admitted:
                 try:
                     self._admit(generation)
@@ -173,6 +201,7 @@ class ContinuousBatcher:
             if self._closing and not self._active:
                 self._flush()
                 return
+            timings.admit_s += time.perf_counter() - started
             try:
                 self._step()
             except Exception as exc:  # a failed decode fails its sequences, not the node
@@ -182,7 +211,9 @@ class ContinuousBatcher:
                         generation, error_of(Reason.GENERATION_FAILED, f"generation failed: {exc}")
                     )
             finally:
+                started = time.perf_counter()
                 self._flush()
+                timings.handoff_s += time.perf_counter() - started
 
     def _emit(self, generation: Generation, event: GenerationEvent | BaseException) -> None:
         self._post(generation, generation.emit, event)
@@ -195,9 +226,10 @@ class ContinuousBatcher:
         by_loop: dict[asyncio.AbstractEventLoop, list] = {}
         for loop, callback, args in outbox:
             by_loop.setdefault(loop, []).append((callback, args))
+        posted = time.perf_counter()
         for loop, calls in by_loop.items():
             try:
-                loop.call_soon_threadsafe(_run_all, calls)
+                loop.call_soon_threadsafe(_run_all, calls, posted, self.timings)
             except RuntimeError:  # that event loop is closed: nobody is listening
                 pass
 
@@ -231,6 +263,8 @@ class ContinuousBatcher:
 
     def _step(self) -> None:
         """Decode one batch: a token per generating sequence, then prompt chunks."""
+        timings = self.timings
+        started = time.perf_counter()
         batch = self._batch
         n = 0
         outputs: list[tuple[Generation, int]] = []
@@ -239,6 +273,7 @@ class ContinuousBatcher:
                 self._put(n, generation.next_token, generation, logits=True)
                 outputs.append((generation, n))
                 n += 1
+        timings.generated_tokens += n
         budget = min(self._prompt_chunk, self._batch_tokens - n)
         for generation in self._active:
             if budget <= 0:
@@ -248,6 +283,7 @@ class ContinuousBatcher:
             chunk = generation.pending[:budget]
             del generation.pending[: len(chunk)]
             budget -= len(chunk)
+            timings.prompt_tokens += len(chunk)
             for i, token in enumerate(chunk):
                 last = not generation.pending and i == len(chunk) - 1
                 self._put(n, token, generation, logits=last)
@@ -257,11 +293,17 @@ class ContinuousBatcher:
         if n == 0:
             return
         batch.n_tokens = n
+        built = time.perf_counter()
         status = llama_cpp.llama_decode(self._ctx.ctx, batch)
+        decoded = time.perf_counter()
+        timings.steps += 1
+        timings.batch_s += built - started
+        timings.decode_s += decoded - built
         if status != 0:
             raise RuntimeError(f"llama_decode returned {status}")
         for generation, index in outputs:
             self._sample(generation, index)
+        timings.sample_s += time.perf_counter() - decoded
 
     def _put(self, i: int, token: int, generation: Generation, *, logits: bool) -> None:
         batch = self._batch
@@ -337,7 +379,9 @@ class ContinuousBatcher:
         self._post(generation, generation.on_released)
 
 
-def _run_all(calls: list[tuple[Callable, tuple]]) -> None:
+def _run_all(calls: list[tuple[Callable, tuple]], posted: float, timings: StepTimings) -> None:
+    timings.handoff_delay_s += time.perf_counter() - posted
+    timings.handoffs += 1
     for callback, args in calls:
         callback(*args)
 

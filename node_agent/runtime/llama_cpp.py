@@ -37,6 +37,7 @@ from node_agent.runtime.base import (
 from node_agent.runtime.continuous_batching import (
     ContinuousBatcher,
     Generation,
+    StepTimings,
     grammar_sampler,
     resume_grammar,
 )
@@ -377,6 +378,9 @@ class LlamaCppModel:
 
     def cached_prefix(self, slot: int, prompt: PreparedPrompt) -> int:
         return self._batcher.cached_prefix(slot, prompt.tokens)
+
+    def step_timings(self) -> StepTimings:
+        return self._batcher.timings
 
     async def stream(self, slot: int, prompt: PreparedPrompt) -> AsyncIterator[GenerationEvent]:
         loop = asyncio.get_running_loop()
