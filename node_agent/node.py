@@ -29,18 +29,23 @@ from node_agent.runtime.base import GenerationEvent, GenerationRequest
 
 log = logging.getLogger(__name__)
 
-# Reusing a slot's cache pays off for a conversation's history. For a short
-# shared prefix (the chat template's system prompt) it does not: measured with
-# 8 streams of short prompts, pinning each prompt to its slot cost about 15%
-# of the aggregate throughput (bench node-concurrency), for reasons not yet
-# understood; those take the least recently used slot instead.
-MIN_REUSE_TOKENS = 64
 MAX_ORIGIN_CHARS = 128  # GenerateRequest.origin: a coordinator id and a process tag
 
+# Choosing a free slot: the one whose cache holds the most of the prompt, when
+# that is worth taking a slot for: a long shared prefix (a conversation's
+# history) or most of the prompt however short (an agent's repeated system
+# prompt and question). A few shared tokens (the chat template's opening,
+# which every prompt has) do not count, so they never evict another
+# conversation's cache: the least recently used slot is taken instead.
+LONG_PREFIX_TOKENS = 64
 
-def worth_reusing(cached_tokens: int) -> int:
-    """How much a free slot's cached prefix counts when choosing a slot."""
-    return cached_tokens if cached_tokens >= MIN_REUSE_TOKENS else 0
+
+def slot_value(shared: int, prompt_tokens: int) -> int:
+    """How good a free slot is for a prompt of ``prompt_tokens`` whose first
+    ``shared`` tokens its cache holds (0: no better than any other)."""
+    if shared >= LONG_PREFIX_TOKENS or 2 * shared >= prompt_tokens:
+        return shared
+    return 0
 
 
 @dataclass(frozen=True)
@@ -217,7 +222,9 @@ class Node:
         try:
             async with model.pool.acquire(
                 continuation=continuation,
-                prefer=lambda slot: worth_reusing(model.instance.cached_prefix(slot, prepared)),
+                prefer=lambda slot: slot_value(
+                    model.instance.cached_prefix(slot, prepared), len(prepared.tokens)
+                ),
             ) as slot:
                 admitted_ns = time.time_ns()
                 self._active += 1

@@ -151,6 +151,22 @@ def test_next_turn_reuses_the_cached_conversation(batching_node):
     assert usage.cached_prompt_tokens >= first_prompt
 
 
+def test_a_short_repeated_prompt_finds_the_slot_that_holds_it(batching_node):
+    """An agent's short system prompt and question, sent again after other
+    requests took other slots: its slot is chosen again and only the last
+    token is read (prefix reuse at any length, not only above a threshold)."""
+    channel, stub = node_stub(batching_node.address)
+    with channel:
+        repeated = chat_request("Is it open today?", system="You answer briefly.", max_tokens=2)
+        collect(stub.Generate(repeated))
+        for prompt in PROMPTS[:3]:
+            collect(stub.Generate(chat_request(prompt, max_tokens=2)))
+        _, chunks = collect(stub.Generate(repeated))
+    usage = chunks[-1].usage
+    assert usage.prompt_tokens < 64
+    assert usage.cached_prompt_tokens == usage.prompt_tokens - 1
+
+
 def test_grammars_apply_per_stream_and_a_bad_one_is_refused(batching_node):
     channel, stub = node_stub(batching_node.address)
     yes_no = chat_request("Is the sea wet?", temperature=0, max_tokens=8)

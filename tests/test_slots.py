@@ -154,3 +154,14 @@ def test_a_reserved_slot_coming_back_is_not_given_to_an_ordinary_request():
 async def _hold(pool, *, continuation=False):
     async with pool.acquire(continuation=continuation) as slot:
         return slot
+
+
+def test_a_slot_counts_when_it_holds_a_long_prefix_or_most_of_the_prompt():
+    from node_agent.node import slot_value
+
+    assert slot_value(shared=39, prompt_tokens=40) == 39  # a short prompt, repeated
+    assert slot_value(shared=20, prompt_tokens=40) == 20  # half of it: a shared system prompt
+    assert slot_value(shared=300, prompt_tokens=2000) == 300  # a conversation's history
+    # The template's opening, shared by every prompt: no reason to evict that slot.
+    assert slot_value(shared=3, prompt_tokens=40) == 0
+    assert slot_value(shared=30, prompt_tokens=2000) == 0
