@@ -377,11 +377,11 @@ def plan_step(
 
     Every generating sequence puts its next token; prompts are read oldest
     request first, ``prompt_chunk`` tokens in all (taken off their
-    ``pending``), within ``batch_tokens``. The order matters for speed: llama.cpp
-    decodes a batch whose sequences come in ascending id order as one unit,
-    while the order slots happened to be taken in cost a third more
-    ``llama_decode`` time per step with 8 streams (63-75 ms vs 94-115 ms,
-    the node's real path in process, bench notes of issue 16).
+    ``pending``), within ``batch_tokens``. The order matters for speed: with
+    a KV stream per sequence, a batch in the order slots happened to be taken
+    in cost a third more ``llama_decode`` time per step at 8 streams than the
+    same batch in ascending id (94-115 ms vs 63-75 ms, measured on the node's
+    own path in process; issue 16's notes).
     """
     work: dict[Generation, tuple[list[int], bool]] = {}
     for generation in active:
