@@ -18,6 +18,14 @@ async def read_grpc_stream(call, started: float) -> tuple[float, int]:
     return (first or time.perf_counter()) - started, tokens
 
 
+def sse_event(line: str) -> dict | None:
+    """The JSON event of one server-sent-events line; None for anything else
+    (blank lines, comments, the closing ``[DONE]``)."""
+    if not line.startswith("data: ") or line == "data: [DONE]":
+        return None
+    return json.loads(line[6:])
+
+
 async def read_sse_stream(
     reply, started: float, timings: dict | None = None
 ) -> tuple[float, int, int | None]:
@@ -27,9 +35,9 @@ async def read_sse_stream(
     reply.raise_for_status()
     first, deltas, usage_tokens = None, 0, None
     async for line in reply.aiter_lines():
-        if not line.startswith("data: ") or line == "data: [DONE]":
+        event = sse_event(line)
+        if event is None:
             continue
-        event = json.loads(line[6:])
         if event.get("usage"):
             usage_tokens = event["usage"]["completion_tokens"]
         if timings is not None and isinstance(event.get("timings"), dict):

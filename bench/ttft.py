@@ -19,7 +19,6 @@ can be compared with the engine plus what a call costs.
 from __future__ import annotations
 
 import itertools
-import json
 import statistics
 import time
 import uuid
@@ -28,6 +27,7 @@ import grpc
 import httpx
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from bench.streams import sse_event
 from edgefleet.v1 import common_pb2, node_pb2, node_pb2_grpc
 
 # An agent's turn in miniature: a short system line and a question (about 60
@@ -133,9 +133,10 @@ class LlamaServerSide:
         with self._client.stream("POST", self._base + "/v1/chat/completions", json=body) as r:
             r.raise_for_status()
             for line in r.iter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
+                event = sse_event(line)
+                if event is None:
                     continue
-                choices = json.loads(line[6:]).get("choices") or [{}]
+                choices = event.get("choices") or [{}]
                 delta = choices[0].get("delta") or {}
                 if delta.get("content") or choices[0].get("finish_reason"):
                     return time.perf_counter() - started

@@ -71,9 +71,6 @@ class StepTimings:
     handoff_delay_s: float = 0.0  # from posting to the event loop running them
     handoffs: int = 0
 
-    def as_dict(self) -> dict[str, float]:
-        return dict(self.__dict__)
-
 
 @dataclass(eq=False)
 class Generation:
