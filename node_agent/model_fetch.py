@@ -115,15 +115,25 @@ class ModelFetcher:
         target.parent.mkdir(parents=True, exist_ok=True)
         digest, offset = await asyncio.to_thread(_resume_state, partial, source.size_bytes)
         free = shutil.disk_usage(target.parent).free
-        if source.size_bytes - offset + DISK_MARGIN_BYTES > free:
+        # Bytes the fetches already running will still write take room too.
+        promised = sum(total - done for done, total in self.progress.values())
+        if source.size_bytes - offset + promised + DISK_MARGIN_BYTES > free:
             raise error_of(
                 Reason.DISK_FULL,
                 f"{alias}: {(source.size_bytes - offset) >> 20} MiB to fetch, "
-                f"{free >> 20} MiB free in {target.parent}",
+                f"{free >> 20} MiB free in {target.parent}"
+                + (f", {promised >> 20} MiB of it promised to other fetches" if promised else ""),
             )
         self.progress[alias] = (offset, source.size_bytes)
         try:
             offset = await self._download(alias, source, partial, digest, offset, endpoints)
+        except EdgefleetError as error:
+            if error.reason is Reason.DISK_FULL:
+                # The disk filled up under the fetch (another writer, a log):
+                # the partial file is what frees it; resuming needs that room.
+                await asyncio.to_thread(partial.unlink, missing_ok=True)
+                log.warning("fetch of %s stopped: %s; the partial file was deleted", alias, error)
+            raise
         finally:
             self.progress.pop(alias, None)
         if offset != source.size_bytes or digest.hexdigest() != source.sha256:
@@ -170,7 +180,10 @@ class ModelFetcher:
                 if error.code() not in CUT:
                     index += 1  # no copy there, busy, or not allowed: the next one
                     continue
-            except EdgefleetError as error:  # it sent another file: not to be trusted
+            except EdgefleetError as error:
+                if error.reason is Reason.DISK_FULL:  # this node's own disk: no source helps
+                    raise
+                # It sent another file: not to be trusted.
                 errors.append(f"{address}: {error.message}")
                 index += 1
                 continue

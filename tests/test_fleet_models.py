@@ -10,9 +10,14 @@ CLI; the model is SmolLM2-135M's file added under another alias.
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import os
+import shutil
+import subprocess
+import threading
 import time
+from pathlib import Path
 
 import grpc
 import pytest
@@ -20,13 +25,14 @@ import pytest
 from coordinator.model_loads import file_memory_needed as memory_needed
 from coordinator.model_registry import choose_variant
 from edgefleet.catalog import CATALOG
-from edgefleet.errors import Reason, reason_of
+from edgefleet.errors import EdgefleetError, Reason, reason_of
 from edgefleet.model_store import sha256_of
-from edgefleet.v1 import common_pb2, models_pb2, models_pb2_grpc
+from edgefleet.v1 import common_pb2, models_pb2, models_pb2_grpc, node_pb2, node_pb2_grpc
 from node_agent.model_fetch import ModelFetcher
 from tests.helpers import wait_until
 from tests.test_cli import run_cli
 
+READY = common_pb2.NODE_STATE_READY
 SMOLLM = CATALOG["smollm2-135m"]
 MiB = 1 << 20
 
@@ -85,6 +91,20 @@ def test_a_nodes_report_of_fetches_and_origins_is_bounded():
     assert all(len(f.alias) == MAX_TEXT_CHARS for f in capacity.fetches)
     assert len(capacity.active_by_origin) == MAX_ORIGINS
     assert all(len(o) <= MAX_TEXT_CHARS for o in capacity.active_by_origin)
+
+
+def test_a_fetch_counts_the_room_other_fetches_still_need(tmp_path):
+    """Two fetches that each fit the disk alone but not together: the second
+    is refused before it writes a byte, not half-way when the disk fills."""
+    fetcher = ModelFetcher(lambda: [], lambda address: None)
+    free = shutil.disk_usage(tmp_path).free
+    source = common_pb2.ModelFile(sha256="0" * 64, size_bytes=free // 2)
+    fetcher.progress["other"] = (0, free // 2)  # a fetch running, nothing written yet
+    with pytest.raises(EdgefleetError) as refused:
+        asyncio.run(fetcher.fetch("big", source, tmp_path / "fleet" / "big" / "x.gguf"))
+    assert refused.value.reason is Reason.DISK_FULL
+    assert "promised to other fetches" in refused.value.message
+    assert not list((tmp_path / "fleet").rglob("*.partial"))
 
 
 def test_an_air_gapped_device_is_seeded_from_a_folder(tmp_path, default_model_path):
@@ -237,6 +257,93 @@ def test_a_cut_fetch_resumes_and_a_wrong_file_is_never_kept(
     # The next fetch starts over and succeeds.
     asyncio.run(fetcher.fetch("tiny-chat", source, target))
     assert hashlib.sha256(target.read_bytes()).hexdigest() == source.sha256
+
+
+def small_disk(directory, size_mib: int) -> tuple[str, ...]:
+    """A command prefix that runs a daemon with ``directory`` on its own
+    ``size_mib`` filesystem (a tmpfs in a private mount namespace)."""
+    probe = subprocess.run(
+        ["unshare", "--user", "--map-root-user", "--mount", "true"], capture_output=True
+    )
+    if probe.returncode != 0:
+        pytest.skip(f"no private mount namespace here: {probe.stderr.decode().strip()}")
+    return (
+        "unshare",
+        "--user",
+        "--map-root-user",
+        "--mount",
+        "sh",
+        "-c",
+        f'mount -t tmpfs -o size={size_mib}m tmpfs "$0" && exec "$@"',
+        str(directory),
+    )
+
+
+def test_a_disk_that_fills_mid_fetch_leaves_no_partial_file_and_the_node_serves_on(
+    fleet_factory, tmp_path, default_model_path
+):
+    """The node's fleet-model folder is a real 240 MiB filesystem: the fetch
+    of a 98 MiB model passes the free-space check (size + 128 MiB margin), then
+    something else fills the disk while it runs. The request gets a clear
+    error naming the node and DISK_FULL, the partial file is gone, the node
+    goes on serving the model it had, and once room is back the same fetch
+    starts over and completes."""
+    coordinator = fleet_factory.coordinator("--model-dir", str(tmp_path / "coordinator-models"))
+    assert add_with_cli(coordinator, "tiny-chat", default_model_path).returncode == 0
+    source = registry(coordinator.address)["tiny-chat"].variants[0]
+    store = own_store(tmp_path, default_model_path, "node-store")
+    (store / "fleet").mkdir()
+    node = fleet_factory.node(
+        "n1", env={"EDGEFLEET_MODEL_DIR": str(store)}, wrap=small_disk(store / "fleet", 240)
+    )
+    fleet_factory.wait_ready_nodes(1)
+    # The node's own view of its folder: the tmpfs lives in its mount namespace.
+    fleet_dir = Path(f"/proc/{node.process.pid}/root") / store.relative_to("/") / "fleet"
+    partial = fleet_dir / "tiny-chat" / f"{source.sha256}.gguf.partial"
+    filled = threading.Event()
+
+    def fill_when_the_fetch_starts():
+        wait_until(
+            lambda: partial.exists() and partial.stat().st_size > 0,
+            timeout_s=60,
+            interval_s=0.002,
+            what="the fetch to start",
+        )
+        block = bytes(4 * MiB)
+        with (fleet_dir / "filler").open("wb", buffering=0) as f:
+            try:
+                while True:  # tens of milliseconds; the fetch takes far longer
+                    f.write(block)
+            except OSError as error:
+                assert error.errno == errno.ENOSPC
+        filled.set()
+
+    filler = threading.Thread(target=fill_when_the_fetch_starts, daemon=True)
+    filler.start()
+    with fleet_factory.client() as client:
+        with pytest.raises(EdgefleetError) as failed:
+            "".join(c.text for c in client.complete("tiny-chat", [("user", "Hi")], max_tokens=4))
+        filler.join(timeout=10)
+        assert filled.is_set()
+        assert failed.value.reason is Reason.MODEL_LOAD_FAILED
+        assert "n1: DISK_FULL" in failed.value.message
+        assert not partial.exists()
+        assert not (fleet_dir / "tiny-chat" / f"{source.sha256}.gguf").exists()
+        assert "the partial file was deleted" in node.log_path.read_text()
+        # The node is not blamed and serves what it had.
+        [status] = client.status().nodes
+        assert status.state == READY
+        assert "".join(
+            c.text for c in client.complete("smollm2-135m", [("user", "Hi")], max_tokens=4)
+        )
+
+    # Room again: the node fetches the file from the start and loads it.
+    (fleet_dir / "filler").unlink()
+    with grpc.insecure_channel(node.address) as channel:
+        node_pb2_grpc.NodeServiceStub(channel).LoadModel(
+            node_pb2.LoadModelRequest(model="tiny-chat", source=source), timeout=120
+        )
+    assert sha256_of(fleet_dir / "tiny-chat" / f"{source.sha256}.gguf") == source.sha256
 
 
 def test_a_catalog_model_a_node_lacks_comes_from_the_coordinator(

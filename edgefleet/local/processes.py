@@ -206,8 +206,10 @@ def start_node(
     env: dict[str, str] | None = None,
     name: str = "node",
     join: tuple[str, Path] | None = None,
+    wrap: tuple[str, ...] = (),
 ) -> DaemonProcess:
-    """``join``: (token, state dir) for a node of a secure fleet; None: ``--insecure``."""
+    """``join``: (token, state dir) for a node of a secure fleet; None: ``--insecure``.
+    ``wrap``: as for ``start_daemon``."""
     args = ["node", "--listen", listen]
     if join is not None:
         args += ["--join", join[0], "--state-dir", str(join[1])]
@@ -220,7 +222,7 @@ def start_node(
     if queue is not None:
         args += ["--queue", str(queue)]
     args += list(extra_args)
-    process = start_daemon(args, address=listen, name=name, log_path=log_path, env=env)
+    process = start_daemon(args, address=listen, name=name, log_path=log_path, env=env, wrap=wrap)
     if join is not None:
         process.extra["ready_line"] = "edgefleet node ready"
     return process
