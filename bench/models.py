@@ -34,9 +34,9 @@ from edgefleet.catalog import CATALOG
 from edgefleet.client import FleetClient
 from edgefleet.local.etcd_server import EtcdCluster
 from edgefleet.local.processes import free_port, start_coordinator, start_node
+from edgefleet.model_fetch import ModelFetcher
 from edgefleet.model_store import ModelStore
 from edgefleet.v1 import models_pb2, models_pb2_grpc
-from node_agent.model_fetch import ModelFetcher
 
 NODES = 3
 SMOLLM, GEMMA = CATALOG["smollm2-135m"], CATALOG["gemma3-270m"]

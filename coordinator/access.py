@@ -168,7 +168,12 @@ class Access:
         return identity
 
     async def node_principal(self, peer: tls.Identity | None) -> Principal | None:
-        """The node a verified peer certificate speaks for; None if it may not speak."""
+        """The node (or coordinator replica) a verified peer certificate speaks
+        for; None if it may not speak. Only coordinators hold the fleet CA's
+        key, so a certificate with the coordinator role is one of them; the
+        policy tables let it call nothing on this listener but FetchModel."""
+        if peer is not None and peer.role == tls.COORDINATOR:
+            return Principal("coordinator", peer.principal_id, peer.principal_id)
         if peer is None or peer.role != tls.NODE:
             return None
         identity = await self.identity(peer.principal_id)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import socket
@@ -44,6 +45,7 @@ from coordinator.openai_common import HttpServices
 from coordinator.placement import Placement
 from coordinator.quotas import QuotaLimits, Quotas
 from coordinator.replica import ReplicaLease
+from coordinator.replica_files import ReplicaFiles
 from coordinator.router import NodeChannels, Router
 from coordinator.service import SERVICE_NAME, CoordinatorServicer
 from coordinator.sessions import SessionLimits, Sessions
@@ -216,6 +218,12 @@ async def serve(config: CoordinatorConfig) -> int:
                 or Path(config.state_dir or default_state_dir() / "coordinator") / "models"
             ),
             ModelStore(),
+        )
+        replica_files = ReplicaFiles(
+            registry,
+            replica.replicas,
+            coordinator_id=coordinator_id,
+            channel=functools.partial(_replica_channel, own),
         )
         router = Router(
             fleet,
@@ -390,6 +398,7 @@ async def serve(config: CoordinatorConfig) -> int:
         cleanup.callback(keeper.stop)
         loops.start("fleet-mirror", fleet.run, restart=True)
         loops.start("model-registry", registry.run, restart=True)
+        loops.start("replica-files", replica_files.run, restart=True)
         loops.start("deployments", deployments.run_mirror, restart=True)
         loops.start("deployment-reconciler", deployments.run_reconciler, restart=True)
         loops.start("replica-lease", replica.run, restart=True)
@@ -487,6 +496,16 @@ def _add_guarded(
             not_here=not_here,
         ),
         server,
+    )
+
+
+def _replica_channel(own: security.OwnCertificate | None, address: str) -> grpc.aio.Channel:
+    """A channel to another replica's node listener (its coordinator
+    certificate presented), or to its one port in an insecure fleet."""
+    if own is None:
+        return grpc.aio.insecure_channel(address)
+    return grpc.aio.secure_channel(
+        address, own.channel_credentials(), options=tls.channel_options(tls.COORDINATOR_DNS)
     )
 
 

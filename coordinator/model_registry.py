@@ -205,6 +205,8 @@ class ModelRegistry:
         self._store = store
         self._models: dict[str, models_pb2.RegisteredModel] = {}
         self.synced = asyncio.Event()
+        # Files placed by an add whose record is not written yet: not garbage.
+        self._placing: set[str] = set()
 
     # --- mirroring etcd --------------------------------------------------------------
     async def run(self) -> None:
@@ -255,6 +257,26 @@ class ModelRegistry:
         path = self._store.path_of(entry) if entry else self.files_dir / f"{sha256}.gguf"
         return path if path.is_file() else None
 
+    def missing_files(self) -> list[tuple[str, common_pb2.ModelFile]]:
+        """Added models' files this replica has no copy of: (alias, file)."""
+        found: dict[str, tuple[str, common_pb2.ModelFile]] = {}
+        for record in self.added():
+            for variant in record.variants:
+                if not (self.files_dir / f"{variant.sha256}.gguf").is_file():
+                    found.setdefault(variant.sha256, (record.alias, variant))
+        return list(found.values())
+
+    async def drop_unreferenced(self) -> None:
+        """Delete the files here (and cut fetches' partial files) that no
+        record names: removed or replaced through another replica."""
+        names = await asyncio.to_thread(
+            lambda: (
+                [p.name for p in self.files_dir.glob("*.gguf*")] if self.files_dir.is_dir() else []
+            )
+        )
+        shas = {name.split(".", 1)[0] for name in names if not name.startswith(".")}
+        await self._drop_unused(shas - self._placing)
+
     # --- changing ------------------------------------------------------------------------
     async def add(
         self, header: models_pb2.AddModelHeader, chunks: AsyncIterator[bytes]
@@ -270,6 +292,7 @@ class ModelRegistry:
             )
         upload = Upload(self.files_dir / f".upload-{uuid.uuid4().hex}.partial", header.size_bytes)
         target = None
+        placing = ""
         try:
             sha256 = await self._receive(upload, chunks)
             if header.sha256 and sha256 != header.sha256:
@@ -281,6 +304,7 @@ class ModelRegistry:
             file = model_file(header, sha256, upload.received, found)  # NOT_GGUF if out of range
             target = self.files_dir / f"{sha256}.gguf"
             existed = target.exists()
+            self._placing.add(placing := sha256)
             os.replace(upload.path, target)
             replaced: set[str] = set()
 
@@ -295,6 +319,7 @@ class ModelRegistry:
             record = await self._update(header.alias, change)
             target = None  # recorded: it stays
         finally:
+            self._placing.discard(placing)
             await asyncio.to_thread(upload.path.unlink, missing_ok=True)
             if target is not None and not existed:  # placed but not recorded
                 await asyncio.to_thread(target.unlink, missing_ok=True)
@@ -399,4 +424,8 @@ class ModelRegistry:
             except Exception:
                 continue
         for sha in candidates - used:
-            await asyncio.to_thread((self.files_dir / f"{sha}.gguf").unlink, missing_ok=True)
+            for name in (f"{sha}.gguf", f"{sha}.gguf.partial"):
+                path = self.files_dir / name
+                if path.exists():
+                    log.info("deleting %s: no model in the registry names it", name)
+                    await asyncio.to_thread(path.unlink, missing_ok=True)

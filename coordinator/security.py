@@ -27,7 +27,7 @@ from coordinator.etcd import Etcd
 from coordinator.keys import Keys
 from coordinator.pki import FleetCA, load_or_create, new_fleet_secret
 from edgefleet import auth, tls
-from edgefleet.auth import ADMIN, INFERENCE, NODE, NOT_HERE, PUBLIC, Principal
+from edgefleet.auth import ADMIN, FLEET, INFERENCE, NODE, NOT_HERE, PUBLIC, Principal
 from edgefleet.profile import Profile, write_private
 
 log = logging.getLogger(__name__)
@@ -87,7 +87,8 @@ NODE_POLICIES = {
         for name in CLIENT_POLICIES["edgefleet.v1.AccessService"]
     },
     "edgefleet.v1.ModelService": {
-        name: (NODE if name == "FetchModel" else NOT_HERE)
+        # Nodes fetch model files; so do other coordinator replicas (replica_files).
+        name: (FLEET if name == "FetchModel" else NOT_HERE)
         for name in CLIENT_POLICIES["edgefleet.v1.ModelService"]
     },
 }

@@ -78,9 +78,10 @@ def owner_may_see(record_owner: str, caller: Principal) -> bool:
 PUBLIC = "public"  # anyone: what it returns is public (a join checks its token itself)
 NODE = "node"  # a node's fleet certificate (mutual-TLS listener)
 COORDINATOR = "coordinator"  # a coordinator's fleet certificate
+FLEET = "fleet"  # either: a node's or a coordinator's fleet certificate
 NOT_HERE = "not-here"  # this listener does not serve the method
 # ...or a scope name (INFERENCE, ADMIN): an API key with that scope.
-POLICIES = (PUBLIC, NODE, COORDINATOR, NOT_HERE, *SCOPES)
+POLICIES = (PUBLIC, NODE, COORDINATOR, FLEET, NOT_HERE, *SCOPES)
 
 
 def permitted(policy: str, caller: Principal | None) -> Reason | None:
@@ -95,6 +96,8 @@ def permitted(policy: str, caller: Principal | None) -> Reason | None:
         return None
     if policy in (NODE, COORDINATOR):
         return None if caller.kind == policy else Reason.NOT_PERMITTED
+    if policy == FLEET:
+        return None if caller.kind in (NODE, COORDINATOR) else Reason.NOT_PERMITTED
     if caller.kind in (NODE, COORDINATOR):
         return Reason.NOT_PERMITTED
     return None if caller.can(policy) else Reason.NOT_PERMITTED
@@ -146,10 +149,10 @@ async def _admit(context, policy: str, authenticate: Authenticate, method: str, 
         message = not_here or f"{method} is not served on this listener"
     elif reason is Reason.NOT_AUTHENTICATED:
         message = f"{method} needs a credential: an API key (authorization: Bearer ...)"
-        if policy in (NODE, COORDINATOR):
+        if policy in (NODE, COORDINATOR, FLEET):
             message = f"{method} needs a {policy} certificate from the fleet CA"
-    elif policy in (NODE, COORDINATOR):
-        message = f"{method} is for {policy}s; the caller is {caller.who}"
+    elif policy in (NODE, COORDINATOR, FLEET):
+        message = f"{method} is for {policy} members; the caller is {caller.who}"
     else:
         message = f"{method} needs the {policy!r} scope; {caller.who} does not have it"
     raise error_of(reason, message)

@@ -21,6 +21,7 @@ import grpc
 
 from edgefleet import auth, serving, systemd, telemetry, tls
 from edgefleet.errors import EdgefleetError
+from edgefleet.model_fetch import ModelFetcher
 from edgefleet.model_memory import parse_budget
 from edgefleet.model_store import ModelStore
 from edgefleet.profile import default_state_dir
@@ -30,7 +31,6 @@ from node_agent.capacity import GpuProbe, HostProbe, ThroughputMeter
 from node_agent.config import NodeConfig
 from node_agent.identity import NodeCredentials, join, keep_renewed
 from node_agent.metrics import NodeMetrics
-from node_agent.model_fetch import ModelFetcher
 from node_agent.models import ModelManager
 from node_agent.node import Node
 from node_agent.registrar import Registrar

@@ -30,6 +30,7 @@ from edgefleet.errors import (
     Reason,
     error_of,
 )
+from edgefleet.model_fetch import ModelFetcher
 from edgefleet.model_memory import (
     PROMPT_CHUNK_TOKENS,
     GgufHeader,
@@ -42,7 +43,6 @@ from edgefleet.model_memory import (
 )
 from edgefleet.model_store import ModelStore
 from edgefleet.v1 import common_pb2
-from node_agent.model_fetch import ModelFetcher
 from node_agent.runtime.base import Capabilities, ModelInstance, Runtime
 from node_agent.slots import SlotPool
 

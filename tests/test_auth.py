@@ -45,6 +45,10 @@ coordinator = Principal("coordinator", "c1", "c1")
         (auth.COORDINATOR, coordinator, None),
         (auth.COORDINATOR, node, Reason.NOT_PERMITTED),
         (auth.COORDINATOR, None, Reason.NOT_AUTHENTICATED),
+        (auth.FLEET, node, None),
+        (auth.FLEET, coordinator, None),
+        (auth.FLEET, admin_key, Reason.NOT_PERMITTED),
+        (auth.FLEET, None, Reason.NOT_AUTHENTICATED),
         (ADMIN, INSECURE, None),
     ],
 )
@@ -72,7 +76,8 @@ def test_every_rpc_of_every_listener_has_a_policy():
     # Model files: operators add them, nodes fetch them (node listener only).
     models = security.CLIENT_POLICIES["edgefleet.v1.ModelService"]
     assert (models["AddModel"], models["FetchModel"]) == (auth.ADMIN, auth.NOT_HERE)
-    assert security.NODE_POLICIES["edgefleet.v1.ModelService"]["FetchModel"] == auth.NODE
+    # ...and other coordinator replicas (a file added through one of them).
+    assert security.NODE_POLICIES["edgefleet.v1.ModelService"]["FetchModel"] == auth.FLEET
     # Nodes may do on the client port nothing but join.
     client = security.CLIENT_POLICIES
     assert client["edgefleet.v1.CoordinatorService"]["Register"] == auth.NOT_HERE

@@ -26,9 +26,9 @@ from coordinator.model_loads import file_memory_needed as memory_needed
 from coordinator.model_registry import choose_variant
 from edgefleet.catalog import CATALOG
 from edgefleet.errors import EdgefleetError, Reason, reason_of
+from edgefleet.model_fetch import ModelFetcher
 from edgefleet.model_store import sha256_of
 from edgefleet.v1 import common_pb2, models_pb2, models_pb2_grpc, node_pb2, node_pb2_grpc
-from node_agent.model_fetch import ModelFetcher
 from tests.helpers import wait_until
 from tests.test_cli import run_cli
 
@@ -209,6 +209,44 @@ def test_bad_uploads_leave_nothing_behind_and_change_nothing(
     assert cut.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "short" not in registry(coordinator.address)
     assert not [p for p in model_dir.glob("*") if p.is_file()]
+
+
+def test_a_file_added_through_one_replica_reaches_the_others_and_so_does_its_removal(
+    fleet_factory, tmp_path, default_model_path
+):
+    """Two replicas with their own model folders: a model added through the
+    first is copied to the second (sha256 checked), so a node that knows only
+    the second gets it; a removal through the first deletes the second's copy,
+    and a file no record names is deleted there too."""
+    dirs = [tmp_path / "replica-a-models", tmp_path / "replica-b-models"]
+    first = fleet_factory.coordinator("--model-dir", str(dirs[0]))
+    second = fleet_factory.coordinator("--model-dir", str(dirs[1]))
+    dirs[1].mkdir()
+    stray = dirs[1] / f"{'0' * 64}.gguf"
+    stray.write_bytes(b"GGUF left by an old model")
+    assert add_with_cli(first, "tiny-chat", default_model_path).returncode == 0
+    copy = dirs[1] / f"{SMOLLM.sha256}.gguf"
+    wait_until(copy.is_file, timeout_s=60, what="the second replica to copy the file")
+    assert sha256_of(copy) == SMOLLM.sha256
+    assert not stray.exists()
+    assert "copied tiny-chat" in (tmp_path / "coordinator-1.log").read_text()
+
+    store = own_store(tmp_path, default_model_path, "node-store")
+    fleet_factory.node("n1", coordinators=[second], env={"EDGEFLEET_MODEL_DIR": str(store)})
+    fleet_factory.wait_ready_nodes(1, second)
+    with fleet_factory.client(second) as client:
+        assert "".join(c.text for c in client.complete("tiny-chat", [("user", "Hi")], max_tokens=4))
+    assert (
+        f"fetched tiny-chat (93 MiB) from coordinator {second.address}"
+        in (tmp_path / "node-0.log").read_text()
+    )
+
+    removed = run_cli(
+        "models", "remove", "tiny-chat", "--coordinator", first.address, "--profile", "none"
+    )
+    assert removed.returncode == 0, removed.stderr
+    assert not (dirs[0] / f"{SMOLLM.sha256}.gguf").exists()
+    wait_until(lambda: not copy.exists(), timeout_s=30, what="the second replica's copy to go")
 
 
 def test_a_cut_fetch_resumes_and_a_wrong_file_is_never_kept(

@@ -31,6 +31,7 @@ from edgefleet.local.processes import (
     start_coordinator,
     start_node,
 )
+from edgefleet.model_store import sha256_of
 from edgefleet.profile import Profile
 from edgefleet.v1 import (
     access_pb2,
@@ -749,9 +750,10 @@ def test_an_operator_brings_the_fleet_ca(tmp_path, etcd_cluster):
         coordinator.terminate(15)
 
 
-def test_model_files_go_to_admins_in_and_to_fleet_nodes_out(secure, default_model_path):
-    """Adding needs the admin scope; fetching needs a node certificate on the
-    node listener: the client port refuses it, even with an admin key."""
+def test_model_files_go_to_admins_in_and_to_fleet_nodes_out(secure, default_model_path, tmp_path):
+    """Adding needs the admin scope; fetching needs a fleet certificate (a
+    node's, or another replica's) on the node listener: the client port
+    refuses it, even with an admin key."""
     from edgefleet.v1 import models_pb2, models_pb2_grpc
 
     header = models_pb2.AddModelHeader(alias="tiny-secure")
@@ -793,8 +795,33 @@ def test_model_files_go_to_admins_in_and_to_fleet_nodes_out(secure, default_mode
     with default_model_path.open("rb") as f:
         f.seek(1000)
         assert first.data == f.read(len(first.data))
+
+    # Another replica copies the file from the first one's node listener with
+    # its coordinator certificate (sha256 checked), and deletes it on removal.
+    replica = start_coordinator(
+        grpc_address=f"127.0.0.1:{free_port()}",
+        etcd=secure.etcd.endpoints,
+        extra_args=(
+            "--id",
+            "coord-files",
+            "--fleet-secret-file",
+            str(secure.base / "coordinator" / "fleet-secret"),
+        ),
+        log_path=tmp_path / "replica.log",
+        state_dir=tmp_path / "replica",
+    )
+    copy = tmp_path / "replica" / "models" / f"{record.variants[0].sha256}.gguf"
+    try:
+        replica.wait_serving(60)
+        wait_until(copy.is_file, 60, what="the second replica to copy the file")
+        assert sha256_of(copy) == record.variants[0].sha256
+        with secure.admin() as admin:
+            admin.registry("RemoveModel", models_pb2.RemoveModelRequest(alias="tiny-secure"))
+        wait_until(lambda: not copy.exists(), 30, what="the replica's copy to go")
+    finally:
+        replica.terminate(15)
+    assert "copied tiny-secure" in replica.log_path.read_text()
     with secure.admin() as admin:
-        admin.registry("RemoveModel", models_pb2.RemoveModelRequest(alias="tiny-secure"))
         audit = admin.access("ListAudit", access_pb2.ListAuditRequest(limit=20)).entries
     assert {"model.add", "model.remove"} <= {entry.action for entry in audit}
 

@@ -1,15 +1,17 @@
-"""Model files from the fleet: fetched from a coordinator, resumed, verified.
+"""Model files from the fleet: fetched, resumed, verified.
 
 A node that must load a model it does not have asks the peers the
 coordinator named (other nodes holding the file, same site first:
 ``NodeService.FetchModel``), then the coordinators it knows
 (``ModelService.FetchModel``, on the node listener), each with its fleet
-certificate, for the file's bytes. They go to ``<file>.partial`` as they
-come; a cut transfer (the coordinator restarted, the link dropped) resumes
-from the partial file's length, on the same coordinator or the next. The
-whole file's sha256 must match the one the coordinator named before it is
-renamed into place: a wrong file is deleted and never loaded. Progress is
-visible in the node's capacity report (``Capacity.fetches``).
+certificate, for the file's bytes; a coordinator replica fetches a file
+another replica received the same way. The bytes go to ``<file>.partial`` as
+they come; a cut transfer (the source restarted, the link dropped) resumes
+from the partial file's length, on the same source or the next. The whole
+file's sha256 must match the one the registry named before it is renamed
+into place: a wrong file is deleted and never loaded. Progress is visible in
+the node's capacity report (``Capacity.fetches``). A disk that fills up
+mid-way ends the fetch (DISK_FULL) and deletes the partial file.
 """
 
 from __future__ import annotations
