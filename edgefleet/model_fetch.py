@@ -80,6 +80,10 @@ class ModelFetcher:
         self.progress: dict[str, tuple[int, int]] = {}
         self._running: dict[str, asyncio.Task[None]] = {}
 
+    def running(self) -> list[str]:
+        """The target paths of the fetches in progress."""
+        return list(self._running)
+
     def fetches(self) -> list[common_pb2.ModelFetch]:
         return [
             common_pb2.ModelFetch(alias=alias, bytes_done=done, bytes_total=total)

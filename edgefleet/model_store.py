@@ -21,6 +21,7 @@ import tempfile
 import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
@@ -54,6 +55,41 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+@dataclass(frozen=True)
+class CachedFile:
+    path: Path
+    alias: str
+    size_bytes: int
+    used_at: float  # the file's mtime: set when it arrives, touched on every load
+
+
+def plan_cache(
+    files: list[CachedFile],
+    *,
+    in_use: set[Path],
+    alias: str,
+    size_bytes: int,
+    limit_bytes: int | None,
+) -> tuple[list[CachedFile], int]:
+    """Which cached files to delete before ``alias``'s new file of
+    ``size_bytes`` arrives, and by how many bytes the cache would still be over
+    ``limit_bytes`` (0: it fits). Files in use (loaded, loading, being fetched)
+    are never deleted. The same alias's other files go first (another variant
+    or an older upload: superseded by the one coming); then, while the cache
+    is over its limit, the least recently used."""
+    free = [f for f in files if f.path not in in_use]
+    drop = [f for f in free if f.alias == alias]
+    if limit_bytes is None:
+        return drop, 0
+    total = sum(f.size_bytes for f in files if f not in drop) + size_bytes
+    for f in sorted((f for f in free if f not in drop), key=lambda f: (f.used_at, str(f.path))):
+        if total <= limit_bytes:
+            break
+        drop.append(f)
+        total -= f.size_bytes
+    return drop, max(0, total - limit_bytes)
+
+
 class ModelStore:
     def __init__(self, root: Path | None = None) -> None:
         self.root = (root or default_store_dir()).expanduser()
@@ -77,6 +113,19 @@ class ModelStore:
                 found[path.parent.name] = max(found.get(path.parent.name, 0), path.stat().st_size)
             except OSError:
                 continue
+        return found
+
+    def cached_files(self) -> list[CachedFile]:
+        """Every complete model file in the store: catalog and fleet models."""
+        found = []
+        candidates = [(alias, self.path_of(entry)) for alias, entry in CATALOG.items()]
+        candidates += [(p.parent.name, p) for p in (self.root / "fleet").glob("*/*.gguf")]
+        for alias, path in candidates:
+            try:
+                stat = path.stat()
+            except OSError:
+                continue
+            found.append(CachedFile(path, alias, stat.st_size, stat.st_mtime))
         return found
 
     def file_for(self, alias: str, sha256: str) -> Path | None:

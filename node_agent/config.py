@@ -26,6 +26,8 @@ class NodeConfig:
     # Bytes ("4GiB") or a percent of the host's memory ("80%").
     memory_budget: str = "80%"
     models_max: int = 3
+    # Most disk for model files: bytes or a percent of the store's disk ("": no limit).
+    model_cache_size: str = ""
     # Idle seconds before a model loaded on demand is unloaded (None: never);
     # the models given at start (--models) are kept.
     keep_alive_s: float | None = 300.0

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import shutil
 import socket
 import sys
 from pathlib import Path
@@ -56,9 +57,10 @@ async def serve(config: NodeConfig, store: ModelStore | None = None) -> int:
     gpus = GpuProbe()
     throughput = ThroughputMeter()
     runtime = make_runtime(config, throughput, host)
+    store = store or ModelStore()
     models = ModelManager(
         runtime,
-        store or ModelStore(),
+        store,
         default_slots=config.slots,
         queue_limit=config.queue,
         default_context=config.context_length,
@@ -66,6 +68,7 @@ async def serve(config: NodeConfig, store: ModelStore | None = None) -> int:
         memory_budget_bytes=parse_budget(config.memory_budget, host.read().memory_total_bytes),
         models_max=config.models_max,
         keep_alive_s=config.keep_alive_s,
+        cache_limit_bytes=_cache_limit(config.model_cache_size, store),
     )
     server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[serving.RequestParseGuard()])
     credentials = None
@@ -287,3 +290,11 @@ def run(config: NodeConfig) -> int:
 
 if __name__ == "__main__":  # pragma: no cover - use `edgefleet node`
     sys.exit(run(NodeConfig()))
+
+
+def _cache_limit(text: str, store: ModelStore) -> int | None:
+    """--model-cache-size in bytes (a percent is of the store's disk); None: no limit."""
+    if not text:
+        return None
+    store.root.mkdir(parents=True, exist_ok=True)
+    return parse_budget(text, shutil.disk_usage(store.root).total)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -41,7 +42,7 @@ from edgefleet.model_memory import (
     plan_load,
     read_header,
 )
-from edgefleet.model_store import ModelStore
+from edgefleet.model_store import ModelStore, plan_cache
 from edgefleet.v1 import common_pb2
 from node_agent.runtime.base import Capabilities, ModelInstance, Runtime
 from node_agent.slots import SlotPool
@@ -95,9 +96,11 @@ class ModelManager:
         memory_budget_bytes: int = 0,
         models_max: int = DEFAULT_MODELS_MAX,
         keep_alive_s: float | None = DEFAULT_KEEP_ALIVE_S,
+        cache_limit_bytes: int | None = None,
     ) -> None:
         """``memory_budget_bytes``: 0 = no budget; ``keep_alive_s``: the
-        default for loaded models (None: kept until unloaded)."""
+        default for loaded models (None: kept until unloaded);
+        ``cache_limit_bytes``: most bytes of model files kept on disk (None: no limit)."""
         self._runtime = runtime
         self._store = store
         self._default_slots = default_slots
@@ -110,6 +113,8 @@ class ModelManager:
         self._models: dict[str, HostedModel] = {}
         # Loads in progress, by model name: a second caller awaits the first's.
         self._loading: dict[str, asyncio.Task[HostedModel]] = {}
+        self._loading_refs: dict[str, ModelRef] = {}
+        self.cache_limit_bytes = cache_limit_bytes
         self._lock = asyncio.Lock()
         self._headers: dict[tuple[str, int, int], GgufHeader] = {}
         # Fetches model files from the fleet's coordinators (None: a standalone node).
@@ -236,6 +241,7 @@ class ModelManager:
                 name=f"load {ref.name}",
             )
             self._loading[ref.name] = pending
+            self._loading_refs[ref.name] = ref
             pending.add_done_callback(lambda task: self._loaded(ref.name, task))
         else:
             log.info("load of %s already in progress: waiting for it", ref.name)
@@ -248,6 +254,7 @@ class ModelManager:
     def _loaded(self, name: str, task: asyncio.Task) -> None:
         if self._loading.get(name) is task:
             del self._loading[name]
+            self._loading_refs.pop(name, None)
         if not task.cancelled():
             task.exception()  # retrieved: no "never retrieved" warning when no one waits
 
@@ -271,6 +278,7 @@ class ModelManager:
                 )
             if self.capabilities.needs_weights:
                 path, sha256 = await asyncio.to_thread(self._store.verified_path, ref)
+                await asyncio.to_thread(_touch, path)  # recently used: the cache keeps it
             else:  # the benchmark simulator
                 path, sha256 = Path(f"simulated/{ref.name}"), ""
             slots = slots or self._default_slots
@@ -331,6 +339,11 @@ class ModelManager:
         if target is None or target.is_file():
             return
         if ref.fleet is not None:
+            size = ref.fleet.size_bytes
+        else:
+            size = source.size_bytes if source is not None else ref.entry.size_bytes
+        await self._make_disk_room(ref.name, target, size)
+        if ref.fleet is not None:
             if self.fetcher is None:
                 raise NotFound(
                     f"fleet model {ref.name!r} is not in the store and this node is in no fleet",
@@ -351,6 +364,39 @@ class ModelManager:
                 ref.name,
                 error.message,
             )
+
+    async def _make_disk_room(self, alias: str, target: Path, size_bytes: int) -> None:
+        """Delete cached files before ``alias``'s file arrives (``plan_cache``):
+        its superseded files, then the least recently used while the store is
+        over ``cache_limit_bytes``; DISK_FULL when the files in use leave no room."""
+        in_use = {target}
+        for ref in [m.ref for m in self._models.values()] + list(self._loading_refs.values()):
+            if (path := self._store.target_of(ref)) is not None:
+                in_use.add(path)
+        if self.fetcher is not None:
+            in_use.update(Path(p) for p in self.fetcher.running())
+        files = await asyncio.to_thread(self._store.cached_files)
+        drop, over = plan_cache(
+            files,
+            in_use=in_use,
+            alias=alias,
+            size_bytes=size_bytes,
+            limit_bytes=self.cache_limit_bytes,
+        )
+        if over:
+            held = sum(f.size_bytes for f in files if f.path in in_use)
+            raise error_of(
+                Reason.DISK_FULL,
+                f"{alias}: {size_bytes >> 20} MiB does not fit this node's model cache "
+                f"(--model-cache-size {self.cache_limit_bytes >> 20} MiB; "
+                f"{held >> 20} MiB of it hold models in use)",
+            )
+        for f in drop:
+            why = "superseded" if f.alias == alias else "least recently used"
+            log.info(
+                "deleting cached %s (%s, %d MiB): %s", f.alias, f.path, f.size_bytes >> 20, why
+            )
+            await asyncio.to_thread(f.path.unlink, missing_ok=True)
 
     async def _estimate_or_size(self, path: Path, slots: int, context: int) -> int:
         try:
@@ -467,3 +513,10 @@ def _quantization_from(path: Path) -> str:
     """Best guess from a file name such as model.Q4_K_M.gguf."""
     match = _QUANT.search(path.stem.upper())
     return match.group(1) if match else "unknown"
+
+
+def _touch(path: Path) -> None:
+    try:
+        os.utime(path)
+    except OSError:  # a read-only store: the order of use is then the order of arrival
+        pass

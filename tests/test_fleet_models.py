@@ -27,7 +27,7 @@ from coordinator.model_registry import choose_variant
 from edgefleet.catalog import CATALOG
 from edgefleet.errors import EdgefleetError, Reason, reason_of
 from edgefleet.model_fetch import ModelFetcher
-from edgefleet.model_store import sha256_of
+from edgefleet.model_store import CachedFile, plan_cache, sha256_of
 from edgefleet.v1 import common_pb2, models_pb2, models_pb2_grpc, node_pb2, node_pb2_grpc
 from tests.helpers import wait_until
 from tests.test_cli import run_cli
@@ -76,6 +76,35 @@ def test_each_node_gets_the_largest_variant_that_fits_its_memory():
     # Nothing fits: the smallest (the node may unload idle models, or refuse).
     assert choose_variant([q8, q4], 10 * MiB).variant == "q4_k_m"
     assert choose_variant([], 10 * MiB) is None
+
+
+def test_the_model_cache_drops_superseded_then_least_recently_used_files_never_ones_in_use():
+    def cached(name, alias, mib, used_at):
+        return CachedFile(Path(name), alias, mib * MiB, used_at)
+
+    old_chat = cached("chat-v1", "chat", 100, 50.0)  # the same alias: superseded
+    kiosk = cached("kiosk", "kiosk", 100, 10.0)  # used longest ago
+    loaded = cached("loaded", "smollm2-135m", 100, 1.0)  # oldest, but in use
+    recent = cached("recent", "helper", 100, 90.0)
+    files = [old_chat, kiosk, loaded, recent]
+
+    def plan(limit_mib, alias="chat", size_mib=100):
+        limit = None if limit_mib is None else limit_mib * MiB
+        drop, over = plan_cache(
+            files,
+            in_use={Path("loaded")},
+            alias=alias,
+            size_bytes=size_mib * MiB,
+            limit_bytes=limit,
+        )
+        return [f.path.name for f in drop], over // MiB
+
+    assert plan(None) == (["chat-v1"], 0)  # no limit: only the superseded file
+    assert plan(400) == (["chat-v1"], 0)  # 300 kept + 100 coming fit
+    assert plan(300) == (["chat-v1", "kiosk"], 0)
+    assert plan(200) == (["chat-v1", "kiosk", "recent"], 0)
+    assert plan(150) == (["chat-v1", "kiosk", "recent"], 50)  # the loaded one stays: over
+    assert plan(300, alias="other") == (["kiosk", "chat-v1"], 0)  # by last use
 
 
 def test_a_nodes_report_of_fetches_and_origins_is_bounded():
@@ -295,6 +324,44 @@ def test_a_cut_fetch_resumes_and_a_wrong_file_is_never_kept(
     # The next fetch starts over and succeeds.
     asyncio.run(fetcher.fetch("tiny-chat", source, target))
     assert hashlib.sha256(target.read_bytes()).hexdigest() == source.sha256
+
+
+def test_a_node_keeps_its_model_files_within_its_cache_size(
+    fleet_factory, tmp_path, default_model_path
+):
+    """--model-cache-size 250MiB, the start model (94 MiB, loaded) and an old
+    100 MiB file of another model: fetching a 94 MiB model deletes the old
+    file first; a third model that only fits by deleting loaded ones is
+    refused with DISK_FULL, nothing written."""
+    coordinator = fleet_factory.coordinator("--model-dir", str(tmp_path / "coordinator-models"))
+    for alias in ("tiny-chat", "tiny-chat-2"):
+        assert add_with_cli(coordinator, alias, default_model_path).returncode == 0
+    store = own_store(tmp_path, default_model_path, "node-store")
+    old = store / "fleet" / "old-chat" / f"{'1' * 64}.gguf"
+    old.parent.mkdir(parents=True)
+    old.write_bytes(b"GGUF" + bytes(100 * MiB - 4))
+    os.utime(old, (time.time() - 86400, time.time() - 86400))  # used yesterday
+    fleet_factory.node(
+        "n1",
+        env={"EDGEFLEET_MODEL_DIR": str(store)},
+        extra_args=("--model-cache-size", "250MiB"),
+    )
+    fleet_factory.wait_ready_nodes(1)
+    with fleet_factory.client() as client:
+        assert "".join(c.text for c in client.complete("tiny-chat", [("user", "Hi")], max_tokens=4))
+        assert not old.exists()
+        assert (store / "fleet" / "tiny-chat" / f"{SMOLLM.sha256}.gguf").is_file()
+        log = (tmp_path / "node-0.log").read_text()
+        assert "deleting cached old-chat" in log and "least recently used" in log
+
+        with pytest.raises(EdgefleetError) as refused:
+            "".join(c.text for c in client.complete("tiny-chat-2", [("user", "Hi")]))
+        assert refused.value.reason is Reason.MODEL_LOAD_FAILED
+        assert "n1: DISK_FULL" in refused.value.message
+        assert "--model-cache-size 250 MiB" in refused.value.message
+        assert not (store / "fleet" / "tiny-chat-2").exists()
+        # What it had still serves.
+        assert "".join(c.text for c in client.complete("tiny-chat", [("user", "Hi")], max_tokens=4))
 
 
 def small_disk(directory, size_mib: int) -> tuple[str, ...]:

@@ -98,6 +98,15 @@ def _add_node(sub) -> None:
     )
     option(
         p,
+        "--model-cache-size",
+        env="NODE_MODEL_CACHE_SIZE",
+        default=base.model_cache_size,
+        help="most disk for model files: bytes (20GiB) or a percent of the store's disk "
+        "(50%%); before a fetch, the least recently used files not in use are deleted "
+        "to make room (default: no limit; a model's superseded files are always deleted)",
+    )
+    option(
+        p,
         "--models-max",
         type=int,
         env="NODE_MODELS_MAX",
@@ -237,6 +246,8 @@ def _run_node(args) -> int:
 
     try:
         parse_budget(args.memory_budget, 1 << 40)
+        if args.model_cache_size:
+            parse_budget(args.model_cache_size, 1 << 40)
         keep_alive_s = parse_duration(args.keep_alive)
         battery_keep_alive_s = parse_duration(args.battery_keep_alive)
         idle_check_s = parse_duration(args.idle_check)
@@ -258,6 +269,7 @@ def _run_node(args) -> int:
             gpu_layers=args.gpu_layers,
             memory_budget=args.memory_budget,
             models_max=args.models_max,
+            model_cache_size=args.model_cache_size,
             keep_alive_s=keep_alive_s,
             idle_check_s=idle_check_s,
             battery_keep_alive_s=battery_keep_alive_s,
