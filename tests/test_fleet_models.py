@@ -78,6 +78,66 @@ def test_each_node_gets_the_largest_variant_that_fits_its_memory():
     assert choose_variant([], 10 * MiB) is None
 
 
+def fake_nvml(total: int, used: int):
+    """A module shaped like pynvml (the calls GpuProbe makes) with one GPU."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(
+        nvmlInit=lambda: None,
+        nvmlShutdown=lambda: None,
+        nvmlDeviceGetCount=lambda: 1,
+        nvmlDeviceGetHandleByIndex=lambda index: index,
+        nvmlDeviceGetMemoryInfo=lambda handle: SimpleNamespace(
+            total=total, used=used, free=total - used
+        ),
+        nvmlDeviceGetUtilizationRates=lambda handle: SimpleNamespace(gpu=7, memory=3),
+        nvmlDeviceGetName=lambda handle: b"NVIDIA Test GPU",
+    )
+
+
+def test_a_gpu_nodes_capacity_report_carries_its_gpu_and_offload(monkeypatch):
+    import dataclasses
+    import sys
+
+    from edgefleet.model_store import ModelStore
+    from node_agent.capacity import GpuProbe, HostProbe, ThroughputMeter
+    from node_agent.models import ModelManager
+    from node_agent.node import Node
+    from node_agent.runtime.simulated import SimulatedRuntime
+
+    class Offloading(SimulatedRuntime):  # as llama.cpp started with --gpu-layers -1
+        capabilities = dataclasses.replace(SimulatedRuntime.capabilities, gpu=True, gpu_layers=-1)
+
+    def report(runtime) -> common_pb2.Capacity:
+        models = ModelManager(
+            runtime, ModelStore(), default_slots=1, queue_limit=1, default_context=512
+        )
+        gpus = GpuProbe()
+        try:
+            node = Node(
+                node_id="n1",
+                models=models,
+                host=HostProbe(),
+                gpus=gpus,
+                throughput=ThroughputMeter(),
+            )
+            return node.capacity()
+        finally:
+            gpus.close()
+
+    monkeypatch.setitem(sys.modules, "pynvml", fake_nvml(total=4096 * MiB, used=1024 * MiB))
+    capacity = report(Offloading())
+    assert capacity.gpu_layers == -1
+    [gpu] = capacity.gpus
+    assert (gpu.name, gpu.memory_total_bytes, gpu.memory_used_bytes) == (
+        "NVIDIA Test GPU",
+        4096 * MiB,
+        1024 * MiB,
+    )
+    # A CPU node: no offload, whatever GPU it has.
+    assert report(SimulatedRuntime()).gpu_layers == 0
+
+
 def test_a_nodes_report_of_fetches_and_origins_is_bounded():
     from coordinator.node_limits import MAX_MODELS, MAX_ORIGINS, MAX_TEXT_CHARS, trim_capacity
 
