@@ -346,9 +346,7 @@ class Deployments:
         entry = self._fleet.nodes.get(node_id)
         if entry is None:
             return
-        source = self._registry.source_for(
-            alias, entry.record.capacity.model_memory_available_bytes
-        )
+        source = self._registry.source_for(alias, entry.record.capacity)
         request = node_pb2.LoadModelRequest(
             model=alias,
             source=source,

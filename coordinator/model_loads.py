@@ -323,11 +323,11 @@ class ModelLoads:
             for task in tasks
         }
 
-    def _source(self, model: str, memory_available: int) -> common_pb2.ModelFile | None:
-        """The file the node should load (its variant by the node's memory)."""
+    def _source(self, model: str, capacity: common_pb2.Capacity) -> common_pb2.ModelFile | None:
+        """The file the node should load (its variant by the node's memory and GPU)."""
         if self._registry is None:
             return None
-        return self._registry.source_for(model, memory_available)
+        return self._registry.source_for(model, capacity)
 
     def fresh_node(self, model: str) -> str:
         """The node this replica just loaded ``model`` on, while the fleet view
@@ -415,7 +415,7 @@ class ModelLoads:
                 if entry is None:
                     continue
                 started = time.perf_counter()
-                source = self._source(model, chosen.memory_available)
+                source = self._source(model, entry.record.capacity)
                 timeout = self._timeout_s
                 if not chosen.cached and source is not None:
                     timeout += source.size_bytes / FETCH_BYTES_PER_S

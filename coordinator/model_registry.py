@@ -163,14 +163,41 @@ def model_file(
     )
 
 
+@dataclass(frozen=True)
+class VariantFacts:
+    """What a node's variant is chosen by (read from its capacity report)."""
+
+    memory_available: int  # host memory for more models
+    gpu_layers: int = 0  # layers its loads place on a GPU (-1: all)
+    gpu_memory_free: int | None = None  # its GPU's free memory; None: no GPU read
+
+    @property
+    def all_on_gpu(self) -> bool:
+        return self.gpu_layers < 0 and self.gpu_memory_free is not None
+
+
+def variant_facts(capacity: common_pb2.Capacity | None) -> VariantFacts:
+    if capacity is None:
+        return VariantFacts(memory_available=0)
+    # The GPU with the most free: llama.cpp may split layers over several, but
+    # NVML also lists GPUs that CUDA_VISIBLE_DEVICES hides from the node.
+    free = max(
+        (max(0, g.memory_total_bytes - g.memory_used_bytes) for g in capacity.gpus), default=None
+    )
+    return VariantFacts(capacity.model_memory_available_bytes, capacity.gpu_layers, free)
+
+
 def choose_variant(
-    variants: list[common_pb2.ModelFile], memory_available: int
+    variants: list[common_pb2.ModelFile], node: VariantFacts
 ) -> common_pb2.ModelFile | None:
     """The variant a node should get: the largest file (the best quality) that
-    fits the memory it has, else the smallest (the node may make room)."""
+    fits the memory it has, else the smallest (the node may make room). A node
+    that puts every layer on a GPU holds weights and KV cache there: its GPU's
+    free memory counts; with some layers or none there, its host memory."""
     if not variants:
         return None
-    fitting = [v for v in variants if file_memory_needed(v.size_bytes) <= memory_available]
+    room = node.gpu_memory_free if node.all_on_gpu else node.memory_available
+    fitting = [v for v in variants if file_memory_needed(v.size_bytes) <= room]
     if fitting:
         return max(fitting, key=lambda v: (v.size_bytes, v.variant))
     return min(variants, key=lambda v: (v.size_bytes, v.variant))
@@ -241,12 +268,15 @@ class ModelRegistry:
     def all(self) -> list[models_pb2.RegisteredModel]:
         return [builtin(CATALOG[alias]) for alias in sorted(CATALOG)] + self.added()
 
-    def source_for(self, alias: str, memory_available: int = 0) -> common_pb2.ModelFile | None:
-        """The file a node should load for ``alias`` (None: not in the registry)."""
+    def source_for(
+        self, alias: str, capacity: common_pb2.Capacity | None = None
+    ) -> common_pb2.ModelFile | None:
+        """The file the node that reported ``capacity`` should load for ``alias``
+        (None: not in the registry)."""
         record = self.get(alias)
         if record is None:
             return None
-        return choose_variant(list(record.variants), memory_available)
+        return choose_variant(list(record.variants), variant_facts(capacity))
 
     def file_path(self, alias: str, sha256: str) -> Path | None:
         """This replica's copy of ``alias``'s file with ``sha256``, if it has one."""

@@ -361,6 +361,7 @@ class Node:
             fetches=self.models.fetcher.fetches() if self.models.fetcher is not None else [],
             power=power_report(self._host.power()),
             counts_origins=True,
+            gpu_layers=self.models.capabilities.gpu_layers,
         )
 
 

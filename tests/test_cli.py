@@ -83,6 +83,20 @@ def test_client_commands_explain_an_unreachable_coordinator():
     assert "no coordinator answered" in result.stderr
 
 
+def test_status_says_which_variant_each_node_got_and_where_its_layers_run():
+    from edgefleet.cli.fleet import model_text
+    from edgefleet.v1 import common_pb2
+
+    def text(gpu_layers: int) -> str:
+        return model_text(
+            common_pb2.LoadedModel(alias="qwen", quantization="Q8_0", gpu_layers=gpu_layers)
+        )
+
+    assert text(0) == "qwen:Q8_0"
+    assert text(-1) == "qwen:Q8_0/gpu"
+    assert text(12) == "qwen:Q8_0/gpu12"
+
+
 def test_a_simulated_node_says_so_in_capacity_and_status(fleet_factory):
     coordinator = fleet_factory.coordinator()
     fleet_factory.node("real-1")

@@ -23,7 +23,7 @@ import grpc
 import pytest
 
 from coordinator.model_loads import file_memory_needed as memory_needed
-from coordinator.model_registry import choose_variant
+from coordinator.model_registry import VariantFacts, choose_variant, variant_facts
 from edgefleet.catalog import CATALOG
 from edgefleet.errors import EdgefleetError, Reason, reason_of
 from edgefleet.model_fetch import ModelFetcher
@@ -68,14 +68,145 @@ def registry(address: str) -> dict[str, models_pb2.RegisteredModel]:
 
 
 # --- pure rules ---------------------------------------------------------------------------
+Q4 = common_pb2.ModelFile(variant="q4_k_m", size_bytes=400 * MiB)
+Q8 = common_pb2.ModelFile(variant="q8_0", size_bytes=800 * MiB)
+
+
 def test_each_node_gets_the_largest_variant_that_fits_its_memory():
-    q4 = common_pb2.ModelFile(variant="q4_k_m", size_bytes=400 * MiB)
-    q8 = common_pb2.ModelFile(variant="q8_0", size_bytes=800 * MiB)
-    assert choose_variant([q4, q8], memory_needed(q8.size_bytes)).variant == "q8_0"
-    assert choose_variant([q4, q8], memory_needed(q8.size_bytes) - 1).variant == "q4_k_m"
+    def host(memory: int) -> VariantFacts:
+        return VariantFacts(memory_available=memory)
+
+    assert choose_variant([Q4, Q8], host(memory_needed(Q8.size_bytes))).variant == "q8_0"
+    assert choose_variant([Q4, Q8], host(memory_needed(Q8.size_bytes) - 1)).variant == "q4_k_m"
     # Nothing fits: the smallest (the node may unload idle models, or refuse).
-    assert choose_variant([q8, q4], 10 * MiB).variant == "q4_k_m"
-    assert choose_variant([], 10 * MiB) is None
+    assert choose_variant([Q8, Q4], host(10 * MiB)).variant == "q4_k_m"
+    assert choose_variant([], host(10 * MiB)) is None
+
+
+ROOM_FOR_Q8 = memory_needed(Q8.size_bytes)
+ROOM_FOR_Q4 = memory_needed(Q4.size_bytes)
+
+
+@pytest.mark.parametrize(
+    ("why", "node", "variant"),
+    [
+        (
+            "all layers on a GPU with room for q8, little host memory",
+            VariantFacts(ROOM_FOR_Q4 - 1, gpu_layers=-1, gpu_memory_free=ROOM_FOR_Q8),
+            "q8_0",
+        ),
+        (
+            "all layers on a GPU too small for q8: q4, however much host memory",
+            VariantFacts(64 << 30, gpu_layers=-1, gpu_memory_free=ROOM_FOR_Q8 - 1),
+            "q4_k_m",
+        ),
+        (
+            "all layers on a GPU too small for either: the smallest",
+            VariantFacts(64 << 30, gpu_layers=-1, gpu_memory_free=0),
+            "q4_k_m",
+        ),
+        ("no GPU, host room for q8", VariantFacts(ROOM_FOR_Q8), "q8_0"),
+        ("no GPU, host room for q4", VariantFacts(ROOM_FOR_Q8 - 1), "q4_k_m"),
+        (
+            "--gpu-layers -1 but no GPU read (NVML absent): host memory",
+            VariantFacts(ROOM_FOR_Q8 - 1, gpu_layers=-1),
+            "q4_k_m",
+        ),
+        (
+            "some layers on a GPU with room for q8: host memory",
+            VariantFacts(ROOM_FOR_Q8 - 1, gpu_layers=12, gpu_memory_free=64 << 30),
+            "q4_k_m",
+        ),
+        (
+            "a GPU the node does not use: host memory",
+            VariantFacts(ROOM_FOR_Q8, gpu_layers=0, gpu_memory_free=0),
+            "q8_0",
+        ),
+    ],
+)
+def test_a_gpu_node_that_offloads_every_layer_gets_the_variant_its_gpu_holds(why, node, variant):
+    assert choose_variant([Q4, Q8], node).variant == variant, why
+
+
+def test_a_nodes_variant_facts_come_from_its_capacity_report():
+    def gpu(total: int, used: int) -> common_pb2.GpuInfo:
+        return common_pb2.GpuInfo(memory_total_bytes=total, memory_used_bytes=used)
+
+    two = common_pb2.Capacity(
+        model_memory_available_bytes=5 * MiB,
+        gpu_layers=-1,
+        gpus=[gpu(8192 * MiB, 7000 * MiB), gpu(4096 * MiB, 1024 * MiB)],
+    )
+    assert variant_facts(two) == VariantFacts(5 * MiB, gpu_layers=-1, gpu_memory_free=3072 * MiB)
+    assert variant_facts(two).all_on_gpu
+    cpu = common_pb2.Capacity(model_memory_available_bytes=5 * MiB)
+    assert variant_facts(cpu) == VariantFacts(5 * MiB)
+    assert not variant_facts(cpu).all_on_gpu
+    assert variant_facts(None) == VariantFacts(0)
+
+
+def fake_nvml(total: int, used: int):
+    """A module shaped like pynvml (the calls GpuProbe makes) with one GPU."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(
+        nvmlInit=lambda: None,
+        nvmlShutdown=lambda: None,
+        nvmlDeviceGetCount=lambda: 1,
+        nvmlDeviceGetHandleByIndex=lambda index: index,
+        nvmlDeviceGetMemoryInfo=lambda handle: SimpleNamespace(
+            total=total, used=used, free=total - used
+        ),
+        nvmlDeviceGetUtilizationRates=lambda handle: SimpleNamespace(gpu=7, memory=3),
+        nvmlDeviceGetName=lambda handle: b"NVIDIA Test GPU",
+    )
+
+
+def test_a_gpu_nodes_capacity_report_carries_its_gpu_and_offload(monkeypatch):
+    import dataclasses
+    import sys
+
+    from edgefleet.model_store import ModelStore
+    from node_agent.capacity import GpuProbe, HostProbe, ThroughputMeter
+    from node_agent.models import ModelManager
+    from node_agent.node import Node
+    from node_agent.runtime.simulated import SimulatedRuntime
+
+    class Offloading(SimulatedRuntime):  # as llama.cpp started with --gpu-layers -1
+        capabilities = dataclasses.replace(SimulatedRuntime.capabilities, gpu=True, gpu_layers=-1)
+
+    def report(runtime) -> common_pb2.Capacity:
+        models = ModelManager(
+            runtime, ModelStore(), default_slots=1, queue_limit=1, default_context=512
+        )
+        gpus = GpuProbe()
+        try:
+            node = Node(
+                node_id="n1",
+                models=models,
+                host=HostProbe(),
+                gpus=gpus,
+                throughput=ThroughputMeter(),
+            )
+            return node.capacity()
+        finally:
+            gpus.close()
+
+    used = 4096 * MiB - ROOM_FOR_Q4  # a GPU with room for q4 only
+    monkeypatch.setitem(sys.modules, "pynvml", fake_nvml(total=4096 * MiB, used=used))
+    capacity = report(Offloading())
+    assert capacity.gpu_layers == -1
+    [gpu] = capacity.gpus
+    assert (gpu.name, gpu.memory_total_bytes, gpu.memory_used_bytes) == (
+        "NVIDIA Test GPU",
+        4096 * MiB,
+        used,
+    )
+    assert variant_facts(capacity).gpu_memory_free == ROOM_FOR_Q4
+    # The GPU decides, whatever this machine's host memory.
+    assert choose_variant([Q4, Q8], variant_facts(capacity)).variant == "q4_k_m"
+    # A CPU node: no offload, whatever GPU it has.
+    assert report(SimulatedRuntime()).gpu_layers == 0
 
 
 def test_the_model_cache_drops_superseded_then_least_recently_used_files_never_ones_in_use():

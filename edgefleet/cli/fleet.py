@@ -54,8 +54,7 @@ def _status(args) -> int:
                 node.address,
                 str(node.pid),
                 common_pb2.NodeState.Name(node.state).removeprefix("NODE_STATE_").lower(),
-                # Each loaded model with the variant (quantization) this node got.
-                ",".join(f"{m.alias}:{m.quantization}" for m in capacity.models)
+                ",".join(model_text(m) for m in capacity.models)
                 + (" (SIMULATED)" if capacity.simulated else ""),
                 f"{capacity.cpu_percent:.0f}",
                 f"{capacity.process_rss_bytes / 2**20:.0f}MiB",
@@ -159,6 +158,18 @@ def add(sub) -> None:
     _add_status(sub)
     _add_chat(sub)
     _add_drain(sub)
+
+
+def model_text(model) -> str:
+    """A loaded model with the variant (quantization) this node got, and where
+    its layers run: ``alias:q8_0``, ``alias:q8_0/gpu`` (all on a GPU) or
+    ``alias:q8_0/gpu12`` (12 layers on a GPU)."""
+    where = ""
+    if model.gpu_layers < 0:
+        where = "/gpu"
+    elif model.gpu_layers > 0:
+        where = f"/gpu{model.gpu_layers}"
+    return f"{model.alias}:{model.quantization}{where}"
 
 
 def power_text(power) -> str:

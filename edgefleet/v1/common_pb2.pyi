@@ -174,7 +174,7 @@ class LoadedModel(_message.Message):
     def __init__(self, alias: _Optional[str] = ..., path: _Optional[str] = ..., quantization: _Optional[str] = ..., runtime: _Optional[str] = ..., file_size_bytes: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., context_length: _Optional[int] = ..., slots_total: _Optional[int] = ..., slots_free: _Optional[int] = ..., queue_depth: _Optional[int] = ..., queue_limit: _Optional[int] = ..., sha256: _Optional[str] = ..., gpu_layers: _Optional[int] = ..., continuation_slots_total: _Optional[int] = ..., continuation_slots_free: _Optional[int] = ...) -> None: ...
 
 class Capacity(_message.Message):
-    __slots__ = ("cpu_count", "cpu_percent", "load_average_1m", "memory_total_bytes", "memory_available_bytes", "process_rss_bytes", "models", "slots_total", "slots_free", "queue_depth", "queue_limit", "tokens_per_second", "gpus", "draining", "active_generations", "simulated", "stored_models", "model_memory_available_bytes", "active_by_origin", "fetches", "power", "counts_origins")
+    __slots__ = ("cpu_count", "cpu_percent", "load_average_1m", "memory_total_bytes", "memory_available_bytes", "process_rss_bytes", "models", "slots_total", "slots_free", "queue_depth", "queue_limit", "tokens_per_second", "gpus", "draining", "active_generations", "simulated", "stored_models", "model_memory_available_bytes", "active_by_origin", "fetches", "power", "counts_origins", "gpu_layers")
     class ActiveByOriginEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -204,6 +204,7 @@ class Capacity(_message.Message):
     FETCHES_FIELD_NUMBER: _ClassVar[int]
     POWER_FIELD_NUMBER: _ClassVar[int]
     COUNTS_ORIGINS_FIELD_NUMBER: _ClassVar[int]
+    GPU_LAYERS_FIELD_NUMBER: _ClassVar[int]
     cpu_count: int
     cpu_percent: float
     load_average_1m: float
@@ -226,7 +227,8 @@ class Capacity(_message.Message):
     fetches: _containers.RepeatedCompositeFieldContainer[ModelFetch]
     power: Power
     counts_origins: bool
-    def __init__(self, cpu_count: _Optional[int] = ..., cpu_percent: _Optional[float] = ..., load_average_1m: _Optional[float] = ..., memory_total_bytes: _Optional[int] = ..., memory_available_bytes: _Optional[int] = ..., process_rss_bytes: _Optional[int] = ..., models: _Optional[_Iterable[_Union[LoadedModel, _Mapping]]] = ..., slots_total: _Optional[int] = ..., slots_free: _Optional[int] = ..., queue_depth: _Optional[int] = ..., queue_limit: _Optional[int] = ..., tokens_per_second: _Optional[float] = ..., gpus: _Optional[_Iterable[_Union[GpuInfo, _Mapping]]] = ..., draining: _Optional[bool] = ..., active_generations: _Optional[int] = ..., simulated: _Optional[bool] = ..., stored_models: _Optional[_Iterable[_Union[StoredModel, _Mapping]]] = ..., model_memory_available_bytes: _Optional[int] = ..., active_by_origin: _Optional[_Mapping[str, int]] = ..., fetches: _Optional[_Iterable[_Union[ModelFetch, _Mapping]]] = ..., power: _Optional[_Union[Power, _Mapping]] = ..., counts_origins: _Optional[bool] = ...) -> None: ...
+    gpu_layers: int
+    def __init__(self, cpu_count: _Optional[int] = ..., cpu_percent: _Optional[float] = ..., load_average_1m: _Optional[float] = ..., memory_total_bytes: _Optional[int] = ..., memory_available_bytes: _Optional[int] = ..., process_rss_bytes: _Optional[int] = ..., models: _Optional[_Iterable[_Union[LoadedModel, _Mapping]]] = ..., slots_total: _Optional[int] = ..., slots_free: _Optional[int] = ..., queue_depth: _Optional[int] = ..., queue_limit: _Optional[int] = ..., tokens_per_second: _Optional[float] = ..., gpus: _Optional[_Iterable[_Union[GpuInfo, _Mapping]]] = ..., draining: _Optional[bool] = ..., active_generations: _Optional[int] = ..., simulated: _Optional[bool] = ..., stored_models: _Optional[_Iterable[_Union[StoredModel, _Mapping]]] = ..., model_memory_available_bytes: _Optional[int] = ..., active_by_origin: _Optional[_Mapping[str, int]] = ..., fetches: _Optional[_Iterable[_Union[ModelFetch, _Mapping]]] = ..., power: _Optional[_Union[Power, _Mapping]] = ..., counts_origins: _Optional[bool] = ..., gpu_layers: _Optional[int] = ...) -> None: ...
 
 class Power(_message.Message):
     __slots__ = ("on_battery", "battery_percent", "temperature_c", "throttled", "low_power")

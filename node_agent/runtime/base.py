@@ -108,6 +108,7 @@ class Capabilities:
     gpu: bool  # offloads layers to a GPU
     needs_weights: bool  # loads a model file from the store (the simulator does not)
     simulated: bool = False  # fake tokens for control-plane benchmarks, never real text
+    gpu_layers: int = 0  # layers each load places on a GPU (-1: all, 0: none)
 
 
 class ModelInstance(Protocol):

@@ -84,6 +84,11 @@ class LlamaCppRuntime:
         llama_cpp.llama_backend_init()
         llama_cpp_logging.set_verbose(False)  # llama.cpp logs debug lines per decode
         self._threads = max(1, threads or os.cpu_count() or 1)
+        if gpu_layers and not llama_cpp.llama_supports_gpu_offload():
+            # A CPU-only build ignores the setting: saying 0 keeps the node's
+            # report (and the coordinator's choice of variant) honest.
+            log.warning("this llama.cpp build cannot offload to a GPU: --gpu-layers ignored")
+            gpu_layers = 0
         self._gpu_layers = gpu_layers
         self._throughput = throughput or ThroughputMeter()
         self._rss = rss or (lambda: 0)
@@ -94,6 +99,7 @@ class LlamaCppRuntime:
             prefix_cache=True,
             gpu=gpu_layers != 0,
             needs_weights=True,
+            gpu_layers=gpu_layers,
         )
 
     async def load(
