@@ -28,7 +28,7 @@ from edgefleet.model_store import ModelStore
 from edgefleet.profile import default_state_dir
 from edgefleet.supervise import Supervisor
 from edgefleet.v1 import node_pb2, node_pb2_grpc
-from node_agent.capacity import GpuProbe, HostProbe, ThroughputMeter
+from node_agent.capacity import GpuProbe, HostProbe, ThroughputMeter, model_memory_total
 from node_agent.config import NodeConfig
 from node_agent.identity import NodeCredentials, join, keep_renewed
 from node_agent.metrics import NodeMetrics
@@ -58,6 +58,11 @@ async def serve(config: NodeConfig, store: ModelStore | None = None) -> int:
     throughput = ThroughputMeter()
     runtime = make_runtime(config, throughput, host)
     store = store or ModelStore()
+    memory_total, memory_where = model_memory_total(
+        runtime.capabilities.gpu_layers, host.read().memory_total_bytes, gpus.read()
+    )
+    budget = parse_budget(config.memory_budget, memory_total)
+    log.info("memory budget for models: %d MiB of %s", budget >> 20, memory_where)
     models = ModelManager(
         runtime,
         store,
@@ -65,7 +70,7 @@ async def serve(config: NodeConfig, store: ModelStore | None = None) -> int:
         queue_limit=config.queue,
         default_context=config.context_length,
         continuation_slots=config.continuation_slots,
-        memory_budget_bytes=parse_budget(config.memory_budget, host.read().memory_total_bytes),
+        memory_budget_bytes=budget,
         models_max=config.models_max,
         keep_alive_s=config.keep_alive_s,
         cache_limit_bytes=_cache_limit(config.model_cache_size, store),

@@ -209,6 +209,18 @@ def test_a_gpu_nodes_capacity_report_carries_its_gpu_and_offload(monkeypatch):
     assert report(SimulatedRuntime()).gpu_layers == 0
 
 
+def test_a_node_that_offloads_every_layer_budgets_its_gpu_memory():
+    from node_agent.capacity import GpuReading, model_memory_total
+
+    small = GpuReading(0, "T4", 16 << 30, 0, 0.0)
+    big = GpuReading(1, "H200", 141 << 30, 0, 0.0)
+    host = 32 << 30
+    assert model_memory_total(-1, host, [small, big]) == (141 << 30, "GPU 1 (H200)")
+    assert model_memory_total(-1, host, []) == (host, "host memory")  # no GPU read
+    assert model_memory_total(20, host, [big]) == (host, "host memory")  # partial offload
+    assert model_memory_total(0, host, [big]) == (host, "host memory")
+
+
 def test_the_model_cache_drops_superseded_then_least_recently_used_files_never_ones_in_use():
     def cached(name, alias, mib, used_at):
         return CachedFile(Path(name), alias, mib * MiB, used_at)
