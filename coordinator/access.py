@@ -31,7 +31,7 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable
 
-from coordinator.etcd import Compare, Delete, Etcd, KeyValue, Put
+from coordinator.etcd import Compare, Delete, Etcd, KeyedRecords, KeyValue, Put
 from coordinator.keys import Keys
 from coordinator.pki import FleetCA
 from edgefleet import auth, tls
@@ -107,8 +107,14 @@ class Access:
         self.cert_ttl_s = cert_ttl_s
         self.audit_retention_s = audit_retention_s
         self.node_endpoints = node_endpoints
-        self.identities: dict[str, access_pb2.NodeIdentity] = {}
-        self._api_keys: dict[str, dict] = {}
+        self._identities = KeyedRecords(
+            access_pb2.NodeIdentity.FromString,
+            what="node identity",
+            changed=self._identity_changed,
+        )
+        self.identities: dict[str, access_pb2.NodeIdentity] = self._identities.items
+        self._keys_mirror = KeyedRecords(json.loads, what="API key")
+        self._api_keys: dict[str, dict] = self._keys_mirror.items
         self.synced = asyncio.Event()
         # Called with a node id when its identity is revoked (on every replica).
         self._on_revoked: list[Callable[[str], None]] = []
@@ -124,39 +130,17 @@ class Access:
         """Mirror identities and API keys until cancelled (get, then watch)."""
         await self._etcd.mirror(
             {
-                self._keys.identities: (self._apply_identity, self._forget_identities),
-                self._keys.api_keys: (self._apply_key, self._forget_keys),
+                self._keys.identities: self._identities.handlers,
+                # A key revoked while the watch was down must not stay usable here.
+                self._keys.api_keys: self._keys_mirror.handlers,
             },
             self.synced,
         )
 
-    def _forget_identities(self, seen: set[str]) -> None:
-        for node_id in [n for n in self.identities if self._keys.identity(n) not in seen]:
-            del self.identities[node_id]
-
-    def _forget_keys(self, seen: set[str]) -> None:
-        # A key revoked while the watch was down must not stay usable here.
-        for key_id in [k for k in self._api_keys if self._keys.api_key(k) not in seen]:
-            del self._api_keys[key_id]
-
-    def _apply_identity(self, kv: KeyValue, *, deleted: bool) -> None:
-        node_id = Keys.last_segment(kv.key)
-        if deleted:
-            self.identities.pop(node_id, None)
-            return
-        identity = access_pb2.NodeIdentity.FromString(kv.value)
-        before = self.identities.get(node_id)
-        self.identities[node_id] = identity
-        if identity.revoked and (before is None or not before.revoked):
+    def _identity_changed(self, node_id, before, after) -> None:
+        if after is not None and after.revoked and (before is None or not before.revoked):
             for callback in self._on_revoked:
                 callback(node_id)
-
-    def _apply_key(self, kv: KeyValue, *, deleted: bool) -> None:
-        key_id = Keys.last_segment(kv.key)
-        if deleted:
-            self._api_keys.pop(key_id, None)
-        else:
-            self._api_keys[key_id] = json.loads(kv.value)
 
     # --- nodes: who is one -------------------------------------------------------------
     async def identity(self, node_id: str) -> access_pb2.NodeIdentity | None:

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from coordinator.etcd import Etcd, KeyValue
+from coordinator.etcd import Etcd, KeyedRecords
 from coordinator.keys import Keys
 from coordinator.model_loads import MEMORY_STEP_BYTES, peers_for
 from coordinator.model_registry import check_alias
@@ -129,7 +129,10 @@ class Deployments:
         self._registry = registry
         self._channels = channels
         self._leadership = leadership
-        self.wanted: dict[str, models_pb2.Deployment] = {}
+        self._records = KeyedRecords(
+            models_pb2.Deployment.FromString, what="deployment", changed=self._changed
+        )
+        self.wanted: dict[str, models_pb2.Deployment] = self._records.items
         self.synced = asyncio.Event()
         self._calls: dict[tuple[str, str], asyncio.Task] = {}  # (node, alias) -> load/unload
         self._refused: dict[tuple[str, str], tuple[float, str]] = {}  # -> (until, why)
@@ -141,22 +144,12 @@ class Deployments:
 
     # --- mirroring etcd --------------------------------------------------------------
     async def run_mirror(self) -> None:
-        await self._etcd.mirror({self._keys.deployments: (self._apply, self._forget)}, self.synced)
+        await self._etcd.mirror({self._keys.deployments: self._records.handlers}, self.synced)
 
-    def _apply(self, kv: KeyValue, *, deleted: bool) -> None:
-        alias = Keys.last_segment(kv.key)
-        if deleted:
-            if self.wanted.pop(alias, None) is not None:
-                self._forget_alias(alias, unload=True)
-            return
-        try:
-            deployment = models_pb2.Deployment.FromString(kv.value)
-        except Exception:  # a bad record must not stop the mirror
-            log.warning("ignoring an unreadable deployment %s", kv.key)
-            return
-        before = self.wanted.get(alias)
-        self.wanted[alias] = deployment
-        if before is not None and before.created_at != deployment.created_at:
+    def _changed(self, alias, before, after) -> None:
+        if after is None:  # undeployed
+            self._forget_alias(alias, unload=True)
+        elif before is not None and before.created_at != after.created_at:
             self._forget_alias(alias, unload=False)  # deployed again: adopt anew
 
     def _forget_alias(self, alias: str, *, unload: bool) -> None:
@@ -172,12 +165,6 @@ class Deployments:
         if unload and self._leadership.is_leader:
             for node_id, _ in adopted:
                 self._start(node_id, alias, self._unload(node_id, alias), replace=True)
-
-    def _forget(self, seen: set[str]) -> None:
-        keep = {Keys.last_segment(key) for key in seen}
-        for alias in [a for a in self.wanted if a not in keep]:
-            del self.wanted[alias]
-            self._forget_alias(alias, unload=True)
 
     # --- operator calls ---------------------------------------------------------------
     async def deploy(self, request: models_pb2.Deployment) -> models_pb2.Deployment:

@@ -15,6 +15,7 @@ import socket
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 import grpc
 from etcd3aio import Etcd3Client, EtcdError, prefix_range_end
@@ -49,6 +50,57 @@ class WatchEvent:
 # keys that a new listing no longer holds.
 Apply = Callable[..., None]
 Forget = Callable[[set[str]], None]
+T = TypeVar("T")
+
+
+class KeyedRecords(Generic[T]):
+    """The records under one prefix, in memory, by their key's last segment:
+    what ``Etcd.mirror`` keeps (``handlers``). ``parse`` reads a value; one it
+    cannot read is skipped with a warning (a bad record must not stop the
+    mirror). ``changed(name, before, after)`` hears every change; ``after``
+    is None for a deletion, seen or missed while the watch was down."""
+
+    def __init__(
+        self,
+        parse: Callable[[bytes], T],
+        *,
+        what: str,
+        changed: Callable[[str, T | None, T | None], None] | None = None,
+    ) -> None:
+        self._parse = parse
+        self._what = what
+        self._changed = changed
+        self.items: dict[str, T] = {}  # never rebound: owners may hold it
+
+    @property
+    def handlers(self) -> tuple[Apply, Forget]:
+        return self.apply, self.forget
+
+    def apply(self, kv: KeyValue, *, deleted: bool) -> None:
+        name = kv.key.rsplit("/", 1)[-1]
+        if deleted:
+            self._set(name, None)
+            return
+        try:
+            record = self._parse(kv.value)
+        except Exception:
+            log.warning("ignoring an unreadable %s %s", self._what, kv.key)
+            return
+        self._set(name, record)
+
+    def forget(self, seen: set[str]) -> None:
+        keep = {key.rsplit("/", 1)[-1] for key in seen}
+        for name in [n for n in self.items if n not in keep]:
+            self._set(name, None)
+
+    def _set(self, name: str, record: T | None) -> None:
+        before = self.items.pop(name, None) if record is None else self.items.get(name)
+        if record is not None:
+            self.items[name] = record
+        elif before is None:
+            return  # a deletion of what was never here
+        if self._changed is not None:
+            self._changed(name, before, record)
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from coordinator.etcd import Compare, Delete, Etcd, KeyValue, Put
+from coordinator.etcd import Compare, Delete, Etcd, KeyedRecords, Put
 from coordinator.keys import Keys
 from coordinator.model_loads import file_memory_needed
 from edgefleet.catalog import CATALOG, CatalogEntry
@@ -230,29 +230,15 @@ class ModelRegistry:
         self._keys = keys
         self.files_dir = files_dir
         self._store = store
-        self._models: dict[str, models_pb2.RegisteredModel] = {}
+        self._records = KeyedRecords(models_pb2.RegisteredModel.FromString, what="model record")
+        self._models = self._records.items
         self.synced = asyncio.Event()
         # Files placed by an add whose record is not written yet: not garbage.
         self._placing: set[str] = set()
 
     # --- mirroring etcd --------------------------------------------------------------
     async def run(self) -> None:
-        await self._etcd.mirror({self._keys.models: (self._apply, self._forget)}, self.synced)
-
-    def _apply(self, kv: KeyValue, *, deleted: bool) -> None:
-        alias = Keys.last_segment(kv.key)
-        if deleted:
-            self._models.pop(alias, None)
-            return
-        try:
-            self._models[alias] = models_pb2.RegisteredModel.FromString(kv.value)
-        except Exception:
-            log.warning("ignoring an unreadable model record %s", kv.key)
-
-    def _forget(self, seen: set[str]) -> None:
-        keep = {Keys.last_segment(key) for key in seen}
-        for alias in [a for a in self._models if a not in keep]:
-            del self._models[alias]
+        await self._etcd.mirror({self._keys.models: self._records.handlers}, self.synced)
 
     # --- reading -------------------------------------------------------------------------
     def get(self, alias: str) -> models_pb2.RegisteredModel | None:

@@ -56,3 +56,33 @@ def test_a_coordinator_reaches_etcd_by_host_name(etcd_cluster, tmp_path):
             assert client.status().coordinators
     finally:
         coordinator.terminate(15)
+
+
+def test_a_mirror_of_records_follows_puts_deletes_and_missed_deletes():
+    from coordinator.etcd import KeyedRecords, KeyValue
+
+    heard = []
+    records = KeyedRecords(
+        lambda value: int(value), what="number", changed=lambda *c: heard.append(c)
+    )
+
+    def kv(name, value=b""):
+        return KeyValue(f"/p/numbers/{name}", value, 1, 1, 0)
+
+    records.apply(kv("a", b"1"), deleted=False)
+    records.apply(kv("a", b"2"), deleted=False)
+    records.apply(kv("b", b"not a number"), deleted=False)  # skipped, the mirror goes on
+    records.apply(kv("c", b"3"), deleted=False)
+    records.apply(kv("c"), deleted=True)
+    records.apply(kv("never"), deleted=True)  # nothing to hear
+    records.apply(kv("d", b"4"), deleted=False)
+    records.forget({"/p/numbers/a"})  # "d" was deleted while the watch was down
+    assert records.items == {"a": 2}
+    assert heard == [
+        ("a", None, 1),
+        ("a", 1, 2),
+        ("c", None, 3),
+        ("c", 3, None),
+        ("d", None, 4),
+        ("d", 4, None),
+    ]
