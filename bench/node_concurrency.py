@@ -493,53 +493,57 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def measure_ttft(model: Path, slot_counts: list[int], args, log_dir: Path) -> dict:
-    """Fresh and repeated TTFT per configured slot count, every side in turns."""
+    """Fresh and repeated TTFT per configured slot count: a node and a
+    llama-server for each count, all started up front and measured in turns."""
     direct = ttft.DirectSide(model, CONTEXT, args.threads)
     binary = None if args.skip_peers else llama_server_binary()
-    results = {}
+    nodes, servers, groups = [], [], {}
     try:
         for slot_count in slot_counts:
             address = f"127.0.0.1:{free_port()}"
-            node = start_node(
-                listen=address,
-                models="smollm2-135m",
-                slots=slot_count,
-                extra_args=("--threads", str(args.threads), "--context", str(CONTEXT)),
-                log_path=log_dir / f"node-ttft-{slot_count}.log",
+            nodes.append(
+                start_node(
+                    listen=address,
+                    models="smollm2-135m",
+                    slots=slot_count,
+                    extra_args=("--threads", str(args.threads), "--context", str(CONTEXT)),
+                    log_path=log_dir / f"node-ttft-{slot_count}.log",
+                )
             )
-            server = None
-            sides: list = []
-            try:
-                node.wait_serving(timeout_s=120)
-                sides = [ttft.NodeSide(address), direct]
-                if binary is not None:
-                    port = free_port()
-                    server = HttpServer(
+            nodes[-1].wait_serving(timeout_s=120)
+            groups[str(slot_count)] = [ttft.NodeSide(address), direct]
+            if binary is not None:
+                port = free_port()
+                servers.append(
+                    HttpServer(
                         "llama.cpp llama-server",
                         llama_server_command(binary, model, port, slot_count, str(args.threads)),
                         port,
                         "/health",
                         log_dir / f"llama_server-ttft-{slot_count}.log",
                     )
-                    server.wait_ready()
-                    sides.append(ttft.LlamaServerSide(server.base))
-                results[str(slot_count)] = ttft.measure(sides, args.ttft_rounds)
-                print(
-                    f"TTFT at {slot_count} slot(s): "
-                    + ", ".join(
-                        f"{name} fresh {r['fresh_ms']:.0f} ms / repeated {r['repeated_ms']:.0f} ms"
-                        for name, r in results[str(slot_count)].items()
-                    ),
-                    flush=True,
                 )
-            finally:
-                for side in sides:
-                    if side is not direct:
-                        side.close()
-                node.terminate()
-                if server is not None:
-                    server.stop()
+                servers[-1].wait_ready()
+                groups[str(slot_count)].append(ttft.LlamaServerSide(servers[-1].base))
+        results = ttft.measure(groups, args.ttft_rounds)
+        for slot_count, sides in results.items():
+            print(
+                f"TTFT at {slot_count} slot(s): "
+                + ", ".join(
+                    f"{name} fresh {r['fresh_ms']:.0f} ms / repeated {r['repeated_ms']:.0f} ms"
+                    for name, r in sides.items()
+                ),
+                flush=True,
+            )
     finally:
+        for sides in groups.values():
+            for side in sides:
+                if side is not direct:
+                    side.close()
+        for process in nodes:
+            process.terminate()
+        for server in servers:
+            server.stop()
         direct.close()
     return results
 

@@ -1,7 +1,7 @@
 """Time to first token, for a fresh prompt and for the same prompt again.
 
 Part of the node-concurrency scenario. For each configured slot count, side by
-side in turns (so machine noise hits all alike):
+side, every side of every slot count in turns (so machine noise hits all alike):
 
 - the edgefleet node (gRPC, ``--slots N``);
 - llama-cpp-python in this process (``Llama``, flash attention, same threads):
@@ -151,35 +151,39 @@ class LlamaServerSide:
         self._client.close()
 
 
-def measure(sides: list, rounds: int) -> dict[str, dict[str, float]]:
-    """Per side: median fresh and repeated TTFT (ms) and hop (ms), in turns;
-    for the node also its own account of each (``parts``)."""
-    samples = {s.name: {"fresh": [], "repeated": [], "hop": []} for s in sides}
-    parts: dict[str, dict[str, list]] = {s.name: {"fresh": [], "repeated": []} for s in sides}
-    for side in sides:  # warm each side once (first calls allocate)
+def measure(groups: dict[str, list], rounds: int) -> dict[str, dict[str, dict[str, float]]]:
+    """Per group (a configured slot count) and side: median fresh and
+    repeated TTFT (ms) and hop (ms); for the node also its own account of
+    each (``parts``). Every side of every group takes its turn in each round,
+    so the machine's drift from one minute to the next hits all alike (a
+    group measured after another would compare two speeds of the machine)."""
+    keys = [(group, side) for group, sides in groups.items() for side in sides]
+    samples = {(g, s.name): {"fresh": [], "repeated": [], "hop": []} for g, s in keys}
+    parts = {(g, s.name): {"fresh": [], "repeated": []} for g, s in keys}
+    for _, side in keys:  # warm each side once (first calls allocate)
         side.first_token_s(messages(fresh=True))
     for _ in range(rounds):
-        for side in sides:
+        for group, side in keys:
             conversation = messages(fresh=True)
             for kind in ("fresh", "repeated"):
-                samples[side.name][kind].append(side.first_token_s(conversation) * 1000)
+                samples[group, side.name][kind].append(side.first_token_s(conversation) * 1000)
                 if getattr(side, "parts", None):
-                    parts[side.name][kind].append(side.parts)
-            samples[side.name]["hop"].append(
+                    parts[group, side.name][kind].append(side.parts)
+            samples[group, side.name]["hop"].append(
                 statistics.median(side.hop_s() for _ in range(5)) * 1000
             )
-    results = {}
-    for name, s in samples.items():
-        results[name] = {
+    results: dict[str, dict[str, dict]] = {group: {} for group in groups}
+    for (group, name), s in samples.items():
+        result = results[group][name] = {
             "fresh_ms": statistics.median(s["fresh"]),
             "repeated_ms": statistics.median(s["repeated"]),
             "hop_ms": statistics.median(s["hop"]),
             "fresh_samples_ms": s["fresh"],
             "repeated_samples_ms": s["repeated"],
         }
-        for kind, accounts in parts[name].items():
+        for kind, accounts in parts[group, name].items():
             if accounts:
-                results[name][f"{kind}_node_parts"] = {
+                result[f"{kind}_node_parts"] = {
                     key: statistics.median(a[key] for a in accounts) for key in accounts[0]
                 }
     return results
