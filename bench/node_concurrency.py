@@ -213,13 +213,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--levels", default=",".join(map(str, LEVELS)))
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--skip-peers", action="store_true", help="measure the node only")
-    parser.add_argument("--ttft-rounds", type=int, default=5)
+    parser.add_argument("--ttft-rounds", type=int, default=10)
     parser.add_argument("--ttft-slots", default=",".join(map(str, TTFT_SLOTS)))
-    parser.add_argument("--full", action="store_true", help="4 rounds of 256 tokens")
+    parser.add_argument(
+        "--full", action="store_true", help="4 rounds of 256 tokens, 30 TTFT rounds"
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny size: only checks it runs (CI)")
     args = parser.parse_args(argv)
     if args.full:
-        args.rounds, args.max_tokens, args.ttft_rounds = 4, 256, 10
+        args.rounds, args.max_tokens, args.ttft_rounds = 4, 256, 30
     if args.smoke:
         args.rounds, args.max_tokens, args.levels = 1, 8, "1,2"
         args.ttft_rounds, args.ttft_slots = 1, "2"
