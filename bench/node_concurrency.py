@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import importlib.util
 import os
 import subprocess
@@ -363,7 +364,7 @@ def main(argv: list[str] | None = None) -> dict:
     server = "llama.cpp llama-server"
     by_level_ratio, paired_ratios = {}, {}
     if server in summary:
-        ratios[server] = node_top / summary[server][top]["tokens_per_s"]
+        # (set below: the median of each round's ratio, as for every level)
         for level in levels:
             # Each round's node and llama-server ran back to back: their ratio
             # cancels the machine's drift (its speed moves by a third from one
@@ -375,6 +376,7 @@ def main(argv: list[str] | None = None) -> dict:
                 )
             ]
             by_level_ratio[str(level)] = report.median(paired_ratios[str(level)])
+        ratios[server] = by_level_ratio[top]
         for level in map(str, levels):
             targets_met.append(
                 report.target(
@@ -541,7 +543,8 @@ def measure_ttft(model: Path, slot_counts: list[int], args, log_dir: Path) -> di
         for sides in groups.values():
             for side in sides:
                 if side is not direct:
-                    side.close()
+                    with contextlib.suppress(Exception):  # the processes still go below
+                        side.close()
         for process in nodes:
             process.terminate()
         for server in servers:

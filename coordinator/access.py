@@ -111,9 +111,10 @@ class Access:
             access_pb2.NodeIdentity.FromString,
             what="node identity",
             changed=self._identity_changed,
+            fail_closed=True,
         )
         self.identities: dict[str, access_pb2.NodeIdentity] = self._identities.items
-        self._keys_mirror = KeyedRecords(json.loads, what="API key")
+        self._keys_mirror = KeyedRecords(json.loads, what="API key", fail_closed=True)
         self._api_keys: dict[str, dict] = self._keys_mirror.items
         self.synced = asyncio.Event()
         # Called with a node id when its identity is revoked (on every replica).

@@ -57,8 +57,10 @@ class KeyedRecords(Generic[T]):
     """The records under one prefix, in memory, by their key's last segment:
     what ``Etcd.mirror`` keeps (``handlers``). ``parse`` reads a value; one it
     cannot read is skipped with a warning (a bad record must not stop the
-    mirror). ``changed(name, before, after)`` hears every change; ``after``
-    is None for a deletion, seen or missed while the watch was down."""
+    mirror), and with ``fail_closed`` the copy held so far is dropped too
+    (credentials: a revocation written unreadably must not leave the old
+    record in force). ``changed(name, before, after)`` hears every change;
+    ``after`` is None for a deletion, seen or missed while the watch was down."""
 
     def __init__(
         self,
@@ -66,8 +68,10 @@ class KeyedRecords(Generic[T]):
         *,
         what: str,
         changed: Callable[[str, T | None, T | None], None] | None = None,
+        fail_closed: bool = False,
     ) -> None:
         self._parse = parse
+        self._fail_closed = fail_closed
         self._what = what
         self._changed = changed
         self.items: dict[str, T] = {}  # never rebound: owners may hold it
@@ -85,6 +89,8 @@ class KeyedRecords(Generic[T]):
             record = self._parse(kv.value)
         except Exception:
             log.warning("ignoring an unreadable %s %s", self._what, kv.key)
+            if self._fail_closed:
+                self._set(name, None)
             return
         self._set(name, record)
 

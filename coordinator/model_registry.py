@@ -163,11 +163,17 @@ def model_file(
     )
 
 
+# What this registry writes in its folder: <sha256>.gguf, and a cut copy's .partial.
+STORED_FILE = re.compile(r"([0-9a-f]{64})\.gguf(?:\.partial)?")
+
+
 @dataclass(frozen=True)
 class VariantFacts:
     """What a node's variant is chosen by (read from its capacity report)."""
 
-    memory_available: int  # host memory for more models
+    # What the node reports free for more models: its budget left, capped by
+    # free memory where its models live (the GPU's with every layer there).
+    memory_available: int
     gpu_layers: int = 0  # layers its loads place on a GPU (-1: all)
     gpu_memory_free: int | None = None  # its GPU's free memory; None: no GPU read
 
@@ -196,7 +202,12 @@ def choose_variant(
     free memory counts; with some layers or none there, its host memory."""
     if not variants:
         return None
-    room = node.gpu_memory_free if node.all_on_gpu else node.memory_available
+    # The node's own budget (what it reports free for models) bounds both.
+    room = (
+        min(node.gpu_memory_free, node.memory_available)
+        if node.all_on_gpu
+        else node.memory_available
+    )
     fitting = [v for v in variants if file_memory_needed(v.size_bytes) <= room]
     if fitting:
         return max(fitting, key=lambda v: (v.size_bytes, v.variant))
@@ -233,8 +244,9 @@ class ModelRegistry:
         self._records = KeyedRecords(models_pb2.RegisteredModel.FromString, what="model record")
         self._models = self._records.items
         self.synced = asyncio.Event()
-        # Files placed by an add whose record is not written yet: not garbage.
-        self._placing: set[str] = set()
+        # Held over "place a file + write its record" and over "read which
+        # files records name + delete the others": no deletion falls between.
+        self._files_lock = asyncio.Lock()
 
     # --- mirroring etcd --------------------------------------------------------------
     async def run(self) -> None:
@@ -290,8 +302,11 @@ class ModelRegistry:
                 [p.name for p in self.files_dir.glob("*.gguf*")] if self.files_dir.is_dir() else []
             )
         )
-        shas = {name.split(".", 1)[0] for name in names if not name.startswith(".")}
-        await self._drop_unused(shas - self._placing)
+        # Only files this registry names so (an operator's own "mistral.gguf"
+        # in the folder is not ours to delete), and not those the mirror names.
+        shas = {m.group(1) for name in names if (m := STORED_FILE.fullmatch(name))}
+        named = {v.sha256 for record in self.added() for v in record.variants}
+        await self._drop_unused(shas - named)
 
     # --- changing ------------------------------------------------------------------------
     async def add(
@@ -308,7 +323,6 @@ class ModelRegistry:
             )
         upload = Upload(self.files_dir / f".upload-{uuid.uuid4().hex}.partial", header.size_bytes)
         target = None
-        placing = ""
         try:
             sha256 = await self._receive(upload, chunks)
             if header.sha256 and sha256 != header.sha256:
@@ -319,9 +333,6 @@ class ModelRegistry:
             found = await asyncio.to_thread(read_header, upload.path)  # NOT_GGUF if it is not
             file = model_file(header, sha256, upload.received, found)  # NOT_GGUF if out of range
             target = self.files_dir / f"{sha256}.gguf"
-            existed = target.exists()
-            self._placing.add(placing := sha256)
-            os.replace(upload.path, target)
             replaced: set[str] = set()
 
             def change(current):
@@ -332,13 +343,17 @@ class ModelRegistry:
                 )
                 return with_variant(current, header, file)
 
-            record = await self._update(header.alias, change)
-            target = None  # recorded: it stays
+            async with self._files_lock:
+                existed = target.exists()
+                os.replace(upload.path, target)
+                try:
+                    record = await self._update(header.alias, change)
+                except BaseException:
+                    if not existed:  # placed but not recorded
+                        await asyncio.to_thread(target.unlink, missing_ok=True)
+                    raise
         finally:
-            self._placing.discard(placing)
             await asyncio.to_thread(upload.path.unlink, missing_ok=True)
-            if target is not None and not existed:  # placed but not recorded
-                await asyncio.to_thread(target.unlink, missing_ok=True)
         await self._drop_unused(replaced - {sha256})
         log.info(
             "model %s variant %s added: %s, %d MiB, sha256 %s",
@@ -430,6 +445,10 @@ class ModelRegistry:
         as etcd says now (not the mirror, which may lag a concurrent add)."""
         if not candidates:
             return
+        async with self._files_lock:
+            await self._drop_unused_locked(candidates)
+
+    async def _drop_unused_locked(self, candidates: set[str]) -> None:
         used = set()
         listed, _ = await self._etcd.get_prefix(self._keys.models)
         for kv in listed:

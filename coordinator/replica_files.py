@@ -42,7 +42,7 @@ class ReplicaFiles:
         self._coordinator_id = coordinator_id
         self._interval_s = interval_s
         self._others: list[str] = []
-        self._fetcher = ModelFetcher(lambda: self._others, channel)
+        self._fetcher = ModelFetcher(lambda: self._others, channel, disk="this coordinator's disk")
         self._reported: set[str] = set()  # shas whose failure was logged once
 
     async def run(self) -> None:

@@ -70,7 +70,9 @@ class ModelFetcher:
         channel: Callable[[str], grpc.aio.Channel],
         *,
         peer_channel: Callable[[str, str], grpc.aio.Channel] | None = None,
+        disk: str = "this node's disk",
     ) -> None:
+        self._disk = disk
         self._endpoints = endpoints
         self._channel = channel
         self._peer_channel = peer_channel
@@ -170,8 +172,7 @@ class ModelFetcher:
             if index >= len(endpoints):
                 raise error_of(
                     Reason.MODEL_FETCH_FAILED,
-                    f"{alias}: no coordinator could send the file "
-                    f"({'; '.join(errors) or 'none known'})",
+                    f"{alias}: no source could send the file ({'; '.join(errors) or 'none known'})",
                 )
             endpoint = endpoints[index]
             address = endpoint.name
@@ -241,9 +242,7 @@ class ModelFetcher:
                             f"{address} sent a file of {chunk.size_bytes} bytes, "
                             f"not {source.size_bytes}",
                         )
-                    await asyncio.to_thread(
-                        write_hashed, out, digest, chunk.data, "this node's disk"
-                    )
+                    await asyncio.to_thread(write_hashed, out, digest, chunk.data, self._disk)
                     done.offset += len(chunk.data)
                     self.progress[alias] = (done.offset, source.size_bytes)
 

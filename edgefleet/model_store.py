@@ -73,16 +73,18 @@ def plan_cache(
 ) -> tuple[list[CachedFile], int]:
     """Which cached files to delete before ``alias``'s new file of
     ``size_bytes`` arrives, and by how many bytes the cache would still be over
-    ``limit_bytes`` (0: it fits). Files in use (loaded, loading, being fetched)
-    are never deleted. The same alias's other files go first (another variant
-    or an older upload: superseded by the one coming); then, while the cache
-    is over its limit, the least recently used."""
-    free = [f for f in files if f.path not in in_use]
-    drop = [f for f in free if f.alias == alias]
+    ``limit_bytes`` (0: it fits). Nothing is deleted without a limit, nor
+    while the cache fits it. Files in use (loaded, loading, being fetched) are
+    never deleted. The same alias's other files go first (another variant or
+    an older upload: the one coming supersedes them here), then the least
+    recently used."""
     if limit_bytes is None:
-        return drop, 0
-    total = sum(f.size_bytes for f in files if f not in drop) + size_bytes
-    for f in sorted((f for f in free if f not in drop), key=lambda f: (f.used_at, str(f.path))):
+        return [], 0
+    total = sum(f.size_bytes for f in files) + size_bytes
+    free = [f for f in files if f.path not in in_use]
+    order = sorted(free, key=lambda f: (f.alias != alias, f.used_at, str(f.path)))
+    drop = []
+    for f in order:
         if total <= limit_bytes:
             break
         drop.append(f)

@@ -365,17 +365,25 @@ class ModelManager:
                 error.message,
             )
 
-    async def _make_disk_room(self, alias: str, target: Path, size_bytes: int) -> None:
-        """Delete cached files before ``alias``'s file arrives (``plan_cache``):
-        its superseded files, then the least recently used while the store is
-        over ``cache_limit_bytes``; DISK_FULL when the files in use leave no room."""
+    def _files_in_use(self, target: Path) -> set[Path]:
+        """Files a load, a loaded model or a fetch needs now (and ``target``)."""
         in_use = {target}
         for ref in [m.ref for m in self._models.values()] + list(self._loading_refs.values()):
-            if (path := self._store.target_of(ref)) is not None:
-                in_use.add(path)
+            path = ref.local_path or self._store.target_of(ref)
+            if path is not None:
+                in_use.add(Path(path))
         if self.fetcher is not None:
             in_use.update(Path(p) for p in self.fetcher.running())
+        return in_use
+
+    async def _make_disk_room(self, alias: str, target: Path, size_bytes: int) -> None:
+        """With ``cache_limit_bytes``, delete cached files before ``alias``'s
+        file arrives (``plan_cache``: its other files first, then the least
+        recently used); DISK_FULL when the files in use leave no room."""
+        if self.cache_limit_bytes is None:
+            return
         files = await asyncio.to_thread(self._store.cached_files)
+        in_use = self._files_in_use(target)
         drop, over = plan_cache(
             files,
             in_use=in_use,
@@ -392,6 +400,8 @@ class ModelManager:
                 f"{held >> 20} MiB of it hold models in use)",
             )
         for f in drop:
+            if f.path in self._files_in_use(target):  # a load started meanwhile
+                continue
             why = "superseded" if f.alias == alias else "least recently used"
             log.info(
                 "deleting cached %s (%s, %d MiB): %s", f.alias, f.path, f.size_bytes >> 20, why

@@ -328,7 +328,13 @@ class Node:
 
     def capacity(self) -> common_pb2.Capacity:
         host = self._host.read()
+        gpus = self._gpus.read()
         models = [loaded_model(model) for model in self.models.hosted()]
+        # Where models live: the largest GPU with every layer on it, else the host.
+        free = host.memory_available_bytes
+        if self.models.capabilities.gpu_layers < 0 and gpus:
+            largest = max(gpus, key=lambda g: g.memory_total_bytes)
+            free = max(0, largest.memory_total_bytes - largest.memory_used_bytes)
         return common_pb2.Capacity(
             cpu_count=host.cpu_count,
             cpu_percent=host.cpu_percent,
@@ -350,13 +356,13 @@ class Node:
                     memory_used_bytes=gpu.memory_used_bytes,
                     utilization_percent=gpu.utilization_percent,
                 )
-                for gpu in self._gpus.read()
+                for gpu in gpus
             ],
             draining=self._draining,
             active_generations=self._active,
             simulated=bool(models) and self.models.capabilities.simulated,
             stored_models=self.stored_models(),
-            model_memory_available_bytes=self.model_memory_available(host.memory_available_bytes),
+            model_memory_available_bytes=self.model_memory_available(free),
             active_by_origin={origin: n for origin, n in self._by_origin.items() if origin},
             fetches=self.models.fetcher.fetches() if self.models.fetcher is not None else [],
             power=power_report(self._host.power()),

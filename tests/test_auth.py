@@ -208,8 +208,10 @@ def test_a_relisted_mirror_forgets_keys_and_identities_deleted_while_it_was_away
 
     keys = Keys("/test/")
     access = Access(None, keys, FleetCA.generate())
-    access._api_keys = {"kept": {}, "revoked": {}}
-    access.identities = {"n1": access_pb2.NodeIdentity(node_id="n1")}
-    access._forget_keys({keys.api_key("kept")})
-    access._forget_identities(set())
+    access._api_keys.update({"kept": {}, "revoked": {}})
+    access.identities["n1"] = access_pb2.NodeIdentity(node_id="n1")
+    _, forget_keys = access._keys_mirror.handlers
+    _, forget_identities = access._identities.handlers
+    forget_keys({keys.api_key("kept")})
+    forget_identities(set())
     assert list(access._api_keys) == ["kept"] and access.identities == {}

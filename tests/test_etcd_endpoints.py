@@ -86,3 +86,8 @@ def test_a_mirror_of_records_follows_puts_deletes_and_missed_deletes():
         ("d", None, 4),
         ("d", 4, None),
     ]
+    # Credentials fail closed: an unreadable write drops what was held.
+    keys = KeyedRecords(lambda value: int(value), what="key", fail_closed=True)
+    keys.apply(kv("a", b"1"), deleted=False)
+    keys.apply(kv("a", b"revoked, but garbled"), deleted=False)
+    assert keys.items == {}

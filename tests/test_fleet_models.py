@@ -91,9 +91,15 @@ ROOM_FOR_Q4 = memory_needed(Q4.size_bytes)
     ("why", "node", "variant"),
     [
         (
-            "all layers on a GPU with room for q8, little host memory",
-            VariantFacts(ROOM_FOR_Q4 - 1, gpu_layers=-1, gpu_memory_free=ROOM_FOR_Q8),
+            # Such a node reports its budget left on the GPU, not host memory.
+            "all layers on a GPU with room for q8, within the node's budget",
+            VariantFacts(ROOM_FOR_Q8, gpu_layers=-1, gpu_memory_free=ROOM_FOR_Q8),
             "q8_0",
+        ),
+        (
+            "all layers on a GPU with room for q8, the node's budget only for q4",
+            VariantFacts(ROOM_FOR_Q8 - 1, gpu_layers=-1, gpu_memory_free=64 << 30),
+            "q4_k_m",
         ),
         (
             "all layers on a GPU too small for q8: q4, however much host memory",
@@ -222,6 +228,8 @@ def test_a_node_that_offloads_every_layer_budgets_its_gpu_memory():
 
 
 def test_the_model_cache_drops_superseded_then_least_recently_used_files_never_ones_in_use():
+    """Only under --model-cache-size, and only as much as the new file needs."""
+
     def cached(name, alias, mib, used_at):
         return CachedFile(Path(name), alias, mib * MiB, used_at)
 
@@ -242,8 +250,9 @@ def test_the_model_cache_drops_superseded_then_least_recently_used_files_never_o
         )
         return [f.path.name for f in drop], over // MiB
 
-    assert plan(None) == (["chat-v1"], 0)  # no limit: only the superseded file
-    assert plan(400) == (["chat-v1"], 0)  # 300 kept + 100 coming fit
+    assert plan(None) == ([], 0)  # no limit: nothing is deleted
+    assert plan(500) == ([], 0)  # 400 kept + 100 coming fit
+    assert plan(400) == (["chat-v1"], 0)  # the same model's other file first
     assert plan(300) == (["chat-v1", "kiosk"], 0)
     assert plan(200) == (["chat-v1", "kiosk", "recent"], 0)
     assert plan(150) == (["chat-v1", "kiosk", "recent"], 50)  # the loaded one stays: over
@@ -396,11 +405,13 @@ def test_a_file_added_through_one_replica_reaches_the_others_and_so_does_its_rem
     dirs[1].mkdir()
     stray = dirs[1] / f"{'0' * 64}.gguf"
     stray.write_bytes(b"GGUF left by an old model")
+    own = dirs[1] / "mistral-7b.gguf"  # an operator's file, not named by a sha256
+    own.write_bytes(b"GGUF the operator's own")
     assert add_with_cli(first, "tiny-chat", default_model_path).returncode == 0
     copy = dirs[1] / f"{SMOLLM.sha256}.gguf"
     wait_until(copy.is_file, timeout_s=60, what="the second replica to copy the file")
     assert sha256_of(copy) == SMOLLM.sha256
-    assert not stray.exists()
+    assert not stray.exists() and own.exists()
     assert "copied tiny-chat" in (tmp_path / "coordinator-1.log").read_text()
 
     store = own_store(tmp_path, default_model_path, "node-store")

@@ -102,8 +102,8 @@ def _add_node(sub) -> None:
         env="NODE_MODEL_CACHE_SIZE",
         default=base.model_cache_size,
         help="most disk for model files: bytes (20GiB) or a percent of the store's disk "
-        "(50%%); before a fetch, the least recently used files not in use are deleted "
-        "to make room (default: no limit; a model's superseded files are always deleted)",
+        "(50%%); a fetch past it first deletes the model's other files, then the least "
+        "recently used ones not in use (default: no limit, nothing deleted)",
     )
     option(
         p,
