@@ -23,6 +23,7 @@ from etcd3aio._protobuf import Compare as CompareProto
 from etcd3aio._protobuf import LeaseKeepAliveRequest, RangeRequest, RequestOp
 from etcd3aio.kv import KVService
 
+from coordinator.keys import Keys
 from edgefleet.errors import EdgefleetError, Reason, Unavailable, error_of
 
 log = logging.getLogger(__name__)
@@ -81,7 +82,7 @@ class KeyedRecords(Generic[T]):
         return self.apply, self.forget
 
     def apply(self, kv: KeyValue, *, deleted: bool) -> None:
-        name = kv.key.rsplit("/", 1)[-1]
+        name = Keys.last_segment(kv.key)
         if deleted:
             self._set(name, None)
             return
@@ -95,7 +96,7 @@ class KeyedRecords(Generic[T]):
         self._set(name, record)
 
     def forget(self, seen: set[str]) -> None:
-        keep = {key.rsplit("/", 1)[-1] for key in seen}
+        keep = {Keys.last_segment(key) for key in seen}
         for name in [n for n in self.items if n not in keep]:
             self._set(name, None)
 

@@ -282,15 +282,19 @@ class ModelRegistry:
         if record is None or not any(v.sha256 == sha256 for v in record.variants):
             return None
         entry = CATALOG.get(alias)
-        path = self._store.path_of(entry) if entry else self.files_dir / f"{sha256}.gguf"
+        path = self._store.path_of(entry) if entry else self.stored_path(sha256)
         return path if path.is_file() else None
+
+    def stored_path(self, sha256: str) -> Path:
+        """Where this replica keeps an added model's file (``STORED_FILE``)."""
+        return self.files_dir / f"{sha256}.gguf"
 
     def missing_files(self) -> list[tuple[str, common_pb2.ModelFile]]:
         """Added models' files this replica has no copy of: (alias, file)."""
         found: dict[str, tuple[str, common_pb2.ModelFile]] = {}
         for record in self.added():
             for variant in record.variants:
-                if not (self.files_dir / f"{variant.sha256}.gguf").is_file():
+                if not self.stored_path(variant.sha256).is_file():
                     found.setdefault(variant.sha256, (record.alias, variant))
         return list(found.values())
 
@@ -332,7 +336,7 @@ class ModelRegistry:
                 )
             found = await asyncio.to_thread(read_header, upload.path)  # NOT_GGUF if it is not
             file = model_file(header, sha256, upload.received, found)  # NOT_GGUF if out of range
-            target = self.files_dir / f"{sha256}.gguf"
+            target = self.stored_path(sha256)
             replaced: set[str] = set()
 
             def change(current):
@@ -459,8 +463,8 @@ class ModelRegistry:
             except Exception:
                 continue
         for sha in candidates - used:
-            for name in (f"{sha}.gguf", f"{sha}.gguf.partial"):
-                path = self.files_dir / name
+            stored = self.stored_path(sha)
+            for path in (stored, stored.with_name(stored.name + ".partial")):
                 if path.exists():
-                    log.info("deleting %s: no model in the registry names it", name)
+                    log.info("deleting %s: no model in the registry names it", path.name)
                     await asyncio.to_thread(path.unlink, missing_ok=True)

@@ -65,9 +65,8 @@ class ReplicaFiles:
                 if record.coordinator_id != self._coordinator_id
             ]
         for alias, file in missing:
-            target = self._registry.files_dir / f"{file.sha256}.gguf"
             try:
-                await self._fetcher.fetch(alias, file, target)
+                await self._fetcher.fetch(alias, file, self._registry.stored_path(file.sha256))
             except EdgefleetError as error:
                 # Kept partial; tried again next round (the replica that has it
                 # may be restarting). Said once, not every few seconds.

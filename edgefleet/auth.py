@@ -152,7 +152,8 @@ async def _admit(context, policy: str, authenticate: Authenticate, method: str, 
         if policy in (NODE, COORDINATOR, FLEET):
             message = f"{method} needs a {policy} certificate from the fleet CA"
     elif policy in (NODE, COORDINATOR, FLEET):
-        message = f"{method} is for {policy} members; the caller is {caller.who}"
+        members = "fleet members" if policy == FLEET else f"{policy}s"
+        message = f"{method} is for {members}; the caller is {caller.who}"
     else:
         message = f"{method} needs the {policy!r} scope; {caller.who} does not have it"
     raise error_of(reason, message)

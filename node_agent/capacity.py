@@ -46,15 +46,22 @@ class GpuReading:
     utilization_percent: float
 
 
+def models_gpu(gpu_layers: int, gpus: list[GpuReading]) -> GpuReading | None:
+    """The GPU models live on: with every layer on a GPU (-1), weights and KV
+    cache sit in GPU memory (the largest GPU's: llama.cpp's main device);
+    None: in host memory."""
+    if gpu_layers < 0 and gpus:
+        return max(gpus, key=lambda g: g.memory_total_bytes)
+    return None
+
+
 def model_memory_total(
     gpu_layers: int, host_total_bytes: int, gpus: list[GpuReading]
 ) -> tuple[int, str]:
-    """The memory models live in, which ``--memory-budget`` is a share of, and
-    its name: with every layer on a GPU (-1), weights and KV cache sit in GPU
-    memory (the largest GPU's: llama.cpp's main device); else in host memory."""
-    if gpu_layers < 0 and gpus:
-        largest = max(gpus, key=lambda g: g.memory_total_bytes)
-        return largest.memory_total_bytes, f"GPU {largest.index} ({largest.name})"
+    """The memory models live in, which ``--memory-budget`` is a share of, and its name."""
+    gpu = models_gpu(gpu_layers, gpus)
+    if gpu is not None:
+        return gpu.memory_total_bytes, f"GPU {gpu.index} ({gpu.name})"
     return host_total_bytes, "host memory"
 
 

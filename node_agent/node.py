@@ -22,7 +22,7 @@ from edgefleet.catalog import CATALOG
 from edgefleet.errors import Reason, error_of
 from edgefleet.model_store import sendable_size
 from edgefleet.v1 import common_pb2, node_pb2
-from node_agent.capacity import GpuProbe, HostProbe, ThroughputMeter
+from node_agent.capacity import GpuProbe, HostProbe, ThroughputMeter, models_gpu
 from node_agent.models import DEFAULT, HostedModel, ModelManager
 from node_agent.requests import generation_request_from_proto, off_loop
 from node_agent.runtime.base import GenerationEvent, GenerationRequest
@@ -330,11 +330,10 @@ class Node:
         host = self._host.read()
         gpus = self._gpus.read()
         models = [loaded_model(model) for model in self.models.hosted()]
-        # Where models live: the largest GPU with every layer on it, else the host.
+        # Free memory where models live (models_gpu: as the budget is counted).
         free = host.memory_available_bytes
-        if self.models.capabilities.gpu_layers < 0 and gpus:
-            largest = max(gpus, key=lambda g: g.memory_total_bytes)
-            free = max(0, largest.memory_total_bytes - largest.memory_used_bytes)
+        if (gpu := models_gpu(self.models.capabilities.gpu_layers, gpus)) is not None:
+            free = max(0, gpu.memory_total_bytes - gpu.memory_used_bytes)
         return common_pb2.Capacity(
             cpu_count=host.cpu_count,
             cpu_percent=host.cpu_percent,

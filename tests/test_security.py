@@ -63,6 +63,22 @@ class SecureFleet:
         self.profile = Profile.load(self.coordinator.extra["profile"])
         self.nodes = {}
 
+    def replica(self, coordinator_id: str, state_dir: Path, *extra: str):
+        """Another coordinator replica of this fleet (the fleet secret copied to it)."""
+        return start_coordinator(
+            grpc_address=f"127.0.0.1:{free_port()}",
+            etcd=self.etcd.endpoints,
+            extra_args=(
+                "--id",
+                coordinator_id,
+                "--fleet-secret-file",
+                str(self.base / "coordinator" / "fleet-secret"),
+                *extra,
+            ),
+            log_path=state_dir.with_suffix(".log"),
+            state_dir=state_dir,
+        )
+
     def node(self, node_id: str, token: str | None = None, state_dir: Path | None = None):
         address = f"127.0.0.1:{free_port()}"
         process = start_node(
@@ -473,7 +489,6 @@ def test_replicas_share_the_ca_and_serve_https(secure, tmp_path):
 
     import httpx
 
-    first_secret = secure.base / "coordinator" / "fleet-secret"
     without = start_coordinator(
         grpc_address=f"127.0.0.1:{free_port()}",
         etcd=secure.etcd.endpoints,
@@ -483,20 +498,8 @@ def test_replicas_share_the_ca_and_serve_https(secure, tmp_path):
     )
     assert without.process.wait(60) == 1
     assert "copy the fleet secret file" in without.log_path.read_text()
-    replica = start_coordinator(
-        grpc_address=f"127.0.0.1:{free_port()}",
-        etcd=secure.etcd.endpoints,
-        extra_args=(
-            "--id",
-            "coord-t",
-            "--fleet-secret-file",
-            str(first_secret),
-            "--tls-auto",
-            "--cert-ttl",
-            str(CERT_TTL_S),
-        ),
-        log_path=tmp_path / "replica.log",
-        state_dir=tmp_path / "replica",
+    replica = secure.replica(
+        "coord-t", tmp_path / "replica", "--tls-auto", "--cert-ttl", str(CERT_TTL_S)
     )
     try:
         replica.wait_serving(60)
@@ -798,18 +801,7 @@ def test_model_files_go_to_admins_in_and_to_fleet_nodes_out(secure, default_mode
 
     # Another replica copies the file from the first one's node listener with
     # its coordinator certificate (sha256 checked), and deletes it on removal.
-    replica = start_coordinator(
-        grpc_address=f"127.0.0.1:{free_port()}",
-        etcd=secure.etcd.endpoints,
-        extra_args=(
-            "--id",
-            "coord-files",
-            "--fleet-secret-file",
-            str(secure.base / "coordinator" / "fleet-secret"),
-        ),
-        log_path=tmp_path / "replica.log",
-        state_dir=tmp_path / "replica",
-    )
+    replica = secure.replica("coord-files", tmp_path / "replica")
     copy = tmp_path / "replica" / "models" / f"{record.variants[0].sha256}.gguf"
     try:
         replica.wait_serving(60)
